@@ -55,6 +55,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
     type_vocab_size: int = 0  # BERT token types (segment A/B); 0 = none
     lm_head: bool = True  # False for an encoder that returns hidden states
+    dropout: float = 0.0  # on embeddings and each residual branch (BERT fine-tuning uses 0.1)
 
     # --- special tokens (None where the model has none) ---
     bos_token_id: int | None = None

@@ -1,0 +1,290 @@
+"""Hugging Face checkpoint directories: read them into a minift Transformer, and write them back.
+
+Lesson
+------
+A Hugging Face model directory is two things:
+
+    config.json                       -> the architecture's numbers      -> ModelConfig (config_from_hf)
+    model.safetensors                 -> named tensors                   -> state dict   (rename_from_hf)
+      or model.safetensors.index.json    + model-0000k-of-0000n.safetensors shards
+
+Each architecture names its tensors its own way; minift uses one naming for all of them. The translation
+is a table of (Hugging Face pattern, minift pattern) pairs per family, read in both directions:
+
+    model.layers.{i}.self_attn.q_proj.weight        <->  blocks.{i}.attn.q_proj.weight       (Llama family)
+    transformer.h.{i}.attn.c_attn.weight (d, 3d)    <->  blocks.{i}.attn.{q,k,v}_proj.weight (GPT-2: split
+                                                          and transposed, because GPT-2 used Conv1D layers
+                                                          that store weights as (in, out))
+    encoder.layer.{i}.attention.self.query.weight   <->  blocks.{i}.attn.q_proj.weight       (BERT)
+
+Writing goes the other way and produces a directory `transformers` loads with identical outputs. Every
+file is read with safetensors (no pickle), and every mismatch names the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minift.config import ModelConfig
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm2", "qwen3")
+
+# (Hugging Face name, minift name); "{i}" is a layer number. Tensors not listed here are an error on load.
+NAME_TABLES: dict[str, list[tuple[str, str]]] = {
+    "llama": [
+        ("model.embed_tokens.weight", "embed.weight"),
+        ("model.layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight"),
+        *[(f"model.layers.{{i}}.self_attn.{p}.{w}", f"blocks.{{i}}.attn.{p}.{w}")
+          for p in ("q_proj", "k_proj", "v_proj", "o_proj") for w in ("weight", "bias")],
+        ("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
+        *[(f"model.layers.{{i}}.mlp.{p}.{w}", f"blocks.{{i}}.mlp.{p}.{w}")
+          for p in ("gate_proj", "up_proj", "down_proj") for w in ("weight", "bias")],
+        ("model.norm.weight", "norm.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+    ],
+    "gpt2": [
+        ("transformer.wte.weight", "embed.weight"),
+        ("transformer.wpe.weight", "pos_embed.weight"),
+        *[(f"transformer.h.{{i}}.ln_1.{w}", f"blocks.{{i}}.attn_norm.{w}") for w in ("weight", "bias")],
+        *[(f"transformer.h.{{i}}.attn.c_attn.{w}", f"blocks.{{i}}.attn.qkv.{w}") for w in ("weight", "bias")],
+        *[(f"transformer.h.{{i}}.attn.c_proj.{w}", f"blocks.{{i}}.attn.o_proj.{w}") for w in ("weight", "bias")],
+        *[(f"transformer.h.{{i}}.ln_2.{w}", f"blocks.{{i}}.mlp_norm.{w}") for w in ("weight", "bias")],
+        *[(f"transformer.h.{{i}}.mlp.c_fc.{w}", f"blocks.{{i}}.mlp.up_proj.{w}") for w in ("weight", "bias")],
+        *[(f"transformer.h.{{i}}.mlp.c_proj.{w}", f"blocks.{{i}}.mlp.down_proj.{w}") for w in ("weight", "bias")],
+        *[(f"transformer.ln_f.{w}", f"norm.{w}") for w in ("weight", "bias")],
+        ("lm_head.weight", "lm_head.weight"),
+    ],
+    "bert": [
+        ("embeddings.word_embeddings.weight", "embed.weight"),
+        ("embeddings.position_embeddings.weight", "pos_embed.weight"),
+        ("embeddings.token_type_embeddings.weight", "type_embed.weight"),
+        *[(f"embeddings.LayerNorm.{w}", f"embed_norm.{w}") for w in ("weight", "bias")],
+        *[(f"encoder.layer.{{i}}.attention.self.{hf}.{w}", f"blocks.{{i}}.attn.{ours}.{w}")
+          for hf, ours in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")) for w in ("weight", "bias")],
+        *[(f"encoder.layer.{{i}}.attention.output.dense.{w}", f"blocks.{{i}}.attn.o_proj.{w}") for w in ("weight", "bias")],
+        *[(f"encoder.layer.{{i}}.attention.output.LayerNorm.{w}", f"blocks.{{i}}.attn_norm.{w}") for w in ("weight", "bias")],
+        *[(f"encoder.layer.{{i}}.intermediate.dense.{w}", f"blocks.{{i}}.mlp.up_proj.{w}") for w in ("weight", "bias")],
+        *[(f"encoder.layer.{{i}}.output.dense.{w}", f"blocks.{{i}}.mlp.down_proj.{w}") for w in ("weight", "bias")],
+        *[(f"encoder.layer.{{i}}.output.LayerNorm.{w}", f"blocks.{{i}}.mlp_norm.{w}") for w in ("weight", "bias")],
+    ],
+}
+# Tensors a checkpoint may carry that the model does not use (buffers, BERT's pooler, GPT-2's causal-mask buffers).
+IGNORED = re.compile(r"(position_ids$|^pooler\.|\.attn\.bias$|\.attn\.masked_bias$|rotary_emb\.inv_freq$)")
+
+
+def family(model_type: str) -> str:
+    if model_type in LLAMA_FAMILY:
+        return "llama"
+    if model_type in NAME_TABLES:
+        return model_type
+    raise ValueError(
+        f"unknown model_type {model_type!r}; minift supports {sorted(set(LLAMA_FAMILY) | {'gpt2', 'bert'})}"
+    )
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def rename(name: str, model_type: str, to_hf: bool) -> str | None:
+    """Translate one tensor name between Hugging Face and minift naming; None if the table has no entry."""
+    for hf, ours in NAME_TABLES[family(model_type)]:
+        source, target = (ours, hf) if to_hf else (hf, ours)
+        match = _compile(source).match(name)
+        if match:
+            return target.replace("{i}", match.group("i")) if "{i}" in source else target
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# ----------------------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """Translate a Hugging Face config dict (any of the supported model types) into a ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type is None:
+        raise ValueError(f"{where}: no 'model_type' key")
+    fam = family(model_type)
+
+    def need(key):
+        if key not in hf:
+            raise ValueError(f"{where}: missing key {key!r} for model_type {model_type!r}")
+        return hf[key]
+
+    special = dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+                   pad_token_id=hf.get("pad_token_id"))
+    if fam == "llama":
+        # Newer transformers write rope_parameters = {"rope_type", "rope_theta", ...}; older ones rope_theta + rope_scaling.
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        return ModelConfig(
+            model_type=model_type, vocab_size=need("vocab_size"), dim=need("hidden_size"),
+            n_layers=need("num_hidden_layers"), n_heads=need("num_attention_heads"),
+            n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
+            hidden_dim=need("intermediate_size"), max_seq_len=hf.get("max_position_embeddings", 2048),
+            norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), positions="rope",
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
+            mlp="swiglu", activation="silu",
+            qkv_bias=hf.get("attention_bias", model_type == "qwen2"), out_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False), **special,
+        )
+    if fam == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        return ModelConfig(
+            model_type="gpt2", vocab_size=need("vocab_size"), dim=need("n_embd"), n_layers=need("n_layer"),
+            n_heads=need("n_head"), hidden_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+            max_seq_len=need("n_positions"), norm="layer", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            positions="learned", mlp="gelu", activation="gelu_tanh" if act in ("gelu_new", "gelu_pytorch_tanh") else "gelu",
+            qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), **special,
+        )
+    return ModelConfig(  # bert
+        model_type="bert", vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
+        n_heads=need("num_attention_heads"), hidden_dim=need("intermediate_size"),
+        max_seq_len=hf.get("max_position_embeddings", 512), causal=False, norm="layer",
+        norm_eps=hf.get("layer_norm_eps", 1e-12), post_norm=True, positions="learned", mlp="gelu",
+        activation="gelu" if hf.get("hidden_act", "gelu") == "gelu" else "gelu_tanh",
+        qkv_bias=True, out_bias=True, mlp_bias=True, type_vocab_size=hf.get("type_vocab_size", 2),
+        lm_head=False, **special,
+    )
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """The config.json `transformers` needs to rebuild the same model."""
+    c = config
+    fam = family(c.model_type)
+    special = {k: v for k, v in dict(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                                     pad_token_id=c.pad_token_id).items() if v is not None}
+    if fam == "llama":
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}.get(c.model_type, "LlamaForCausalLM")
+        model_type = c.model_type if c.model_type in ("llama", "mistral", "qwen2", "qwen3") else "llama"
+        out = dict(
+            architectures=[arch], model_type=model_type, vocab_size=c.vocab_size, hidden_size=c.dim,
+            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+            head_dim=c.head_dim, intermediate_size=c.hidden_dim, max_position_embeddings=c.max_seq_len,
+            rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu",
+            tie_word_embeddings=c.tie_embeddings, mlp_bias=c.mlp_bias,
+        )
+        if c.rope_scaling:
+            out["rope_scaling"] = dict(c.rope_scaling)
+        if model_type == "llama":
+            out["attention_bias"] = c.qkv_bias
+            if c.qkv_bias != c.out_bias:
+                raise ValueError("a Llama config.json cannot express q/k/v biases without an o_proj bias")
+        elif model_type == "qwen2" and (not c.qkv_bias or c.out_bias):
+            raise ValueError("Qwen2 always has q/k/v biases and no o_proj bias")
+        return {**out, **special, "torch_dtype": "float32"}
+    if fam == "gpt2":
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_embd=c.dim,
+                    n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.hidden_dim, n_positions=c.max_seq_len,
+                    layer_norm_epsilon=c.norm_eps,
+                    activation_function="gelu_new" if c.activation == "gelu_tanh" else "gelu",
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=c.tie_embeddings, **special)
+    return dict(architectures=["BertModel"], model_type="bert", vocab_size=c.vocab_size, hidden_size=c.dim,
+                num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, intermediate_size=c.hidden_dim,
+                max_position_embeddings=c.max_seq_len, layer_norm_eps=c.norm_eps, type_vocab_size=c.type_vocab_size,
+                hidden_act="gelu" if c.activation == "gelu" else "gelu_new", **special)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensors
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_safetensors(directory: Path) -> dict[str, tuple[Path, str]]:
+    """Map every tensor name to the file that holds it: model.safetensors or the shards of an index."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: (directory / shard, name) for name, shard in weight_map.items()}
+    if single.exists():
+        with safe_open(single, "pt") as f:
+            return {name: (single, name) for name in f.keys()}
+    raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def state_dict_from_hf(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Read all tensors of a directory and rename them to minift names (GPT-2's fused qkv split here)."""
+    locations = read_safetensors(directory)
+    prefixes = ("bert.", "model.") if config.model_type == "bert" else ("",)
+    state: dict[str, torch.Tensor] = {}
+    handles: dict[Path, object] = {}
+    for hf_name, (path, key) in locations.items():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: shard listed in the index for tensor {hf_name!r} is missing")
+        if IGNORED.search(hf_name):
+            continue
+        name = hf_name
+        if config.model_type == "gpt2" and not name.startswith(("transformer.", "lm_head")):
+            name = "transformer." + name  # GPT2Model checkpoints drop the prefix
+        for p in prefixes:
+            if p and name.startswith(p):
+                name = name[len(p):]
+        ours = rename(name, config.model_type, to_hf=False)
+        if ours is None:
+            if config.model_type == "bert" and name.startswith("cls."):
+                continue  # BERT pre-training heads: not part of the encoder
+            raise ValueError(f"{path}: tensor {hf_name!r} has no place in a {config.model_type} model")
+        handle = handles.get(path) or handles.setdefault(path, safe_open(path, "pt"))
+        state[ours] = handle.get_tensor(key)
+    if config.model_type == "gpt2":
+        state = _split_gpt2(state)
+    return state
+
+
+def _split_gpt2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT-2's Conv1D stores weights as (in, out): transpose them; split the fused qkv into q, k, v."""
+    out = {}
+    for name, t in state.items():
+        if ".attn.qkv." in name:
+            parts = t.chunk(3, dim=-1)  # weight (d, 3d) -> 3 x (d, d); bias (3d,) -> 3 x (d,)
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+                out[name.replace("qkv", proj)] = part.t().contiguous() if t.dim() == 2 else part.contiguous()
+        elif name.endswith("weight") and t.dim() == 2 and (".mlp." in name or ".o_proj." in name):
+            out[name] = t.t().contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of state_dict_from_hf: minift names and layouts -> Hugging Face ones."""
+    state = dict(state)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # tied: transformers rebuilds it from the embedding
+    if config.model_type == "gpt2":
+        for i in range(config.n_layers):
+            for w in ("weight", "bias"):
+                q, k, v = (state.pop(f"blocks.{i}.attn.{p}.{w}") for p in ("q_proj", "k_proj", "v_proj"))
+                state[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([q, k, v], dim=0)
+        state = {n: (t.t() if n.endswith("weight") and t.dim() == 2 and (".mlp." in n or ".attn." in n) else t)
+                 for n, t in state.items()}
+    out = {}
+    for name, t in state.items():
+        hf = rename(name, config.model_type, to_hf=True)
+        if hf is None:
+            raise ValueError(f"tensor {name!r} has no Hugging Face name for model_type {config.model_type!r}")
+        out[hf] = t.detach().contiguous()
+    return out
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Write to a temporary file, then rename: a crash midway never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,413 @@
+"""The Transformer: one readable model for GPT-2, the Llama family and BERT.
+
+Lesson
+------
+A transformer (Vaswani et al. 2017) is a stack of identical blocks over a residual stream x of width d:
+
+    tokens -> embed (+ learned positions) ------------------------------+
+                                                                        |  x: (B, T, d)
+    repeat n_layers:   x = x + Attention(norm(x))    # tokens talk       |
+                       x = x + MLP(norm(x))          # each token thinks |
+                                                                        v
+    final norm -> lm_head -> logits (B, T, vocab)        (encoders stop at hidden states)
+
+* Attention. Each token emits a query q, a key k and a value v (linear maps of x, split into heads). The
+  output is softmax(q k^T / sqrt(head_dim)) v per head: a weighted average of the values of the tokens
+  it may see. A causal model sees only earlier tokens (GPT-2, Llama); an encoder sees all (BERT).
+  Grouped-query attention (GQA, Ainslie et al. 2023) lets several query heads share one key/value head,
+  which shrinks the KV cache; n_kv_heads = 1 is multi-query attention.
+* Positions. GPT-2 and BERT add a learned vector per position. Llama rotates q and k by an angle that
+  grows with the position (RoPE, Su et al. 2021 §3.4): then q.k depends only on the distance between
+  tokens. Frequencies are theta^(-2i/head_dim); Llama 3 stretches the low frequencies for long contexts.
+* MLP. GPT-2/BERT: W2 GELU(W1 x). Llama: W_down (SiLU(W_gate x) * W_up x) — SwiGLU (Shazeer 2020).
+* Norm. LayerNorm (subtract mean, divide by std, scale and shift) or RMSNorm (divide by the root mean
+  square, scale only; Zhang & Sennrich 2019). GPT-2 and Llama normalise *before* each branch (pre-norm);
+  BERT normalises *after* the residual add (post-norm).
+* KV cache. While generating, the keys and values of past tokens never change, so we keep them and feed
+  only the new token: each step costs O(T) instead of O(T^2).
+
+Which switch each architecture flips is tabulated in `minift/config.py`. Parameter names (`embed`,
+`blocks.{i}.attn.q_proj`, `blocks.{i}.mlp.up_proj`, `norm`, `lm_head`, ...) are minift's own; the
+checkpoint readers in `minift/io/` translate Hugging Face and GGUF names into them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minift.config import ModelConfig
+
+# ----------------------------------------------------------------------------------------------------
+# Parts
+# ----------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rms":
+        return RMSNorm(config.dim, config.norm_eps)
+    return nn.LayerNorm(config.dim, eps=config.norm_eps)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) for i < d/2, with Llama-3 scaling when configured. (head_dim/2,)"""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low frequencies by `factor`, blend smoothly in between.
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(is_medium, blended, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in ("default", None):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: a 90-degree turn of each (x1_i, x2_i) pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate q or k (B, H, T, hd) by the angles of their positions; cos/sin are (B, 1, T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions. `length` counts positions filled."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device) -> None:
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (B, Hkv, T, hd) after the cached ones; return all of them so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.k.size(3):
+            raise ValueError(f"KVCache is full: {end} positions needed, {self.k.size(3)} allocated")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def expand(self, batch_size: int) -> "KVCache":
+        """A copy whose batch repeats this cache's single row: share one prompt prefix across many queries."""
+        if self.k.size(1) != 1:
+            raise ValueError("KVCache.expand needs a cache of batch size 1")
+        new = KVCache.__new__(KVCache)
+        new.k = self.k.expand(-1, batch_size, -1, -1, -1).clone()
+        new.v = self.v.expand(-1, batch_size, -1, -1, -1).clone()
+        new.length = self.length
+        return new
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        hd, H, Hkv = config.head_dim, config.n_heads, config.n_kv_heads
+        self.q_proj = nn.Linear(config.dim, H * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * hd, config.dim, bias=config.out_bias)
+
+    def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd, H, Hkv = self.config.head_dim, self.config.n_heads, self.config.n_kv_heads
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd), S = cached + T
+        dropout = self.config.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=Hkv != H
+        )  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
+        self.activation = config.activation
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "silu":
+            return F.silu(x)
+        return F.gelu(x, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (B, T, d)
+        return self.down_proj(self.act(self.up_proj(x)))  # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.post_norm = config.post_norm
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, is_causal, cache=None, layer=0) -> torch.Tensor:
+        if self.post_norm:  # BERT: add, then normalise
+            x = self.attn_norm(x + self.dropout(self.attn(x, rope, mask, is_causal, cache, layer)))
+            return self.mlp_norm(x + self.dropout(self.mlp(x)))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_attention_mask(attention_mask, T: int, past: int, causal: bool, device) -> torch.Tensor | None:
+    """Turn a (B, S) padding mask (1 = real token, S = past + T) into a boolean (B, 1, T, S) "may attend" mask.
+
+    A 4-D boolean mask (packed sequences) passes through unchanged. A query row that may attend nothing
+    (a left-padding position) is allowed to attend everything instead: its output is never used, and an
+    all-masked softmax would be NaN and poison the backward pass.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        return attention_mask.bool()
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, S) or (B, 1, T, S); got shape {tuple(attention_mask.shape)}")
+    S = attention_mask.size(1)
+    if S != past + T:
+        raise ValueError(f"attention_mask covers {S} positions but past + new = {past} + {T}")
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
+    if causal:
+        q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        keys = keys & (k_pos <= q_pos)  # (B, 1, T, S)
+    else:
+        keys = keys.expand(-1, -1, T, -1)
+    return keys | ~keys.any(dim=-1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    """Decoder (GPT-2, Llama family) or encoder (BERT), chosen by `ModelConfig` switches."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        if config.positions == "learned":
+            self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
+        if config.type_vocab_size:
+            self.type_embed = nn.Embedding(config.type_vocab_size, config.dim)
+        if config.post_norm:  # BERT normalises the embeddings; pre-norm models normalise at the end instead
+            self.embed_norm = make_norm(config)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        if not config.post_norm:
+            self.norm = make_norm(config)
+        if config.lm_head:
+            self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.embed.weight
+        if config.positions == "rope":
+            self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """GPT-2 / BERT style init (normal, std 0.02). Loaded checkpoints overwrite it."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        seen, total = set(), 0
+        for p in self.parameters():  # parameters() already skips the tied duplicate
+            if id(p) not in seen and (p.requires_grad or not trainable_only):
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos and sin of position * frequency, (B, 1, T, hd), each frequency used for both halves."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for a causal LM, hidden states (B, T, d) for an encoder or with return_hidden.
+
+        attention_mask: (B, S) with 1 for real tokens (S = cached + T), or a boolean (B, 1, T, S) mask.
+        position_ids: (B, T); default past..past+T-1 (pass them for left-padded batches or packed rows).
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids)  # (B, T, d)
+        if self.config.positions == "learned":
+            if past + T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            x = x + self.pos_embed(position_ids)
+        if self.config.type_vocab_size:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.type_embed(types)
+        if self.config.post_norm:
+            x = self.embed_norm(x)
+        x = self.embed_dropout(x)
+
+        rope = self.rope(position_ids, x.dtype) if self.config.positions == "rope" else None
+        mask = build_attention_mask(attention_mask, T, past, self.config.causal, x.device)
+        # With no mask, let SDPA apply causality itself (its fastest path); a single new token needs none.
+        is_causal = mask is None and self.config.causal and T > 1 and past == 0
+        if mask is None and self.config.causal and T > 1 and past > 0:
+            mask = build_attention_mask(torch.ones(B, past + T, device=x.device), T, past, True, x.device)
+
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        if not self.config.post_norm:
+            x = self.norm(x)
+        if return_hidden or not self.config.lm_head:
+            return x  # (B, T, d)
+        return self.lm_head(x)  # (B, T, vocab)
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+        on_token=None,
+    ) -> torch.Tensor:
+        """Append up to `max_new_tokens` tokens to each row of `input_ids` (B, T); returns (B, T + n).
+
+        temperature 0 is greedy decoding. Batches are left-padded (`attention_mask` marks real tokens) so that
+        every row's next token sits in the same last column. Rows that produced EOS keep emitting EOS; the
+        loop stops when all rows are done. `on_token(token_ids (B,))` is called after each step (streaming).
+        """
+        if not self.config.lm_head or not self.config.causal:
+            raise ValueError("generate() needs a causal LM with an lm_head")
+        B, T = input_ids.shape
+        device = input_ids.device
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
+        mask = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=device)
+        mask = mask.long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's first real token is position 0
+        dtype = next(self.parameters()).dtype
+        cache = KVCache(self.config, B, T + max_new_tokens, dtype, device) if use_cache else None
+        padded = bool((mask == 0).any())
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        ids = input_ids
+        step_ids, step_pos = input_ids, positions
+        for _ in range(max_new_tokens):
+            step_mask = mask if (padded or not use_cache) else None
+            logits = self(step_ids, attention_mask=step_mask, position_ids=step_pos, cache=cache)[:, -1]  # (B, V)
+            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # (B,)
+            if eos.numel():
+                next_token = torch.where(done, eos[0], next_token)
+                done = done | torch.isin(next_token, eos)
+            ids = torch.cat([ids, next_token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
+            next_pos = positions[:, -1:] + 1
+            positions = torch.cat([positions, next_pos], dim=1)
+            if on_token is not None:
+                on_token(next_token)
+            if eos.numel() and bool(done.all()):
+                break
+            step_ids, step_pos = (next_token[:, None], next_pos) if use_cache else (ids, positions)
+        return ids
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+    """Pick one token per row from logits (B, V): argmax at temperature 0, else sample from the filtered softmax.
+
+    top_k keeps the k most likely tokens; top_p (nucleus sampling, Holtzman et al. 2020) keeps the smallest
+    set of most likely tokens whose probabilities sum to at least p.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens after the nucleus is full
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
