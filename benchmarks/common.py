@@ -1,0 +1,64 @@
+"""Shared benchmark plumbing: machine description, isolated runs for fair peak memory, result files.
+
+Every benchmark compares providers side by side in one run and reports ratios. Peak memory is only
+comparable when each provider runs in a fresh process, so `run_isolated` starts a child Python that
+imports the benchmark module, calls one function, and reports its result plus the child's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_description() -> str:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        device += f"; GPU: {torch.cuda.get_device_name(0)}"
+    return f"{device}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def run_isolated(module_path: str, function: str, **kwargs) -> dict:
+    """Run `function(**kwargs)` from `module_path` in a fresh interpreter; returns its dict + peak_rss_mb."""
+    code = (
+        "import json, resource, runpy, sys\n"
+        f"ns = runpy.run_path({module_path!r})\n"
+        f"result = ns[{function!r}](**json.loads(sys.argv[1]))\n"
+        "result['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print('RESULT ' + json.dumps(result))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{function}({kwargs}) failed:\n{proc.stderr[-3000:]}")
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def write_result(name: str, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(markdown)
+    print(f"wrote {path}")
+    return path
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
