@@ -23,12 +23,15 @@ import torch
 from minift.config import ModelConfig
 from minift.io import hf
 from minift.io.bundled import BUNDLED_NAMES, resolve_bundled
-from minift.model import Transformer
+from minift.model import Transformer, rope_frequencies
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], where: str = "checkpoint") -> Transformer:
     """A Transformer with exactly these weights; a missing, extra or mis-shaped tensor is a clear error."""
-    model = Transformer(config)
+    # Build on the "meta" device (shapes only, no memory), then adopt the loaded tensors as the parameters:
+    # peak memory stays at one copy of the weights instead of a random init plus the checkpoint.
+    with torch.device("meta"):
+        model = Transformer(config)
     expected = model.state_dict()
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
@@ -43,7 +46,11 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], where: str 
     extra = sorted(set(state) - set(expected))
     if extra:
         raise ValueError(f"{where}: unexpected tensors {extra[:5]} for a {config.model_type} model")
-    model.load_state_dict(state, strict=not config.tie_embeddings)
+    model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # assign=True replaced the embedding: tie the head again
+    if config.positions == "rope":  # a computed buffer, not in checkpoints: rebuild it off the meta device
+        model.inv_freq = rope_frequencies(config).to(model.embed.weight.device)
     return model.eval()
 
 
