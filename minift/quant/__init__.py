@@ -1,0 +1,36 @@
+"""minift.quant: NF4 quantization (QLoRA), bitsandbytes-exact, in plain PyTorch.
+
+    q = quantize_nf4(weight, blocksize=64, double_quant=True)    # NF4Tensor: packed codes + block scales
+    w = q.dequantize()                                           # back to weight's dtype
+    report = quantize_model(model)                               # nn.Linear -> NF4Linear in place (not lm_head)
+    print(report)                                                # which layers, bytes per parameter
+
+nf4.py holds the format (codes, blockwise absmax, double quantization, packing); linear.py the frozen
+NF4Linear layer with bitsandbytes' Linear4bit state-dict layout, and quantize_model.
+"""
+
+from minift.quant.linear import NF4Linear, QuantizationReport, quantize_model
+from minift.quant.nf4 import (
+    DYNAMIC_MAP,
+    NF4_CODE,
+    NF4Tensor,
+    build_dynamic_map,
+    build_nf4_code,
+    dequantize,
+    nf4_nbytes,
+    quantize_nf4,
+)
+
+__all__ = [
+    "DYNAMIC_MAP",
+    "NF4_CODE",
+    "NF4Linear",
+    "NF4Tensor",
+    "QuantizationReport",
+    "build_dynamic_map",
+    "build_nf4_code",
+    "dequantize",
+    "nf4_nbytes",
+    "quantize_model",
+    "quantize_nf4",
+]

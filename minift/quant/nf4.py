@@ -1,0 +1,328 @@
+"""NF4: 4-bit NormalFloat quantization, byte-for-byte the way bitsandbytes stores it.
+
+Lesson
+------
+QLoRA (Dettmers et al. 2023, §3) freezes a pretrained model in 4 bits and trains LoRA adapters on top.
+Three ideas make 4 bits enough:
+
+1. NormalFloat codes (§3, "4-bit NormalFloat"). Pretrained weights are roughly normal, so instead of 16
+   evenly spaced levels we use 16 *quantiles* of N(0, 1): each code then covers about the same share of
+   the weights. To have an exact 0, the positive and negative halves are built separately and glued:
+
+       positive: Phi^-1(p) for 8 probabilities p evenly spaced from 0.9677083 down to 0.5 (0.5 excluded)
+       negative: -Phi^-1(p) for 7 probabilities evenly spaced over the same range (0.5 excluded)
+       codes = sorted(negative + [0] + positive) / max          -> 16 values in [-1, 1]
+
+         -1.0  -.696  -.525  -.395  -.284  -.185  -.091  0  .080  .161  .246  .338  .441  .563  .723  1.0
+   index   0     1      2      3      4      5      6    7   8     9     10    11    12    13    14   15
+
+   `build_nf4_code()` redoes this with torch.special.ndtri (Phi^-1) and reproduces bitsandbytes' table bit for
+   bit; NF4_CODE is that table written out.
+
+2. Blockwise absmax scaling. The flattened tensor is cut into blocks of `blocksize` (64) consecutive
+   elements; each block stores absmax = max |x| in float32 and every element becomes the index of the
+   code nearest to x / absmax. One outlier then spoils only its own block.
+
+       x (n,) -> blocks (n_blocks, 64) -> x * (1 / absmax) in [-1, 1] -> nearest code index (0..15)
+       two indices per byte, the first element in the HIGH nibble:  byte = (code[2i] << 4) | code[2i+1]
+
+   Details that matter for bit-exactness with bitsandbytes 0.50 (read from its CPU/default backend):
+   inputs of any dtype are upcast to float32 first; full blocks are scaled by multiplying with the
+   float32 reciprocal 1/absmax, the partial last block by dividing by absmax (x * (1/a) and x / a can
+   differ in the last bit, and a value on a midpoint can fall either way); an exact midpoint between two
+   codes goes to the LOWER code; an odd element count is padded with index 7 (the code 0.0); an all-zero
+   block stores absmax 0 (full block) or 1e-38 (partial last block, which bitsandbytes clamps).
+
+3. Double quantization (§3, "Double Quantization"). One float32 absmax per 64 weights costs
+   32 / 64 = 0.5 bits per weight. QLoRA quantizes the absmax values themselves: subtract their mean
+   (`offset`), then quantize blockwise (blocks of 256) to 8 bits with the signed dynamic map of
+   Dettmers (2016), keeping one float32 scale per 256 absmax values:
+
+       absmax (n_blocks,) f32 --(- offset)--> blocks of 256 --> uint8 codes + nested_absmax (n_blocks/256,) f32
+       block scale = DYNAMIC_MAP[code] * nested_absmax + offset
+
+   Bits per weight (blocksize 64, large tensor):
+       plain NF4:     4 + 32 / 64                      = 4.5     bits  (0.5625 bytes)
+       double quant:  4 + 8 / 64 + 32 / (64 * 256)     = 4.127   bits  (0.5159 bytes)   vs 16 for bf16: 3.88x
+
+   The 8-bit codes are the nearest DYNAMIC_MAP entry (ties to the lower one). bitsandbytes' CPU backend
+   instead first rounds the value to a grid of 65,536 points over [-1, 1], so a value within half a grid
+   step (1/65535) of a midpoint can land on the other side of it (near 0, where the map is denser than
+   the grid, even a few codes away); its CUDA backend searches exactly, as we do. All 4-bit codes and
+   all float32 statistics agree bit for bit.
+
+`quantize_nf4` returns an NF4Tensor; `dequantize` (or `NF4Tensor.dequantize`) undoes it:
+    value = NF4_CODE[index] * block_scale       (float32 product, then cast to the requested dtype)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes 0.50 accepts for 4-bit
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ZERO_CODE_INDEX = 7  # NF4_CODE[7] == 0.0; pads an odd element count
+TINY_ABSMAX = 1e-38  # bitsandbytes clamps absmax to this before dividing, so all-zero blocks stay finite
+
+
+# --------------------------------------------------------------------------------------------------
+# The two code tables
+# --------------------------------------------------------------------------------------------------
+
+
+def build_nf4_code(outer_probability: float = 0.9677083) -> torch.Tensor:
+    """Rebuild the 16 NF4 codes from normal quantiles (QLoRA §3), the way bitsandbytes does, in float32.
+
+    The probabilities are made in float32 (torch.linspace), the quantiles Phi^-1 in float64, then the
+    values are rounded to float32 and divided by their maximum in float32.
+    """
+    positive_p = torch.linspace(outer_probability, 0.5, 9)[:-1]  # (8,) float32, 0.5 itself excluded
+    negative_p = torch.linspace(outer_probability, 0.5, 8)[:-1]  # (7,)
+    positive = torch.special.ndtri(positive_p.double()).float()  # (8,)  Phi^-1(p) > 0
+    negative = -torch.special.ndtri(negative_p.double()).float()  # (7,)
+    values = torch.cat([negative, torch.zeros(1), positive]).sort().values  # (16,)
+    return values / values.max()
+
+
+def build_dynamic_map() -> torch.Tensor:
+    """The signed 8-bit dynamic map (Dettmers 2016): 256 sorted values in [-1, 1] used for double quant.
+
+    Like a float with a variable split between exponent and fraction: decade 10^(e-6), e = 0..6, holds
+    2^e linearly spaced magnitudes (the centres of 2^e equal steps from 0.1 to 1), each with both signs.
+    2 * (1 + 2 + ... + 64) = 254 values, plus 0 and 1.0 = 256. Same float32 arithmetic as
+    bitsandbytes.functional.create_dynamic_map(signed=True), so the table is identical.
+    """
+    values = [0.0, 1.0]
+    for exponent in range(7):
+        edges = torch.linspace(0.1, 1.0, 2**exponent + 1)  # (2^e + 1,) float32
+        centres = (edges[:-1] + edges[1:]) / 2.0  # (2^e,)
+        magnitudes = 10.0 ** (exponent - 6) * centres  # (2^e,) float32
+        values += magnitudes.tolist() + (-magnitudes).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)  # (256,)
+
+
+# bitsandbytes' NF4 table (REFERENCE.md); tests check it equals build_nf4_code() and bitsandbytes' own.
+NF4_CODE = torch.tensor(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
+    dtype=torch.float32,
+)  # (16,)
+DYNAMIC_MAP = build_dynamic_map()  # (256,)
+
+
+def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of the sorted `code` for each value; an exact midpoint goes to the lower.
+
+    torch.bucketize(x, midpoints) counts the midpoints strictly below x, which is exactly that rule.
+    Midpoints are computed in float32, as bitsandbytes does.
+    """
+    midpoints = (code[:-1] + code[1:]) / 2  # (len(code) - 1,)
+    return torch.bucketize(scaled, midpoints.to(scaled.device), out_int32=True)  # same shape, int32
+
+
+# --------------------------------------------------------------------------------------------------
+# The quantized tensor
+# --------------------------------------------------------------------------------------------------
+
+
+def check_blocksize(blocksize: int) -> None:
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"NF4 blocksize={blocksize!r} is not supported; bitsandbytes accepts {VALID_BLOCKSIZES}")
+
+
+@dataclass(eq=False)
+class NF4Tensor:
+    """A tensor stored as NF4: packed 4-bit codes plus per-block scales (optionally double-quantized)."""
+
+    packed: torch.Tensor  # uint8 ((n + 1) // 2, 1), first element in the high nibble
+    absmax: torch.Tensor  # float32 (n_blocks,), or uint8 (n_blocks,) codes when double-quantized
+    shape: torch.Size  # original shape
+    dtype: torch.dtype  # original dtype; dequantize() returns this by default
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None  # float32 (ceil(n_blocks / 256),)
+    offset: torch.Tensor | None = None  # float32 scalar: absmax.mean() before nesting
+    nested_blocksize: int = 256
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        check_blocksize(self.blocksize)
+        n, n_blocks = self.numel(), self.n_blocks
+        expected = ((n + 1) // 2, 1)
+        if self.packed.dtype != torch.uint8 or tuple(self.packed.shape) != expected:
+            raise ValueError(f"NF4Tensor.packed must be uint8 of shape {expected} for shape {tuple(self.shape)}, "
+                             f"found {self.packed.dtype} {tuple(self.packed.shape)}")
+        if tuple(self.absmax.shape) != (n_blocks,):
+            raise ValueError(f"NF4Tensor.absmax must have shape ({n_blocks},) for {n} elements in blocks of "
+                             f"{self.blocksize}, found {tuple(self.absmax.shape)}")
+        if self.double_quant:
+            n_nested = -(-n_blocks // self.nested_blocksize)
+            if self.absmax.dtype != torch.uint8 or self.offset is None:
+                raise ValueError("NF4Tensor with nested_absmax needs uint8 absmax codes and an offset, found "
+                                 f"absmax {self.absmax.dtype}, offset {self.offset}")
+            if tuple(self.nested_absmax.shape) != (n_nested,):
+                raise ValueError(f"NF4Tensor.nested_absmax must have shape ({n_nested},), "
+                                 f"found {tuple(self.nested_absmax.shape)}")
+        elif self.absmax.dtype != torch.float32:
+            raise ValueError(f"NF4Tensor.absmax must be float32 without double quant, found {self.absmax.dtype}")
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel() // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored data: codes + scales (+ nested scales and offset). Code tables not counted."""
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.offset]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def block_scales(self) -> torch.Tensor:
+        """float32 (n_blocks,) absmax per block; un-nested (DYNAMIC_MAP[code] * nested_absmax + offset)."""
+        if not self.double_quant:
+            return self.absmax
+        codes = self.absmax.long()  # (n_blocks,)
+        values = DYNAMIC_MAP.to(self.device)[codes]  # (n_blocks,) in [-1, 1]
+        nested = self.nested_absmax.repeat_interleave(self.nested_blocksize)[: self.n_blocks]  # (n_blocks,)
+        return values * nested + self.offset  # (n_blocks,) float32
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self, dtype)
+
+    def to(self, device: torch.device | str) -> NF4Tensor:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax),
+                       nested_absmax=move(self.nested_absmax), offset=move(self.offset))
+
+    def __repr__(self) -> str:
+        kind = "double-quantized " if self.double_quant else ""
+        return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"{kind}{self.nbytes} bytes, device={self.device})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantize
+# --------------------------------------------------------------------------------------------------
+
+
+def blockwise_absmax_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split `flat` (n,) float32 into blocks; return (scaled values in [-1, 1] (n,), absmax (n_blocks,)).
+
+    Full blocks multiply by the reciprocal 1/absmax, the partial last block divides (bitsandbytes' order).
+    """
+    n = flat.numel()
+    n_full = n // blocksize
+    full = flat[: n_full * blocksize].view(n_full, blocksize)  # (n_full, blocksize)
+    absmax = full.abs().amax(dim=1)  # (n_full,)
+    reciprocal = 1.0 / absmax.clamp(min=TINY_ABSMAX)  # (n_full,)
+    scaled = (full * reciprocal[:, None]).clamp_(-1, 1).reshape(-1)  # (n_full * blocksize,)
+    if n_full * blocksize < n:
+        tail = flat[n_full * blocksize:]  # (rem,)
+        tail_absmax = tail.abs().amax().clamp(min=TINY_ABSMAX)  # ()
+        absmax = torch.cat([absmax, tail_absmax[None]])  # (n_blocks,)
+        scaled = torch.cat([scaled, (tail / tail_absmax).clamp(-1, 1)])  # (n,)
+    return scaled, absmax
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(n,) int codes 0..15 -> uint8 ((n + 1) // 2, 1), first code in the high nibble, padded with 7."""
+    codes = codes.to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE_INDEX)])
+    return ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)  # ((n + 1) // 2, 1)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 (m, 1) -> int64 codes (n,): high nibble first, padding dropped."""
+    flat = packed.reshape(-1)  # (m,)
+    codes = torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)  # (2m,)
+    return codes[:n].long()
+
+
+def quantize_absmax_8bit(absmax: torch.Tensor, nested_blocksize: int = 256):
+    """Double quantization of the block scales: (uint8 codes (n_blocks,), nested_absmax, offset).
+
+    Every 256-block (the last one may be partial) is scaled by multiplying with 1/max|absmax - offset|.
+    A block that is all zeros gets code 0 and nested absmax 0, as in bitsandbytes (any code decodes to 0).
+    """
+    offset = absmax.mean()  # () float32
+    centred = absmax - offset  # (n_blocks,)
+    n_blocks = centred.numel()
+    n_nested = -(-n_blocks // nested_blocksize)
+    padded = torch.zeros(n_nested * nested_blocksize, dtype=torch.float32, device=absmax.device)
+    padded[:n_blocks] = centred
+    blocks = padded.view(n_nested, nested_blocksize)  # (n_nested, 256); zero padding leaves max|.| alone
+    nested_absmax = blocks.abs().amax(dim=1)  # (n_nested,)
+    reciprocal = 1.0 / nested_absmax  # (n_nested,), inf for an all-zero block
+    scaled = (blocks * reciprocal[:, None]).clamp(-1, 1)  # (n_nested, 256)
+    codes = nearest_code(scaled, DYNAMIC_MAP)  # (n_nested, 256)
+    codes[nested_absmax == 0] = 0
+    return codes.reshape(-1)[:n_blocks].to(torch.uint8), nested_absmax, offset
+
+
+def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize `tensor` to NF4 exactly as bitsandbytes.functional.quantize_4bit(quant_type="nf4",
+    blocksize=blocksize, compress_statistics=double_quant) does (see the module lesson)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"quantize_nf4 expects a torch.Tensor, got {type(tensor).__name__}")
+    check_blocksize(blocksize)
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"quantize_nf4 supports {SUPPORTED_DTYPES}, got {tensor.dtype}; convert with .float()")
+    if tensor.numel() == 0:
+        raise ValueError(f"quantize_nf4 got an empty tensor of shape {tuple(tensor.shape)}")
+    flat = tensor.detach().reshape(-1).float()  # (n,) float32, as bitsandbytes upcasts first
+
+    scaled, absmax = blockwise_absmax_scale(flat, blocksize)  # (n,), (n_blocks,)
+    if not torch.isfinite(absmax).all():  # a NaN or Inf anywhere shows up in its block's absmax
+        raise ValueError(f"quantize_nf4: tensor of shape {tuple(tensor.shape)} contains NaN or Inf")
+    packed = pack_nibbles(nearest_code(scaled, NF4_CODE))  # ((n + 1) // 2, 1)
+    if not double_quant:
+        return NF4Tensor(packed, absmax, tensor.shape, tensor.dtype, blocksize)
+    codes, nested_absmax, offset = quantize_absmax_8bit(absmax)
+    return NF4Tensor(packed, codes, tensor.shape, tensor.dtype, blocksize,
+                     nested_absmax=nested_absmax, offset=offset)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dequantize
+# --------------------------------------------------------------------------------------------------
+
+
+# A byte holds two codes, so one lookup in this (256, 2) table decodes both:
+# BYTE_TO_VALUES[b] = (NF4_CODE[b >> 4], NF4_CODE[b & 15]). One pass instead of unpack, then gather.
+BYTE_TO_VALUES = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
+
+
+def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """NF4Tensor -> dense tensor of q.shape: NF4_CODE[index] * block_scale in float32, then cast to dtype."""
+    n, blocksize = q.numel(), q.blocksize
+    table = BYTE_TO_VALUES.to(q.device)
+    values = table.index_select(0, q.packed.reshape(-1).int()).view(-1)  # (2 * n_bytes,) float32 in [-1, 1]
+    scales = q.block_scales()  # (n_blocks,)
+    n_full = n // blocksize
+    values[: n_full * blocksize].view(n_full, blocksize).mul_(scales[:n_full, None])  # full blocks, in place
+    if n_full * blocksize < n:
+        values[n_full * blocksize: n].mul_(scales[n_full])  # the partial last block
+    return values[:n].view(q.shape).to(dtype or q.dtype)
+
+
+def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> int:
+    """Bytes an NF4Tensor of `numel` elements stores (the same count as NF4Tensor.nbytes)."""
+    n_blocks = -(-numel // blocksize)
+    codes = (numel + 1) // 2
+    if not double_quant:
+        return codes + 4 * n_blocks
+    return codes + n_blocks + 4 * -(-n_blocks // nested_blocksize) + 4

@@ -1,0 +1,248 @@
+"""NF4 quantize / dequantize: ours vs bitsandbytes 0.50 on the CPU, bit for bit.
+
+bitsandbytes.functional.quantize_4bit(quant_type="nf4", compress_statistics=...) is run on the same
+random tensors (float32, bfloat16, float16; full blocks, a partial last block, odd element counts;
+blocksizes 32..4096). 4-bit codes and all float32 statistics must be identical. The 8-bit codes of double
+quantization must be identical except where bitsandbytes' 65,536-bin lookup table rounds a value that sits
+within half a bin of a midpoint to the other side; those cases are checked to be genuine near ties and ours
+to be the true nearest code (see assert_nested_codes_match).
+"""
+
+import pytest
+import torch
+
+from minift.quant import (
+    DYNAMIC_MAP,
+    NF4_CODE,
+    NF4Tensor,
+    build_dynamic_map,
+    build_nf4_code,
+    dequantize,
+    nf4_nbytes,
+    quantize_nf4,
+)
+from minift.quant.nf4 import VALID_BLOCKSIZES, nearest_code, unpack_nibbles
+
+HALF_LUT_BIN = 1.0 / 65535  # bnb's CPU table: 65,536 points over [-1, 1]; it moves a value by <= half a step
+FLOAT_SLACK = 2.0**-22  # float32 rounding of the table index arithmetic
+
+
+@pytest.fixture(scope="module")
+def bnbf():
+    """bitsandbytes.functional, with torch.compile off: bnb compiles some CPU helpers, which costs seconds."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    with torch._dynamo.config.patch(disable=True):
+        yield functional
+
+
+def bnb_dequantize(bnbf, packed, state):
+    """bitsandbytes' dequantize_4bit, avoiding its AVX-512 CPU kernel where that kernel is wrong.
+
+    With AVX-512 (not on every machine) bnb 0.50 indexes absmax per row, which is only right when the
+    last dimension is a multiple of the blocksize; there we call bnb's own pure-torch default kernel.
+    """
+    shape = state.shape
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    if avx512 and shape[-1] % state.blocksize and shape[-1] % 16 == 0:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        code = bnbf.get_4bit_type("nf4", device="cpu")
+        return _dequantize_4bit_compute(packed.reshape(-1), absmax, code, state.blocksize, shape, state.dtype)
+    return bnbf.dequantize_4bit(packed, state)
+
+
+def nested_scaled_values(absmax, offset, nested_absmax, nested_blocksize=256):
+    """The values double quantization rounds: (absmax - offset) * (1 / nested absmax of its 256-block)."""
+    block = torch.arange(absmax.numel()) // nested_blocksize
+    return ((absmax - offset) * (1.0 / nested_absmax)[block]).clamp(-1, 1)
+
+
+def assert_nested_codes_match(ours, theirs, scaled):
+    """Codes equal, except near ties: there every DYNAMIC_MAP midpoint between our code and bnb's lies within
+    half a lookup-table bin of the value (so bnb's table could round across it), and ours is the nearest
+    (the value lies between the float32 midpoints around our code, an exact midpoint counting as below)."""
+    midpoints = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2
+    different = (ours != theirs).nonzero().flatten()
+    for i in different.tolist():
+        mine, bnb, value = int(ours[i]), int(theirs[i]), float(scaled[i])
+        crossed = midpoints[min(mine, bnb): max(mine, bnb)]
+        distance = (crossed.double() - value).abs().max().item()
+        assert distance <= HALF_LUT_BIN + FLOAT_SLACK, (
+            f"nested code {i}: ours {mine}, bnb {bnb}, value {value} is {distance:.3g} from a midpoint: not a near tie")
+        below = midpoints[mine - 1].item() if mine > 0 else -float("inf")
+        above = midpoints[mine].item() if mine < 255 else float("inf")
+        assert below < value <= above, f"nested code {i}: ours {mine} is not the nearest code to {value}"
+    return len(different)
+
+
+# ----------------------------------------------------------------------------------- code tables
+
+
+def test_nf4_code_rebuilt_from_normal_quantiles():
+    code = build_nf4_code()
+    assert code.dtype == torch.float32 and torch.equal(code, NF4_CODE)
+    assert (NF4_CODE < 0).sum() == 7 and (NF4_CODE > 0).sum() == 8 and NF4_CODE[7] == 0
+    assert NF4_CODE[0] == -1 and NF4_CODE[-1] == 1 and (NF4_CODE.diff() > 0).all()
+
+
+def test_code_tables_equal_bitsandbytes(bnbf):
+    assert torch.equal(NF4_CODE, bnbf.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(DYNAMIC_MAP, bnbf.create_dynamic_map(signed=True))
+    assert torch.equal(build_dynamic_map(), DYNAMIC_MAP) and DYNAMIC_MAP.shape == (256,)
+
+
+@pytest.mark.parametrize("code", [NF4_CODE, DYNAMIC_MAP], ids=["nf4", "dynamic"])
+def test_nearest_code_is_the_nearest(code):
+    values = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    values = torch.cat([values, values * 1e-4])  # also the dense region of the dynamic map near 0
+    brute_force = (values[:, None].double() - code[None, :].double()).abs().argmin(dim=1)
+    assert torch.equal(nearest_code(values, code).long(), brute_force)
+
+
+# ----------------------------------------------------------------------------------- parity
+
+SHAPES = [(64, 64), (7, 33), (3, 48), (1001,), (5, 2, 37), (130, 64)]  # partial blocks, odd counts, 2 nested blocks
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_matches_bitsandbytes(bnbf, dtype, blocksize, double_quant):
+    generator = torch.Generator().manual_seed(blocksize)
+    for shape in SHAPES:
+        x = (torch.randn(shape, generator=generator) * 0.05).to(dtype)
+        x.view(-1)[3] = 0.4  # an outlier, as in real weights
+        packed, state = bnbf.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+        q = quantize_nf4(x, blocksize=blocksize, double_quant=double_quant)
+        where = f"{dtype} {shape} blocksize {blocksize}"
+
+        assert torch.equal(q.packed, packed), f"4-bit codes differ: {where}"
+        assert q.shape == x.shape and q.dtype == dtype
+        # dequantizing bitsandbytes' own state gives bitsandbytes' values exactly
+        expected = bnb_dequantize(bnbf, packed, state)
+        bnb_state = q if not double_quant else NF4Tensor(packed, state.absmax, x.shape, dtype, blocksize,
+                                                         nested_absmax=state.state2.absmax, offset=state.offset)
+        assert torch.equal(dequantize(bnb_state), expected), f"dequantize differs: {where}"
+        if not double_quant:
+            assert q.absmax.dtype == torch.float32 and torch.equal(q.absmax, state.absmax), where
+            assert torch.equal(q.dequantize(), expected), where
+            continue
+
+        assert torch.equal(q.offset, state.offset) and torch.equal(q.nested_absmax, state.state2.absmax), where
+        plain_absmax = quantize_nf4(x, blocksize=blocksize, double_quant=False).absmax
+        scaled = nested_scaled_values(plain_absmax, q.offset, q.nested_absmax)
+        n_ties = assert_nested_codes_match(q.absmax, state.absmax, scaled)
+        same_blocks = (q.absmax == state.absmax).repeat_interleave(blocksize)[: x.numel()].view(shape)
+        assert torch.equal(q.dequantize()[same_blocks], expected[same_blocks]), where
+        assert n_ties <= max(2, q.n_blocks // 20), f"{n_ties} near ties in {q.n_blocks} blocks: {where}"
+
+
+def test_exact_midpoints_go_to_the_lower_code(bnbf):
+    midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # float32, as bitsandbytes computes them
+    above = torch.nextafter(midpoints, torch.ones(15))
+    x = torch.cat([torch.ones(1), midpoints, above, -torch.ones(1)])  # absmax 1: scaling is exact
+    q = quantize_nf4(x, blocksize=32, double_quant=False)
+    codes = unpack_nibbles(q.packed, x.numel())
+    assert torch.equal(codes[1:16].long(), torch.arange(15)), "a midpoint must take the lower code"
+    assert torch.equal(codes[16:31].long(), torch.arange(1, 16)), "just above a midpoint takes the upper code"
+    assert torch.equal(q.packed, bnbf.quantize_4bit(x, blocksize=32, quant_type="nf4")[0])
+
+
+def test_partial_block_divides_while_full_blocks_multiply(bnbf):
+    """Find x, a with x * (1/a) and x / a on opposite sides of a midpoint; place x in a full and a partial block."""
+    midpoints = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    a = torch.rand(2000, generator=torch.Generator().manual_seed(1)) * 3 + 0.1  # (2000,) candidate absmax
+    x = midpoints[None, :] * a[:, None]  # (2000, 15) values on (or next to) a midpoint after scaling
+    differ = nearest_code(x * (1 / a[:, None]), NF4_CODE) != nearest_code(x / a[:, None], NF4_CODE)
+    row, col = differ.nonzero()[0].tolist()
+    a, x = a[row], x[row, col]
+    tensor = torch.zeros(66)  # one full block of 64, then a partial block of 2
+    tensor[0], tensor[1], tensor[64], tensor[65] = a, x, a, x
+    q = quantize_nf4(tensor, blocksize=64, double_quant=False)
+    assert torch.equal(q.packed, bnbf.quantize_4bit(tensor, blocksize=64, quant_type="nf4")[0])
+    codes = unpack_nibbles(q.packed, tensor.numel())
+    assert codes[1] != codes[65], "the same (x, a) must quantize differently in the full and the partial block"
+
+
+def test_zero_and_constant_blocks(bnbf):
+    zeros = torch.zeros(70)  # a zero full block (absmax 0) and a zero partial block (bnb clamps to 1e-38)
+    q = quantize_nf4(zeros, blocksize=64, double_quant=False)
+    packed, state = bnbf.quantize_4bit(zeros, blocksize=64, quant_type="nf4")
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.dequantize(), zeros)
+    ones = torch.ones(300, 64)  # every absmax equals the mean: the nested blocks are all zero
+    q = quantize_nf4(ones, blocksize=64, double_quant=True)
+    packed, state = bnbf.quantize_4bit(ones, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.nested_absmax, state.state2.absmax) and torch.equal(q.dequantize(), ones)
+
+
+def test_lookup_table_near_ties_are_real_and_accounted_for(bnbf):
+    """bnb's CPU 8-bit quantizer really does round some near-midpoint values to the other side (REFERENCE.md)."""
+    midpoints = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2
+    offsets = torch.tensor([-2e-5, -1e-5, -3e-6, 3e-6, 1e-5, 2e-5])
+    values = (midpoints[:, None] + offsets[None, :]).clamp(-1, 1).view(6, 255)  # (6 blocks, 255) near midpoints
+    values = torch.cat([torch.ones(6, 1), values], dim=1).flatten()  # each 256-block has absmax 1: no rescaling
+    theirs, state = bnbf.quantize_blockwise(values, code=DYNAMIC_MAP, blocksize=256)
+    assert torch.equal(state.absmax, torch.ones(6))
+    ours = nearest_code(values, DYNAMIC_MAP)
+    n_ties = assert_nested_codes_match(ours, theirs, values)
+    assert n_ties > 0, "bitsandbytes now rounds exactly; the near-tie exception in these tests can be removed"
+
+
+# ----------------------------------------------------------------------------------- storage and API
+
+
+def test_bytes_per_parameter():
+    for shape, blocksize, double_quant in [((7, 33), 64, True), ((300, 64), 32, True), ((1001,), 128, False)]:
+        q = quantize_nf4(torch.randn(shape), blocksize=blocksize, double_quant=double_quant)
+        assert q.nbytes == nf4_nbytes(q.numel(), blocksize, double_quant)
+    n = 4096 * 4096
+    assert 8 * nf4_nbytes(n, double_quant=False) / n == 4.5
+    bits = 8 * nf4_nbytes(n) / n
+    assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-5) and round(bits, 3) == 4.127
+    assert round(2 * n / nf4_nbytes(n), 2) == 3.88  # vs bf16
+
+
+def test_dequantize_dtypes_and_device_moves():
+    x = torch.randn(5, 37, dtype=torch.bfloat16)
+    q = quantize_nf4(x)
+    assert q.dequantize().dtype == torch.bfloat16
+    as_float32 = q.dequantize(torch.float32)
+    assert torch.equal(q.dequantize(torch.float64), as_float32.double())
+    assert torch.equal(q.dequantize(), as_float32.bfloat16())
+    moved = q.to("cpu")
+    assert torch.equal(moved.dequantize(), q.dequantize()) and moved.device.type == "cpu"
+    error = (q.dequantize(torch.float32) - x.float()).abs().max()
+    assert error <= x.float().abs().max() * (1 - NF4_CODE[-2]) / 2 + 1e-2  # at most half the widest code gap
+    assert "double-quantized" in repr(q)
+
+
+@pytest.mark.parametrize("blocksize", [16, 48, 8192, 0])
+def test_rejects_blocksizes_bitsandbytes_rejects(bnbf, blocksize):
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_nf4(torch.randn(64), blocksize=blocksize)
+    with pytest.raises((ValueError, RuntimeError)):
+        bnbf.quantize_4bit(torch.randn(64), blocksize=blocksize, quant_type="nf4")
+    for accepted in VALID_BLOCKSIZES:  # and everything bitsandbytes accepts works
+        assert quantize_nf4(torch.randn(8), blocksize=accepted).blocksize == accepted
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="int64"):
+        quantize_nf4(torch.arange(64))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_nf4(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="empty"):
+        quantize_nf4(torch.zeros(0, 4))
+    q = quantize_nf4(torch.randn(10, 10), double_quant=False)
+    with pytest.raises(ValueError, match=r"packed must be uint8 of shape \(50, 1\).*found torch.uint8 \(49, 1\)"):
+        NF4Tensor(q.packed[:49], q.absmax, q.shape, q.dtype)
+    with pytest.raises(ValueError, match=r"absmax must have shape \(2,\)"):
+        NF4Tensor(q.packed, q.absmax[:1], q.shape, q.dtype)
+    with pytest.raises(ValueError, match="uint8 absmax codes and an offset"):
+        NF4Tensor(q.packed, q.absmax, q.shape, q.dtype, nested_absmax=torch.ones(1))
