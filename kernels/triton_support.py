@@ -1,0 +1,82 @@
+"""Triton if it is installed, stand-ins if it is not, and the one rule for when a kernel runs.
+
+Triton is Linux-only, but every kernel file in minift.kernels also holds the pure-torch reference that
+is the CPU fallback, and those references must import everywhere. So the kernel files import Triton
+from here: with Triton installed these are the real `triton` and `triton.language`; without it they
+are stand-ins whose decorators return the function unchanged, so the module still imports (the kernel
+bodies are never called: `use_triton` says no).
+
+When does a kernel run instead of its reference?
+
+    tensor on a GPU                                -> compiled Triton kernel
+    TRITON_INTERPRET=1 when the kernel was defined -> Triton interpreter (numpy, any device; the tests)
+    otherwise (a CPU tensor, or no Triton)         -> the pure-torch reference
+
+Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function, i.e. when a kernel module is
+imported. That is why `minift.kernels` imports its kernel modules lazily, and why `is_interpreted`
+asks the kernel object itself rather than the environment.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without Triton
+    HAS_TRITON = False
+
+    class _StandInTriton:
+        """Just enough of `triton` for kernel modules to import: decorators that change nothing."""
+
+        @staticmethod
+        def jit(fn=None, **options):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def autotune(configs, key, **options):
+            return lambda fn: fn
+
+        @staticmethod
+        def Config(kwargs, **options):  # noqa: N802 - mirrors triton.Config
+            return kwargs
+
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+    class _StandInLanguage:
+        constexpr = int  # only used in annotations when Triton is missing
+
+    triton = _StandInTriton()
+    tl = _StandInLanguage()
+
+
+def is_interpreted(kernel) -> bool:
+    """True when `kernel` was decorated under TRITON_INTERPRET=1 (it then runs in numpy on any device)."""
+    return HAS_TRITON and type(kernel).__name__ == "InterpretedFunction"
+
+
+def use_triton(kernel, tensor: torch.Tensor) -> bool:
+    """Run `kernel` on `tensor` (GPU, or interpreter), or fall back to the pure-torch reference."""
+    return HAS_TRITON and (tensor.is_cuda or is_interpreted(kernel))
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def largest_power_of_2_dividing(n: int, at_most: int) -> int:
+    """The largest power of two <= at_most that divides n (tile widths that need no tail masks)."""
+    width = 1
+    while width * 2 <= at_most and n % (width * 2) == 0:
+        width *= 2
+    return width
+
+
+def interpreter_rows_tile(m: int) -> int:
+    """BLOCK_M for the interpreter: as small as tl.dot allows for small M (numpy pays for padded rows)."""
+    return min(64, max(16, next_power_of_2(m)))
