@@ -77,6 +77,80 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_finetune(args) -> int:
+    """Fine-tune from a TOML config (see minift/run_config.py), or resume a run directory."""
+    from pathlib import Path
+
+    from minift.run_config import load_run_config
+    from minift.train import fit, setup
+
+    if args.config is None and args.resume is None:
+        raise ValueError("finetune needs a CONFIG.toml, or --resume RUN_DIR (which reads RUN_DIR/config.toml)")
+    config = load_run_config(args.config or Path(args.resume) / "config.toml", args.overrides or [])
+    if args.resume is not None:
+        config.train.output_dir = str(args.resume)
+    run = setup(config, resume=args.resume is not None)
+    print(f"minift finetune: {config.model.source} -> {run.run_dir}")
+    print(f"  task {config.task.kind}; {run.plan.description}")
+    print(f"  {run.train_stream.report}")
+    if run.eval_stream is not None:
+        print(f"  {run.eval_stream.report}")
+    action = f"resuming at step {run.state.step}" if run.state.step else "starting"
+    print(f"  {action}: {run.total_steps} optimizer steps of {config.train.grad_accum_steps} x "
+          f"{config.train.batch_size} examples, precision {config.train.precision}, device {run.device}")
+    last = fit(run)
+    shown = {k: v for k, v in last.items() if k.startswith("eval_") or k in ("step", "loss")}
+    print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    print(f"metrics: {run.run_dir / 'metrics.jsonl'}; checkpoints: {run.run_dir / 'checkpoints'}"
+          + (f"; model: {run.run_dir / 'final'}" if (run.run_dir / "final").exists() else ""))
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    """Perplexity on a text file, or loss and accuracy (classifiers) on a JSONL/CSV file."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from minift.batches import rename_fields
+    from minift.data import collate, read_records, tokenize_records
+    from minift.tasks import load_task_model, prepare_batch, text_windows, to_device
+    from minift.train import evaluate, load_trained, resolve_device
+
+    device = resolve_device(args.device)
+    if args.run:
+        model, tokenizer, _, labels = load_trained(args.run, device=str(device))
+    else:
+        model, tokenizer, labels = load_task_model(args.model, device=str(device))
+    if tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer found (tokenizer.json); cannot evaluate text")
+    if args.text:
+        if model.kind != "causal_lm":
+            raise ValueError(f"--text computes a causal LM's perplexity; this is a {model.kind} model (use --data)")
+        path = Path(args.text)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such text file")
+        examples = text_windows(tokenizer.encode(path.read_text(encoding="utf-8")), args.max_length, args.stride)
+    else:
+        fmt = {"masked_lm": "mlm", "classification": "classification"}.get(model.kind, args.format)
+        fields = {"text": args.text_field, **({"label": args.label_field} if model.kind == "classification" else {})}
+        records = read_records(args.data)
+        if fmt in ("text", "mlm", "classification"):
+            records = rename_fields(records, fields)
+        examples, report = tokenize_records(records, tokenizer, fmt, args.max_length, labels)
+        print(f"{args.data}: {report}")
+        if not examples:
+            raise ValueError(f"{args.data}: no example left to evaluate ({report})")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator = torch.Generator().manual_seed(args.seed)  # masked_lm: the same masks on every call
+    batches = (prepare_batch(to_device(collate(examples[i : i + args.batch_size], pad_id), device), model.kind,
+                             tokenizer, generator=generator) for i in range(0, len(examples), args.batch_size))
+    metrics = evaluate(model, batches, args.precision)
+    print(json.dumps(metrics))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: fine-tuning you can read.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +171,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--question", dest="questions", action="append", help="ask this instead (repeatable)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("finetune", help="fine-tune a model from a TOML config; resume an interrupted run",
+                       epilog="examples: minift finetune configs/sft_alpaca.toml --set train.max_steps=50\n"
+                              "          minift finetune --resume runs/sft_alpaca",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="TOML file with [model] [task] [data] [train] [method] tables")
+    p.add_argument("--set", dest="overrides", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override one config field, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="perplexity on a text file, or loss/accuracy on a labelled file",
+                       epilog="examples: minift eval --model smollm2-135m --text notes.txt\n"
+                              "          minift eval --run runs/tweet_sentiment --data test.csv --text-field text",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="bundled name, .gguf, HF directory, or a run's final/ directory")
+    which.add_argument("--run", metavar="RUN_DIR", help="a finetune run directory (its latest checkpoint)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--text", metavar="FILE", help="plain text file: perplexity with sliding windows")
+    data.add_argument("--data", metavar="FILE", help=".jsonl/.csv records: loss, perplexity or accuracy")
+    p.add_argument("--format", default=None, help="causal LM records: text | prompt_completion | alpaca | chat "
+                   "(default: detected from the fields)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per window / example")
+    p.add_argument("--stride", type=int, default=256, help="--text: new tokens per window (< max-length)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=0, help="masked LM: seed of the masks")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

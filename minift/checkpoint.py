@@ -1,0 +1,252 @@
+"""Training checkpoints: everything a run needs to go on exactly where it stopped — atomic, and no pickle.
+
+Lesson
+------
+A resumed run must continue *as if it had never stopped*: same batches, same dropout masks, same learning
+rate, same optimizer moments. So a checkpoint holds more than weights:
+
+    run_dir/checkpoints/
+      step-000040/
+        weights.safetensors     the trainable tensors only (for LoRA: only the adapter tensors)
+        optimizer.safetensors   AdamW state per parameter, named "<parameter>/exp_avg", "<parameter>/step", ...
+        rng.safetensors         random generator states as uint8 tensors (torch CPU, CUDA, extra generators)
+        state.json              step, data position, schedule, early stopping, grad scaler, optimizer groups,
+                                Python's and numpy's random states — every scalar, as readable JSON
+      latest.json               {"directory": "step-000040", "step": 40}
+
+Tensors go into safetensors and everything else into JSON: a checkpoint never runs code when it is read,
+unlike a pickled `torch.save` file. Optimizer state is keyed by parameter *name*, not by position, so a
+mismatch between a checkpoint and the model names the tensor instead of silently pairing the wrong moments.
+
+Atomic writing, so a crash (or a full disk) never destroys the last good checkpoint:
+
+    1. write every file into  step-000040.tmp/     (each file: temporary name, then rename)
+    2. rename the folder to   step-000040/         (one atomic rename: the checkpoint appears whole)
+    3. rewrite latest.json    (temporary file, then rename)
+    4. delete checkpoints beyond `keep`
+
+If step 1 fails halfway, latest.json still names the previous checkpoint, which is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from minift.io import hf
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint as read from disk."""
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    optimizer_tensors: dict[str, torch.Tensor]
+    rng_tensors: dict[str, torch.Tensor]
+    state: dict  # the contents of state.json
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    parameter_names: dict[torch.nn.Parameter, str], state: dict,
+                    generators: dict[str, torch.Generator] | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` of a run; returns its folder. `state` holds the loop's scalars (JSON-able)."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final, tmp = root / name, root / (name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over from an interrupted write
+    tmp.mkdir()
+
+    optimizer_tensors, optimizer_meta = optimizer_state_to_tensors(optimizer, parameter_names)
+    rng_tensors, rng_meta = capture_rng(generators or {})
+    plain = {n: t.detach().to("cpu").contiguous() for n, t in weights.items()}
+    hf.write_safetensors_atomic(plain, tmp / "weights.safetensors", metadata={"step": str(step)})
+    hf.write_safetensors_atomic(optimizer_tensors, tmp / "optimizer.safetensors")
+    hf.write_safetensors_atomic(rng_tensors, tmp / "rng.safetensors")
+    hf.write_json_atomic({**state, "step": step, "optimizer": optimizer_meta, "rng": rng_meta}, tmp / "state.json")
+
+    if final.exists():  # the same step written again (e.g. the end of a resumed run): replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    hf.write_json_atomic({"directory": name, "step": step}, root / LATEST)
+    prune_checkpoints(root, keep)
+    return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the `keep` newest complete checkpoints (never the one latest.json names)."""
+    latest = read_latest(root)
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[: max(len(complete) - max(keep, 1), 0)]:
+        if latest is None or old != latest:
+            shutil.rmtree(old)
+
+
+def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer, parameter_names: dict) -> tuple[dict, dict]:
+    """Flatten an optimizer's state dict: tensors keyed "<parameter name>/<key>", the rest as JSON.
+
+    torch keys optimizer state by each parameter's position in the param groups; we translate positions
+    to names, so loading checks that every moment goes back to the parameter it belongs to.
+    """
+    full = optimizer.state_dict()
+    position_to_name = {}
+    position = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            position_to_name[position] = parameter_names[p]
+            position += 1
+    tensors, scalars = {}, {}
+    for position, values in full["state"].items():
+        name = position_to_name[position]
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{name}/{key}"] = value
+    groups = []
+    for group in full["param_groups"]:
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        groups.append({**settings, "params": [position_to_name[i] for i in group["params"]]})
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def capture_rng(generators: dict[str, torch.Generator]) -> tuple[dict, dict]:
+    """Every random state a run touches: torch (CPU and each CUDA device), numpy, Python, named generators."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    for name, generator in generators.items():
+        tensors[f"generator_{name}"] = generator.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, python_state, gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(python_state), gauss]}
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_latest(root: Path) -> Path | None:
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None
+    try:
+        return root / json.loads(pointer.read_text())["directory"]
+    except (json.JSONDecodeError, KeyError):
+        raise ValueError(f"{pointer}: corrupt; delete it to fall back to the newest complete checkpoint") from None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint folder to resume from: the one latest.json names, else the newest complete one."""
+    root = Path(run_dir) / CHECKPOINTS
+    latest = read_latest(root) if root.exists() else None
+    if latest is not None and latest.is_dir():
+        return latest
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint folder; a missing file is an error naming it."""
+    path = Path(path)
+    files = {name: path / name for name in
+             ("weights.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")}
+    for file in files.values():
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: missing — {path} is not a complete checkpoint")
+
+    def read(file):
+        with safe_open(file, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    try:
+        state = json.loads(files["state.json"].read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{files['state.json']}: invalid JSON ({e})") from None
+    return Checkpoint(path=path, step=int(state["step"]), weights=read(files["weights.safetensors"]),
+                      optimizer_tensors=read(files["optimizer.safetensors"]),
+                      rng_tensors=read(files["rng.safetensors"]), state=state)
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], expected: list[str], where: str) -> None:
+    """Copy checkpoint tensors into the model's parameters; the set of names and each shape must match."""
+    params = dict(model.named_parameters())
+    missing = [n for n in expected if n not in weights]
+    extra = [n for n in weights if n not in expected]
+    if missing or extra:
+        raise ValueError(f"{where}: checkpoint tensors do not match this run's trainable set "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]}); written with another method or task?")
+    with torch.no_grad():
+        for name in expected:
+            if params[name].shape != weights[name].shape:
+                raise ValueError(f"{where}: tensor {name!r} has shape {tuple(weights[name].shape)}, "
+                                 f"the model has {tuple(params[name].shape)}")
+            params[name].copy_(weights[name])
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, parameter_names: dict, checkpoint: Checkpoint) -> None:
+    """Inverse of optimizer_state_to_tensors, checking that the parameter groups hold the same names."""
+    meta = checkpoint.state["optimizer"]
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"{checkpoint.path}: optimizer has {len(meta['param_groups'])} parameter groups, "
+                         f"this run builds {len(optimizer.param_groups)}; resume with the same config")
+    name_to_position, groups, position = {}, [], 0
+    for saved, group in zip(meta["param_groups"], optimizer.param_groups):
+        names = [parameter_names[p] for p in group["params"]]
+        if names != saved["params"]:
+            diff = sorted(set(names) ^ set(saved["params"]))[:3] or names[:1]
+            raise ValueError(f"{checkpoint.path}: optimizer parameter group differs from this run's (e.g. {diff})")
+        settings = {k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"}
+        groups.append({**settings, "params": list(range(position, position + len(names)))})
+        for name in names:
+            name_to_position[name] = position
+            position += 1
+    state: dict[int, dict] = {}
+    for key, tensor in checkpoint.optimizer_tensors.items():
+        name, field = key.rsplit("/", 1)
+        if name not in name_to_position:
+            raise ValueError(f"{checkpoint.path}: optimizer state for unknown parameter {name!r}")
+        state.setdefault(name_to_position[name], {})[field] = tensor
+    for key, value in meta["scalars"].items():
+        name, field = key.rsplit("/", 1)
+        state.setdefault(name_to_position[name], {})[field] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def restore_rng(checkpoint: Checkpoint, generators: dict[str, torch.Generator] | None = None) -> None:
+    """Put every random generator back in the state it had when the checkpoint was written."""
+    tensors, meta = checkpoint.rng_tensors, checkpoint.state["rng"]
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    for name, generator in (generators or {}).items():
+        if f"generator_{name}" not in tensors:
+            raise ValueError(f"{checkpoint.path}: no state for random generator {name!r}")
+        generator.set_state(tensors[f"generator_{name}"])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, python_state, gauss = meta["python"]
+    random.setstate((version, tuple(python_state), gauss))

@@ -1,0 +1,314 @@
+"""Run configuration: what `minift finetune` reads from a TOML file, as dataclasses — one per concern.
+
+Lesson
+------
+A fine-tuning run is decided by five groups of settings, each a dataclass whose fields are documented
+where they are declared (so `help(TrainConfig)` is the manual):
+
+    [model]   which checkpoint to start from             ModelSection
+    [task]    what is learned: causal LM, masked LM, or classification (and its head)   TaskSection
+    [data]    which records, in which format, how long   DataSection
+    [train]   the optimisation loop                      TrainConfig
+    [method]  which weights train: "full", or an adapter method ("lora", ...) with its options
+
+A TOML file fills these in; `--set section.field=value` changes one field from the command line,
+converted to the field's declared type (int, float, bool, str, a list, or None), and an unknown section
+or field is an error that lists what exists. Only `[method]` is open-ended: every key other than `name`
+is handed to the method (minift/methods.py), which checks it.
+
+    [train]                                  --set train.lr=3e-4 --set train.max_steps=100
+    lr = 1e-4                                --set data.train=my.jsonl --set method.r=16
+    max_steps = 500
+
+Relative paths inside a TOML file are relative to that file; paths given with --set are relative to the
+current directory. The resolved configuration (absolute paths) is written to the run directory as
+`config.toml`, so a run can always be repeated or resumed from its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelSection:
+    """[model]: the starting checkpoint."""
+
+    source: str = "smollm2-135m"  # bundled name (smollm2-135m, minilm-l6), a .gguf file, or a Hugging Face directory
+    dtype: str = "float32"  # weights as loaded: float32 | bfloat16 | float16 (mixed precision is train.precision)
+    dropout: float | None = None  # replaces the checkpoint's dropout rate (BERT fine-tuning uses 0.1); None keeps it
+
+
+@dataclass
+class TaskSection:
+    """[task]: what the model learns, which decides the head and the loss."""
+
+    kind: str = "causal_lm"  # causal_lm (next token) | masked_lm (BERT's cloze) | classification (one label per text)
+    labels: list[str] | None = None  # classification: label names in order; None = the sorted labels of the train set
+    pooling: str | None = None  # classification: mean | cls | last; None = mean for encoders, last for decoders
+    head_dropout: float = 0.0  # classification: dropout before the classifier
+    mlm_probability: float = 0.15  # masked_lm: share of (non-special) tokens selected for prediction
+
+
+@dataclass
+class DataSection:
+    """[data]: the records and how they become token ids."""
+
+    train: str = ""  # .jsonl or .csv file, or a bundled dataset: "tweet-sentiment", "fortunes"
+    validation: str | None = None  # same kinds; None = hold out `validation_fraction` of the train records
+    validation_fraction: float = 0.1  # used only without a validation file; 0 = no validation
+    format: str = "text"  # causal_lm records: text | prompt_completion | alpaca | chat
+    text_field: str = "text"  # field holding the text (text format, masked_lm, classification)
+    label_field: str = "label"  # classification: field holding the label
+    max_length: int = 256  # tokens per example; longer examples are truncated
+    max_examples: int | None = None  # use only the first N train records (quick experiments, tests)
+    max_eval_examples: int | None = None  # use only the first N validation records
+    group_by_length: bool = False  # batch examples of similar length together (less padding)
+    packing: bool = False  # causal_lm: concatenate examples into rows of max_length, attention kept per example
+
+
+@dataclass
+class TrainConfig:
+    """[train]: the loop in minift/train.py. Steps count optimizer updates, not micro-batches."""
+
+    output_dir: str = "runs/finetune"  # run directory: config.toml, metrics.jsonl, checkpoints/, final/
+    seed: int = 0  # fixes everything: weight init of new heads, data order, dropout, masking
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:1 ...
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU only)
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; the loss is divided by their total target count
+    max_steps: int | None = None  # optimizer steps; None = epochs x steps per epoch
+    epochs: float = 1.0  # passes over the train set, when max_steps is None
+    lr: float = 2e-5  # peak learning rate (of the top layer group with discriminative LRs)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay; never applied to biases and norm weights
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    schedule: str = "constant"  # constant | warmup_cosine | slanted_triangular (ULMFiT), see minift/schedules.py
+    warmup_steps: int = 0  # warmup_cosine: linear warm-up steps before the cosine decay
+    cut_frac: float = 0.1  # slanted_triangular: fraction of steps spent increasing the LR
+    stlr_ratio: float = 32.0  # slanted_triangular: how much smaller the lowest LR is than the peak
+    discriminative_factor: float = 1.0  # ULMFiT: each lower layer group gets lr / factor (2.6 in the paper); 1 = off
+    gradual_unfreezing: int = 0  # ULMFiT: unfreeze one more layer group (top down) every N steps; 0 = off
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None = no clipping
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
+    eval_every: int = 0  # evaluate every N steps (and at the end); 0 = only at the end
+    early_stopping_metric: str = "eval_loss"  # eval_loss | eval_perplexity | eval_accuracy
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0 = never stop early
+    log_every: int = 1  # append training metrics to metrics.jsonl every N steps
+    save_every: int = 0  # write a checkpoint every N steps (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep on disk
+    save_checkpoints: bool = True  # false: write no checkpoint at all (quick experiments; such a run cannot resume)
+    export: bool = True  # at the end, write the fine-tuned model to output_dir/final (full: a Hugging Face dir)
+    progress_bar: bool = True  # tqdm bar with loss, learning rate and tokens/s
+
+
+@dataclass
+class MethodSection:
+    """[method]: which weights train. `name` picks a function from minift.methods.METHODS; the other keys
+    of the table are that method's options (e.g. r, alpha, targets for "lora")."""
+
+    name: str = "full"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodSection = field(default_factory=MethodSection)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+PATH_FIELDS = {("model", "source"), ("data", "train"), ("data", "validation"), ("train", "output_dir")}
+BUNDLED_DATASETS = ("tweet-sentiment", "fortunes")  # names minift/batches.py reads (not file paths)
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (or start from the defaults when `path` is None) and apply `key=value` overrides."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML ({e})") from None
+        config = from_dict(raw, where=str(path), base_dir=path.parent)
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def from_dict(raw: dict, where: str = "config", base_dir: Path | None = None) -> RunConfig:
+    """Build a RunConfig from nested tables; unknown tables or keys are errors naming `where`."""
+    config = RunConfig()
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            raise ValueError(f"{where}: unknown table [{section}]{_suggest(section, SECTIONS)}; "
+                             f"tables are {', '.join(f'[{s}]' for s in SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ValueError(f"{where}: {section!r} must be a table [{section}], got {type(table).__name__}")
+        target = getattr(config, section)
+        for key, value in table.items():
+            if section == "method" and key != "name":  # open-ended: the method checks its own options
+                if key == "options" and isinstance(value, dict):
+                    target.options.update(value)
+                else:
+                    target.options[key] = value
+                continue
+            _check_field(target, section, key, where)
+            value = _coerce(value, _field_type(target, key), f"{where}: {section}.{key}")
+            if base_dir is not None and (section, key) in PATH_FIELDS and value:
+                value = resolve_path(value, base_dir)
+            setattr(target, key, value)
+    return config
+
+
+def apply_override(config: RunConfig, item: str) -> None:
+    """Apply one `section.field=value` string (the text after --set) to `config`."""
+    where = f"--set {item}"
+    if "=" not in item:
+        raise ValueError(f"{where}: expected section.field=value, e.g. train.lr=3e-4")
+    key, text = item.split("=", 1)
+    if "." not in key:
+        raise ValueError(f"{where}: expected section.field=value, e.g. train.lr=3e-4")
+    section, name = key.strip().split(".", 1)
+    if section not in SECTIONS:
+        raise ValueError(f"{where}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
+                         f"sections are {', '.join(SECTIONS)}")
+    target = getattr(config, section)
+    if section == "method" and name != "name":
+        target.options[name.removeprefix("options.")] = parse_literal(text)
+        return
+    _check_field(target, section, name, where)
+    setattr(target, name, _coerce(text.strip(), _field_type(target, name), where))
+
+
+def resolve_path(value: str, base_dir: Path) -> str:
+    """Make a relative file path absolute against `base_dir`; bundled names pass through unchanged."""
+    from minift.io.bundled import BUNDLED_NAMES
+
+    if value in BUNDLED_NAMES or value in BUNDLED_DATASETS or Path(value).is_absolute():
+        return value
+    return str((base_dir / value).resolve())
+
+
+def parse_literal(text: str) -> Any:
+    """A --set value for an open-ended key: read it as a TOML value (3, 0.1, true, ["q", "v"]), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _check_field(target, section: str, name: str, where: str) -> None:
+    names = [f.name for f in dataclasses.fields(target)]
+    if name not in names:
+        raise ValueError(f"{where}: unknown field {section}.{name}{_suggest(name, names)}; "
+                         f"[{section}] has {', '.join(names)}")
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_type(target, name: str):
+    return typing.get_type_hints(type(target))[name]
+
+
+def _coerce(value: Any, annotation, where: str) -> Any:
+    """Convert a TOML value or a --set string to the declared type; a mismatch is an error naming the field."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    inner = [a for a in args if a is not type(None)][0] if optional else annotation
+    if isinstance(value, str) and optional and value.strip().lower() in ("none", "null", ""):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: may not be empty")
+    origin = typing.get_origin(inner)
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            raise ValueError
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if inner is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if inner is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                parsed = parse_literal(value)
+                value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [str(v) for v in value]
+    except (TypeError, ValueError):
+        kind = getattr(inner, "__name__", str(inner))
+        raise ValueError(f"{where}: expected {kind}{' or none' if optional else ''}, got {value!r}") from None
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing (the resolved config goes into the run directory)
+# ----------------------------------------------------------------------------------------------------
+
+
+def to_toml(config: RunConfig) -> str:
+    """TOML text that load_run_config reads back into an equal RunConfig (None fields are left out).
+
+    Relative paths (relative to the current directory) are written as absolute ones, so the file means the
+    same thing wherever it is read from.
+    """
+    lines = []
+    for section in SECTIONS:
+        values = dataclasses.asdict(getattr(config, section))
+        if section == "method":
+            values = {"name": values["name"], **values["options"]}
+        for key in values:
+            if (section, key) in PATH_FIELDS and values[key]:
+                values[key] = resolve_path(values[key], Path.cwd())
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"cannot write {value!r} to TOML")

@@ -1,0 +1,466 @@
+"""The training loop: setup -> fit -> evaluate, with checkpoints a run resumes from exactly.
+
+Lesson
+------
+Fine-tuning is a short loop; what makes it right is in the details this file spells out:
+
+    setup(config)   seed -> load model + tokenizer -> task head -> method (what trains) -> data
+                    -> AdamW param groups (discriminative LRs, no decay on biases/norms) -> LR schedule
+                    -> (resume: weights, optimizer, schedule, RNG and data position from the checkpoint)
+
+    fit(run)        for each optimizer step:
+                      take k = grad_accum_steps micro-batches, count their targets N (all k together)
+                      for each micro-batch: forward (autocast) -> loss_sum / N -> backward
+                      clip the gradient norm -> AdamW step -> next learning rate
+                      every eval_every steps: evaluate, early stopping; every save_every: checkpoint
+
+    evaluate(...)   mean loss, perplexity (LM tasks) or accuracy (classification), no gradients
+
+Dividing every micro-batch by the *total* N makes the k accumulated gradients add up to exactly the
+gradient of one batch of k micro-batches (minift/losses.py explains the common bug). Mixed precision:
+`bf16` runs the forward under torch.autocast (CPU or GPU); `fp16` also scales the loss with a GradScaler
+so small gradients do not underflow (GPU only). One seed fixes the head's init, the data order (a fresh
+permutation per epoch from seed + epoch), dropout and masking; a checkpoint stores all of their states,
+so a resumed run reproduces the uninterrupted one bit for bit on the CPU.
+
+Run directory:  config.toml  metrics.jsonl  checkpoints/step-NNNNNN/  final/ (the exported model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from minift import checkpoint as ckpt
+from minift.batches import BatchStream, load_datasets
+from minift.methods import MethodPlan, prepare_method
+from minift.run_config import RunConfig, TrainConfig, to_toml
+from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
+from minift.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head, summarize,
+                          to_device)
+
+METRICS = "metrics.jsonl"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite: training cannot continue from this state."""
+
+
+@dataclass
+class LoopState:
+    """The loop's scalars; saved in every checkpoint's state.json."""
+
+    step: int = 0  # optimizer steps done
+    micro_batches: int = 0  # micro-batches consumed: the position in the data order
+    tokens: int = 0  # real tokens seen
+    best_metric: float | None = None  # best value of train.early_stopping_metric so far
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+
+
+@dataclass
+class Run:
+    """Everything setup() builds; fit() and evaluate() read it, and only fit() changes it."""
+
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    model: TaskModel
+    tokenizer: object
+    plan: MethodPlan
+    checkpoint_names: list[str]  # TaskModel parameter names a checkpoint holds
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler | None
+    unfreezing: GradualUnfreezing | None
+    train_stream: BatchStream
+    eval_stream: BatchStream | None
+    total_steps: int
+    labels: list[str] | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator)  # masking draws (masked_lm)
+    state: LoopState = field(default_factory=LoopState)
+
+    @property
+    def parameter_names(self) -> dict:
+        return {p: name for name, p in self.model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for every generator a run may touch: torch (CPU and CUDA), numpy, Python's random."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device = {name!r} but no CUDA device is available; use cpu or auto")
+    return device
+
+
+def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -> Run:
+    """Build a run from its config; with resume=True, continue from the run directory's latest checkpoint.
+
+    `model`/`tokenizer` may be passed already loaded (tests, notebooks); otherwise config.model.source is loaded.
+    """
+    train = config.train
+    validate_train_config(train)
+    run_dir = Path(train.output_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if resume and latest is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (looked in {run_dir / ckpt.CHECKPOINTS})")
+    if not resume and latest is not None:
+        raise ValueError(f"{run_dir} already holds checkpoints; resume it with --resume {run_dir}, "
+                         f"or set train.output_dir to a new folder")
+    device = resolve_device(train.device)
+    if train.precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision = fp16 needs a CUDA device (fp16 gradients need a grad scaler on a GPU); "
+                         "use bf16 or fp32 on the CPU")
+    seed_everything(train.seed)
+
+    if model is None:
+        from minift.io import load
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.model.dtype]
+        model, tokenizer = load(config.model.source, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError(f"{config.model.source}: no tokenizer found; fine-tuning needs one (tokenizer.json)")
+    if config.model.dropout is not None:
+        set_dropout(model, config.model.dropout)
+
+    train_data, eval_data, labels = load_datasets(config, tokenizer)
+    task_model, plan, checkpoint_names = build_trainable_model(config, model, labels)
+    model.gradient_checkpointing = train.gradient_checkpointing
+    task_model.to(device).train()
+
+    groups = layer_groups(model)  # bottom-up: embeddings, blocks..., top; the head trains with the top group
+    groups[-1] = groups[-1] + list(task_model.head_parameters().values())
+    optimizer = build_optimizer(groups, train, device)
+    total_steps = train.max_steps or max(1, math.ceil(train.epochs * len(train_data) / train.grad_accum_steps))
+    scheduler = build_scheduler(optimizer, train, total_steps)
+    unfreezing = GradualUnfreezing(groups) if train.gradual_unfreezing else None
+    scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
+
+    run = Run(config=config, run_dir=run_dir, device=device, model=task_model, tokenizer=tokenizer, plan=plan,
+              checkpoint_names=checkpoint_names, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+              unfreezing=unfreezing, train_stream=train_data, eval_stream=eval_data, total_steps=total_steps,
+              labels=labels)
+    run.generator.manual_seed(train.seed)
+    if resume:
+        restore(run, ckpt.load_checkpoint(latest))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(config))
+        (run_dir / METRICS).write_text("")
+    return run
+
+
+def build_trainable_model(config: RunConfig, model: nn.Module, labels: list[str] | None):
+    """Backbone + task head, prepared by the method. Returns (task model, method plan, checkpoint names)."""
+    task = config.task
+    task_model = build_task_model(model, task.kind, num_labels=len(labels) if labels else None,
+                                  pooling=task.pooling, head_dropout=task.head_dropout)
+    plan = prepare_method(config.method.name, model, config.method.options)
+    head = task_model.head_parameters()
+    for p in head.values():
+        p.requires_grad_(True)  # a new head always trains, whatever the method froze
+    names = [f"backbone.{n}" for n in plan.checkpoint_names] + list(head)
+    if not names:  # a method may freeze the whole backbone ("features"), but something must train
+        raise ValueError(f"[method] {config.method.name!r} left nothing trainable (no backbone tensor, no task head)")
+    return task_model, plan, names
+
+
+def validate_train_config(train: TrainConfig) -> None:
+    checks = [
+        (train.precision in PRECISIONS, f"train.precision = {train.precision!r}; expected fp32, bf16 or fp16"),
+        (train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}"),
+        (train.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {train.grad_accum_steps}"),
+        (train.max_steps is None or train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}"),
+        (train.lr > 0, f"train.lr must be positive, got {train.lr}"),
+        (train.early_stopping_metric in ("eval_loss", "eval_perplexity", "eval_accuracy"),
+         f"train.early_stopping_metric = {train.early_stopping_metric!r}; expected eval_loss, eval_perplexity "
+         f"or eval_accuracy"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def set_dropout(model: nn.Module, rate: float) -> None:
+    model.config.dropout = rate  # attention dropout reads the config
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+
+
+def build_optimizer(groups: list[list[nn.Parameter]], train: TrainConfig, device) -> torch.optim.AdamW:
+    """AdamW over discriminative layer groups; biases and norm weights (1-D tensors) get no weight decay."""
+    options = dict(betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+    if train.weight_decay:
+        decay = [[p for p in g if p.dim() >= 2] for g in groups]
+        no_decay = [[p for p in g if p.dim() < 2] for g in groups]
+        factor = train.discriminative_factor
+        param_groups = (discriminative_param_groups(decay, train.lr, factor, weight_decay=train.weight_decay)
+                        + discriminative_param_groups(no_decay, train.lr, factor, weight_decay=0.0))
+    else:
+        param_groups = discriminative_param_groups(groups, train.lr, train.discriminative_factor, weight_decay=0.0)
+    if not param_groups:
+        raise ValueError("no trainable parameters: the method froze everything")
+    fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, fused=fused and device.type in ("cpu", "cuda"), **options)
+
+
+def build_scheduler(optimizer, train: TrainConfig, total_steps: int) -> LRScheduler:
+    options = {"constant": {}, "warmup_cosine": {"warmup_steps": train.warmup_steps},
+               "slanted_triangular": {"cut_frac": train.cut_frac, "ratio": train.stlr_ratio}}
+    if train.schedule not in options:
+        raise ValueError(f"train.schedule = {train.schedule!r}; expected one of {', '.join(options)}")
+    return LRScheduler(optimizer, train.schedule, total_steps=total_steps, **options[train.schedule])
+
+
+# ----------------------------------------------------------------------------------------------------
+# One optimizer step
+# ----------------------------------------------------------------------------------------------------
+
+
+def autocast(precision: str, device: torch.device):
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def accumulate_gradients(model: TaskModel, micro_batches: list[dict], precision: str = "fp32",
+                         scaler: torch.amp.GradScaler | None = None, step: int = 0) -> dict:
+    """Forward + backward over k micro-batches so the gradients equal those of one batch of all of them.
+
+    Each micro-batch's summed loss is divided by N_total, the number of targets in *all* k micro-batches,
+    counted before any forward pass. Returns {"loss": mean loss per target, "targets": N_total, "tokens"}.
+    """
+    n_total = sum(count_targets(batch, model.kind) for batch in micro_batches)
+    if n_total == 0 and model.kind == "masked_lm":  # by chance no token was picked for masking: nothing to learn
+        return {"loss": None, "targets": 0, "tokens": sum(count_tokens(batch) for batch in micro_batches)}
+    if n_total == 0:
+        raise ValueError(f"step {step}: the batch has no target tokens (every label is -100); check the data "
+                         f"format and max_length (a prompt longer than max_length leaves no completion)")
+    device = next(model.parameters()).device
+    loss_total, tokens = 0.0, 0
+    for index, batch in enumerate(micro_batches):
+        with autocast(precision, device):
+            out = model(batch)
+        value = float(out.loss_sum.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"step {step}: the loss is {value} (micro-batch {index + 1} of {len(micro_batches)}); lower "
+                f"train.lr, keep train.max_grad_norm set, or train in fp32/bf16 instead of fp16")
+        loss = out.loss_sum / n_total
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_total += value
+        tokens += count_tokens(batch)
+    return {"loss": loss_total / n_total, "targets": n_total, "tokens": tokens}
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
+                   scaler: torch.amp.GradScaler | None = None, step: int = 0) -> float | None:
+    """Clip, step, zero the gradients; returns the gradient norm before clipping (None without clipping)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    norm = None
+    if max_grad_norm is not None:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        if not math.isfinite(norm) and scaler is None:
+            raise NonFiniteLossError(f"step {step}: the gradient norm is {norm}; lower train.lr or check the data")
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped if fp16 gradients overflowed; the scale then shrinks
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+# ----------------------------------------------------------------------------------------------------
+# fit
+# ----------------------------------------------------------------------------------------------------
+
+
+def fit(run: Run) -> dict:
+    """Train until total_steps (or early stopping); returns the last metrics. Checkpoints along the way."""
+    train, state = run.config.train, run.state
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not train.progress_bar, desc="finetune",
+               dynamic_ncols=True)
+    start, start_tokens, last = time.perf_counter(), state.tokens, {"step": state.step}
+    run.model.train()
+    while state.step < run.total_steps and not state.stopped_early:
+        step = state.step + 1
+        if run.unfreezing is not None:
+            run.unfreezing.apply((step - 1) // train.gradual_unfreezing)
+        micro_batches = [prepare_batch(to_device(b, run.device), run.model.kind, run.tokenizer,
+                                       run.config.task.mlm_probability, run.generator)
+                         for b in run.train_stream.take(state.micro_batches, train.grad_accum_steps)]
+        lr = run.optimizer.param_groups[-1]["lr"]
+        stats = accumulate_gradients(run.model, micro_batches, train.precision, run.scaler, step)
+        grad_norm = optimizer_step(run.optimizer, train.max_grad_norm, run.scaler, step)
+        run.scheduler.step()
+        state.step, state.micro_batches = step, state.micro_batches + len(micro_batches)
+        state.tokens += stats["tokens"]
+        tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+        last = {"step": step, "epoch": round(run.train_stream.epoch_of(state.micro_batches), 4),
+                "loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "targets": stats["targets"],
+                "tokens_per_s": round(tokens_per_s, 1)}
+        bar.update(1)
+        shown_loss = "-" if stats["loss"] is None else f"{stats['loss']:.4f}"  # None: no masked token drawn
+        bar.set_postfix(loss=shown_loss, lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        if step % train.log_every == 0 or step == run.total_steps:
+            append_metrics(run.run_dir, last)
+        if (train.eval_every and step % train.eval_every == 0) or step == run.total_steps:
+            last.update(evaluate_run(run))
+        at_end = step == run.total_steps or state.stopped_early
+        if train.save_checkpoints and ((train.save_every and step % train.save_every == 0) or at_end):
+            save(run)
+    bar.close()
+    if train.export:
+        export(run)
+    return last
+
+
+def evaluate_run(run: Run) -> dict:
+    """Evaluate on the validation set, log it, and update early stopping."""
+    if run.eval_stream is None:
+        return {}
+    metrics = evaluate(run.model, eval_batches(run), run.config.train.precision)
+    state, train = run.state, run.config.train
+    append_metrics(run.run_dir, {"step": state.step, **metrics})
+    value = metrics.get(train.early_stopping_metric)
+    if value is not None:
+        higher_is_better = train.early_stopping_metric == "eval_accuracy"
+        better = state.best_metric is None or (value > state.best_metric if higher_is_better
+                                               else value < state.best_metric)
+        if better:
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        else:
+            state.evals_without_improvement += 1
+            if train.early_stopping_patience and state.evals_without_improvement >= train.early_stopping_patience:
+                state.stopped_early = True
+                tqdm.write(f"early stopping at step {state.step}: {train.early_stopping_metric} has not improved "
+                           f"for {state.evals_without_improvement} evaluations (best {state.best_metric:.4f} "
+                           f"at step {state.best_step})")
+    return metrics
+
+
+def eval_batches(run: Run):
+    """Validation batches; masked_lm masks come from a generator seeded afresh, so every evaluation is the same
+    and the training generator is not disturbed."""
+    generator = torch.Generator().manual_seed(run.config.train.seed + 1)
+    for batch in run.eval_stream.in_order():
+        yield prepare_batch(to_device(batch, run.device), run.model.kind, run.tokenizer,
+                            run.config.task.mlm_probability, generator)
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, batches, precision: str = "fp32") -> dict:
+    """Mean loss per target, and perplexity or accuracy, over all `batches` (dicts already on the device)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, n_targets, n_correct = 0.0, 0, 0
+    for batch in batches:
+        with autocast(precision, device):
+            out = model(batch)
+        loss_sum += float(out.loss_sum)
+        n_targets += out.n_targets
+        n_correct += out.n_correct or 0
+    model.train(was_training)
+    if n_targets == 0:
+        raise ValueError("evaluate: the evaluation data has no targets")
+    return summarize(model.kind, loss_sum, n_targets, n_correct)
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint, resume, export
+# ----------------------------------------------------------------------------------------------------
+
+
+def save(run: Run) -> Path:
+    params = dict(run.model.named_parameters())
+    weights = {name: params[name] for name in run.checkpoint_names}
+    state = {"loop": asdict(run.state), "scheduler": run.scheduler.state_dict(),
+             "scaler": run.scaler.state_dict() if run.scaler is not None else None, "labels": run.labels}
+    return ckpt.save_checkpoint(run.run_dir, run.state.step, weights, run.optimizer, run.parameter_names, state,
+                                generators={"masking": run.generator}, keep=run.config.train.keep_checkpoints)
+
+
+def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
+    """Put weights, optimizer, schedule, grad scaler, RNG and loop position back as they were at the checkpoint."""
+    saved_labels = checkpoint.state.get("labels")
+    if saved_labels != run.labels:
+        raise ValueError(f"{checkpoint.path}: labels {saved_labels} differ from this run's {run.labels}")
+    ckpt.load_weights(run.model, checkpoint.weights, run.checkpoint_names, str(checkpoint.path))
+    ckpt.load_optimizer_state(run.optimizer, run.parameter_names, checkpoint)
+    run.scheduler.load_state_dict(checkpoint.state["scheduler"])
+    if run.scaler is not None and checkpoint.state.get("scaler"):
+        run.scaler.load_state_dict(checkpoint.state["scaler"])
+    run.state = LoopState(**checkpoint.state["loop"])
+    ckpt.restore_rng(checkpoint, {"masking": run.generator})
+    # metrics.jsonl may hold lines the interrupted run wrote after this checkpoint: drop them.
+    kept = [r for r in read_metrics(run.run_dir) if r.get("step", 0) <= run.state.step]
+    (run.run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def export(run: Run) -> Path | None:
+    """Write the result to run_dir/final with the method's exporter (full: a Hugging Face directory), plus
+    the task head and task.json, so `minift eval --model run_dir/final` can load it back."""
+    if run.plan.export is None:
+        return None
+    final = run.run_dir / "final"
+    run.plan.export(run.model.backbone, run.tokenizer, final)
+    save_head(run.model, final, run.labels)
+    return final
+
+
+def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[TaskModel, object, RunConfig, list[str] | None]:
+    """Rebuild a run's model from its config.toml and latest checkpoint (any method): for evaluation."""
+    from minift.io import load
+    from minift.run_config import load_run_config
+
+    run_dir = Path(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint found under {run_dir / ckpt.CHECKPOINTS}")
+    config = load_run_config(run_dir / "config.toml")
+    checkpoint = ckpt.load_checkpoint(latest)
+    seed_everything(config.train.seed)
+    model, tokenizer = load(config.model.source)
+    labels = checkpoint.state.get("labels")
+    task_model, _, names = build_trainable_model(config, model, labels)
+    ckpt.load_weights(task_model, checkpoint.weights, names, str(latest))
+    return task_model.to(device).eval(), tokenizer, config, labels

@@ -1,0 +1,112 @@
+"""Tiny models, tiny word-level tokenizers and small datasets for the training-engine tests.
+
+Everything here is built in the test process in milliseconds: a 2-layer decoder or encoder of width 32
+and a word-level tokenizer trained on the test's own texts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers, processors, trainers
+
+import minift
+from minift.config import ModelConfig
+from minift.data import alpaca_prompt
+from minift.tokenizer import Tokenizer
+
+DECODER_SPECIALS = ["<unk>", "<eos>"]
+ENCODER_SPECIALS = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+
+ALPACA = [
+    {"instruction": "Give the opposite of the word.", "input": "hot", "output": "cold"},
+    {"instruction": "Give the opposite of the word.", "input": "up", "output": "down"},
+    {"instruction": "Name the capital city of the country.", "input": "France", "output": "Paris"},
+    {"instruction": "Name the capital city of the country.", "input": "Japan", "output": "Tokyo"},
+    {"instruction": "Write the plural of the noun.", "input": "mouse", "output": "mice"},
+    {"instruction": "Say hello in French.", "input": "", "output": "bonjour"},
+]
+SENTENCES = [f"the {a} {b} sat on the {c} mat" for a in ("big", "small", "red") for b in ("cat", "dog")
+             for c in ("blue", "green")]
+SENTIMENT = ([{"text": f"i love this {w} so much", "label": "positive"} for w in ("film", "book", "song", "meal")]
+             + [{"text": f"i hate this {w} a lot", "label": "negative"} for w in ("film", "book", "song", "meal")])
+
+
+def word_tokenizer(texts: list[str], encoder: bool = False) -> Tokenizer:
+    """A whitespace/punctuation word-level tokenizer over `texts`. Decoder: pad == eos (no pad token)."""
+    specials = ENCODER_SPECIALS if encoder else DECODER_SPECIALS
+    inner = HFTokenizer(models.WordLevel(unk_token=specials[0]))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    inner.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    if encoder:
+        cls, sep = inner.token_to_id("[CLS]"), inner.token_to_id("[SEP]")
+        inner.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+            ("[CLS]", cls), ("[SEP]", sep)])
+        return Tokenizer(inner, pad_token_id=inner.token_to_id("[PAD]"), unk_token_id=inner.token_to_id("[UNK]"),
+                         mask_token_id=inner.token_to_id("[MASK]"), cls_token_id=cls, sep_token_id=sep)
+    eos = inner.token_to_id("<eos>")
+    return Tokenizer(inner, eos_token_id=eos, unk_token_id=inner.token_to_id("<unk>"))
+
+
+def tiny_decoder(vocab_size: int, seed: int = 0, layers: int = 2, dim: int = 32) -> minift.Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(model_type="llama", vocab_size=vocab_size, dim=dim, n_layers=layers, n_heads=4,
+                         n_kv_heads=2, hidden_dim=64, max_seq_len=256, tie_embeddings=True)
+    return minift.Transformer(config)
+
+
+def tiny_encoder(vocab_size: int, seed: int = 0, layers: int = 2, dim: int = 32) -> minift.Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(model_type="bert", vocab_size=vocab_size, dim=dim, n_layers=layers, n_heads=4,
+                         hidden_dim=64, max_seq_len=128, causal=False, norm="layer", norm_eps=1e-12, post_norm=True,
+                         positions="learned", mlp="gelu", activation="gelu", qkv_bias=True, out_bias=True,
+                         mlp_bias=True, type_vocab_size=2, lm_head=False)
+    return minift.Transformer(config)
+
+
+def alpaca_texts() -> list[str]:
+    return [alpaca_prompt(r["instruction"], r["input"]) + " " + r["output"] for r in ALPACA]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def save_tiny_decoder(directory: Path, extra_texts: list[str] = (), seed: int = 0) -> Path:
+    """A Hugging Face directory holding a tiny random decoder and a word tokenizer covering the test data."""
+    tokenizer = word_tokenizer(alpaca_texts() + SENTENCES + list(extra_texts))
+    minift.save(tiny_decoder(tokenizer.vocab_size, seed), tokenizer, directory)
+    return directory
+
+
+def save_tiny_encoder(directory: Path, extra_texts: list[str] = (), seed: int = 0) -> Path:
+    tokenizer = word_tokenizer([r["text"] for r in SENTIMENT] + SENTENCES + list(extra_texts), encoder=True)
+    minift.save(tiny_encoder(tokenizer.vocab_size, seed), tokenizer, directory)
+    return directory
+
+
+def run_config(model_dir: Path, train_file: Path | str, output_dir: Path, *overrides: str):
+    """A RunConfig for a tiny, quiet run; `overrides` are --set strings applied after the defaults."""
+    from minift.run_config import RunConfig, apply_override
+
+    config = RunConfig()
+    defaults = [f"model.source={model_dir}", f"data.train={train_file}", f"train.output_dir={output_dir}",
+                "train.progress_bar=false", "train.device=cpu", "train.batch_size=2", "train.lr=3e-3",
+                "data.validation_fraction=0"]
+    for item in defaults + list(overrides):
+        apply_override(config, item)
+    return config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread, and do not fight other test processes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
