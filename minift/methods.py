@@ -107,3 +107,36 @@ def _strategy(name: str) -> Callable[[nn.Module, dict], MethodPlan]:
 
 for _name in ("adapters", "prompt_tuning", "partial", "output_only", "features"):
     register_method(_name, _strategy(_name))
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA (minift/peft) and QLoRA (minift/quant/qlora.py): [method] name = "lora" | "qlora", with the keys
+# r, alpha, dropout, targets, use_rslora, use_dora, init (and for QLoRA blocksize, double_quant, ...).
+# ----------------------------------------------------------------------------------------------------
+
+
+def prepare_lora(model: nn.Module, options: dict) -> MethodPlan:
+    """Swap the target Linear layers for LoRALinear; checkpoints and the export hold the adapter only."""
+    from minift.peft import add_lora, save_adapter
+    from minift.quant.qlora import LORA_OPTIONS, lora_config_from_options
+
+    reject_unknown_options("lora", options, LORA_OPTIONS)
+    config = lora_config_from_options(options)
+    count = add_lora(model, config)
+
+    def export(backbone: nn.Module, tokenizer, directory: Path) -> None:
+        save_adapter(backbone, directory)  # PEFT format: adapter_config.json + adapter_model.safetensors
+
+    return MethodPlan(checkpoint_names=trainable_names(model), export=export,
+                      description=f"LoRA r={config.r} alpha={config.alpha:g}; {count.trainable:,} trainable "
+                                  f"of {count.total:,} parameters")
+
+
+def prepare_qlora(model: nn.Module, options: dict) -> MethodPlan:
+    from minift.quant.qlora import prepare_qlora as prepare
+
+    return prepare(model, options)
+
+
+register_method("lora", prepare_lora)
+register_method("qlora", prepare_qlora)
