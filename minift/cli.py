@@ -234,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int, default=0, help="masked LM: seed of the masks")
     p.set_defaults(func=cmd_eval)
+
+    from minift.icl.cli import add_icl_arguments, run_icl  # argparse wiring only; the engine loads on use
+
+    p = sub.add_parser("icl", help="few-shot in-context classification of a labelled file, with accuracy",
+                       epilog="example: minift icl --model smollm2-135m --train train.jsonl --test test.jsonl "
+                              "--shots 4 --selector knn --calibrate")
+    add_icl_arguments(p)
+    p.set_defaults(func=run_icl)
     return parser
 
 
