@@ -14,5 +14,5 @@ TUTORIALS = sorted((Path(__file__).resolve().parent.parent / "tutorials").glob("
 def test_tutorial_runs_in_fast_mode(path, tmp_path):
     env = {**os.environ, "MINIFT_FAST": "1", "MINIFT_TUTORIAL_OUT": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
