@@ -181,10 +181,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         with safe_open(file, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
-    try:
-        state = json.loads(files["state.json"].read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{files['state.json']}: invalid JSON ({e})") from None
+    state = hf.read_json_file(files["state.json"])
     return Checkpoint(path=path, step=int(state["step"]), weights=read(files["weights.safetensors"]),
                       optimizer_tensors=read(files["optimizer.safetensors"]),
                       rng_tensors=read(files["rng.safetensors"]), state=state)

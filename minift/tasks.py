@@ -28,7 +28,6 @@ This gives the same loss as `losses.token_loss_sum` on full logits, with N/(B*T)
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.io.hf import read_json_file
 from minift.losses import IGNORE_INDEX, ClassificationHead, mask_tokens
 
 TASK_KINDS = ("causal_lm", "masked_lm", "classification")
@@ -216,7 +216,7 @@ def load_task_model(source: str | Path, device: str = "cpu") -> tuple[TaskModel,
     task_file = Path(source) / "task.json"
     if not task_file.is_file():
         return build_task_model(backbone, "causal_lm").to(device).eval(), tokenizer, None
-    task = json.loads(task_file.read_text())
+    task = read_json_file(task_file)
     labels = task.get("labels")
     model = build_task_model(backbone, task["kind"], num_labels=len(labels) if labels else None,
                              pooling=task.get("pooling"))

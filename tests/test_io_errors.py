@@ -27,6 +27,18 @@ def test_directory_without_config(tmp_path):
         minift.load(tmp_path / "empty")
 
 
+def test_config_that_is_not_json(llama_dir):
+    (llama_dir / "config.json").write_text("{'model_type': 'llama'")
+    with pytest.raises(ValueError, match=r"m/config.json: invalid JSON"):
+        minift.load(llama_dir)
+
+
+def test_shard_index_without_weight_map(llama_dir):
+    (llama_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json: no \"weight_map\" object"):
+        minift.load(llama_dir)
+
+
 def test_unknown_model_type(llama_dir):
     config = json.loads((llama_dir / "config.json").read_text())
     config["model_type"] = "mamba"

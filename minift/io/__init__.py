@@ -15,7 +15,6 @@ the tensor's name instead of producing garbage. `save` always writes a Hugging F
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -68,12 +67,7 @@ def load(source: str | Path, dtype: torch.dtype | None = None, device=None):
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: not a bundled name ({', '.join(BUNDLED_NAMES)}), .gguf file or directory")
         config_file = path / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{config_file}: missing; a Hugging Face model directory needs config.json")
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+        raw = hf.read_json_file(config_file, "a Hugging Face model directory needs config.json")
         config = hf.config_from_hf(raw, where=str(config_file))
         model = build_model(config, hf.state_dict_from_hf(path, config), where=str(path))
         tokenizer = None

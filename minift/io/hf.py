@@ -204,7 +204,9 @@ def read_safetensors(directory: Path) -> dict[str, tuple[Path, str]]:
     """Map every tensor name to the file that holds it: model.safetensors or the shards of an index."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_file(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no \"weight_map\" object; expected a safetensors shard index")
         return {name: (directory / shard, name) for name, shard in weight_map.items()}
     if single.exists():
         with safe_open(single, "pt") as f:
@@ -288,3 +290,17 @@ def write_json_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def read_json_file(path: Path, missing: str | None = None) -> dict:
+    """A JSON object from `path`; every failure names the file. `missing` explains what a missing file means."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing" + (f"; {missing}" if missing else ""))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data

@@ -36,7 +36,6 @@ LoRA targeting and minift.save work as before; `print(model)` shows the adapters
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.io.hf import read_json_file
 from minift.peft.freezing import TrainableReport, set_trainable, trainable_report
 
 PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}  # which sub-layers of each block get an adapter
@@ -213,7 +213,7 @@ def load_adapters(model: nn.Module, directory: str | Path) -> TrainableReport:
     for path in (config_file, weights_file):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; expected a directory written by save_adapters")
-    saved = json.loads(config_file.read_text())
+    saved = read_json_file(config_file)
     if saved.pop("method", None) != "bottleneck_adapters":
         raise ValueError(f"{config_file}: not a bottleneck-adapter config (no \"method\": \"bottleneck_adapters\")")
     report = add_adapters(model, AdapterConfig(**saved))

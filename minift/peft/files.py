@@ -28,7 +28,6 @@ Face model with the adapter folded in (a copy is merged, the model you pass is l
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -181,12 +180,7 @@ def save_merged(model: nn.Module, tokenizer, directory: str | Path) -> Path:
 
 def read_adapter_config(directory: Path) -> dict:
     config_file = directory / CONFIG_FILE
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: missing; a PEFT adapter directory needs {CONFIG_FILE}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+    config = hf.read_json_file(config_file, f"a PEFT adapter directory needs {CONFIG_FILE}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}; minift reads LoRA adapters only")
     for key in ("r", "lora_alpha", "target_modules"):
