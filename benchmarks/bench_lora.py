@@ -4,6 +4,14 @@ Both sides train the same thing: a SmolLM2-135M-shaped Llama (d 576, 30 layers, 
 MLP 1536, vocab 49152, tied embeddings) with random weights, LoRA r = 8, alpha = 16 on every linear layer
 except lm_head, AdamW on the adapter tensors, next-token cross-entropy, float32, batch B x T tokens.
 
+Two workloads, each a table:
+* `all`: every token is a target (continued pretraining on raw text).
+* `sft`: completion-only supervised fine-tuning, the usual LoRA job: the first 3/4 of each row is the prompt
+  (labels -100) and only the last 1/4, the response, is trained. minift runs the loss its trainer runs
+  (`minift.tasks.TaskModel`: only target rows are projected onto the 49,152-word vocabulary); transformers
+  computes logits for every position and lets cross-entropy ignore the prompt, as `model(labels=...)` does.
+  Both compute the same loss (the "first loss" column).
+
 How it measures, and why:
 * Each provider lives in its own child process, so its peak resident memory (getrusage ru_maxrss) is its own.
   The parent tells the two children to take steps in turn (A B B A A B ...): on a shared machine the load
@@ -21,9 +29,11 @@ r = 8 are skinny and memory-bound, so a LoRA layer's cost is its passes over (to
 LoRALinear adds the update with one in-place addmm and picks the fast BLAS orientation for grad_B and
 grad_h (see minift/peft/lora.py), which cuts LoRA's extra cost per layer several-fold (second table). But the
 whole step is ~90% the frozen base model's own work — its GEMMs (forward and grad of x), lm_head and the
-softmax over 49,152 tokens, attention — identical in both libraries, so the step gains little; the `no-lora`
-row bounds what any LoRA implementation could gain on this model. Peak memory is lower because no
-(tokens x out) temporaries are allocated per layer.
+softmax over 49,152 tokens, attention — identical in both libraries, so in the `all` workload the step gains
+little; the `no-lora` row bounds what any LoRA implementation could gain there. In the `sft` workload the
+lm_head (a fifth of the model's GEMM work at this shape) and the softmax run only on the response rows in
+minift. Peak memory is lower because no (tokens x out) temporaries are allocated per layer, and in `sft`
+because no logits are kept for the prompt.
 
     python benchmarks/bench_lora.py --threads 1        # full size, writes benchmarks/results/lora_cpu.md
     python benchmarks/bench_lora.py --layers 4 --steps 2 --no-write   # a quick look
@@ -42,9 +52,9 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 SHAPE = dict(vocab=49152, dim=576, heads=9, kv_heads=3, hidden=1536)
+WORKLOADS = {"all": "every token is a target", "sft": "completion-only, the last quarter of each row is the target"}
 RESULT_NAME = "lora_cpu.md"
 
 
@@ -62,7 +72,7 @@ def rss_mb() -> float:
 
 
 def build(provider: str, layers: int):
-    """(model, loss function of input ids). Same shape, same LoRA settings on both sides."""
+    """(model, loss function of (input ids, labels)). Same shape, same LoRA settings on both sides."""
     torch.manual_seed(0)
     if provider in ("minift", "no-lora"):
         import minift
@@ -79,10 +89,13 @@ def build(provider: str, layers: int):
             model.requires_grad_(False)
             model.embed.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_())
 
-        def loss_of(ids):
-            targets = F.pad(ids[:, 1:], (0, 1), value=-100)  # (B, T): next token, -100 = no loss at the end
-            logits = model(ids)  # (B, T, V)
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        from minift.tasks import build_task_model
+
+        task_model = build_task_model(model, "causal_lm")  # what `minift finetune` trains
+
+        def loss_of(ids, labels):
+            out = task_model({"input_ids": ids, "labels": labels})  # shifts inside; summed loss + target count
+            return out.loss_sum / out.n_targets
     else:
         import peft
         import transformers
@@ -93,25 +106,28 @@ def build(provider: str, layers: int):
         model = transformers.AutoModelForCausalLM.from_config(config)
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 
-        def loss_of(ids):
-            return model(input_ids=ids, labels=ids, use_cache=False).loss  # shifts labels inside
+        def loss_of(ids, labels):
+            return model(input_ids=ids, labels=labels, use_cache=False).loss  # shifts labels inside
     return model.train(), loss_of
 
 
-def worker(provider: str, layers: int, batch: int, seq: int, threads: int) -> None:
+def worker(provider: str, layers: int, batch: int, seq: int, threads: int, workload: str) -> None:
     torch.set_num_threads(threads)
     model, loss_of = build(provider, layers)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable_params, lr=1e-4) if trainable_params else None
     trainable = sum(p.numel() for p in trainable_params)
     ids = torch.randint(0, SHAPE["vocab"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    if workload == "sft":
+        labels[:, : seq * 3 // 4] = -100  # the prompt: given, not learned
     after_build = rss_mb()
     print(json.dumps(dict(ready=True, trainable=trainable, rss_after_build=after_build)), flush=True)
     for command in sys.stdin:
         if command.strip() != "step":
             break
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss = loss_of(ids)
+        loss = loss_of(ids, labels)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -128,9 +144,10 @@ def worker(provider: str, layers: int, batch: int, seq: int, threads: int) -> No
 
 
 class Child:
-    def __init__(self, provider: str, args) -> None:
+    def __init__(self, provider: str, args, workload: str) -> None:
         command = [sys.executable, __file__, "--worker", provider, "--layers", str(args.layers),
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads),
+                   "--workloads", workload]
         self.provider = provider
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self.read()
@@ -161,8 +178,8 @@ class Child:
         return final
 
 
-def train_step_table(args) -> tuple[list[list[str]], dict]:
-    children = [Child("minift", args), Child("peft", args), Child("no-lora", args)]
+def train_step_table(args, workload: str) -> tuple[list[list[str]], dict]:
+    children = [Child(provider, args, workload) for provider in ("minift", "peft", "no-lora")]
     for round_ in range(args.warmup + args.steps):
         shift = round_ % len(children)
         for child in children[shift:] + children[:shift]:  # A B C, B C A, C A B, ...
@@ -245,20 +262,35 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per provider")
+    parser.add_argument("--workloads", default="all,sft", help="comma-separated: all (every token a target), sft "
+                        "(completion-only: the last quarter of each row)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write the results file")
     parser.add_argument("--worker", choices=["minift", "peft", "no-lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.layers, args.batch, args.seq, args.threads)
+        return worker(args.worker, args.layers, args.batch, args.seq, args.threads, args.workloads)
+    workloads = args.workloads.split(",")
+    if unknown := set(workloads) - set(WORKLOADS):
+        parser.error(f"--workloads: unknown {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
 
     started, load_before = time.time(), os.getloadavg()
-    rows, summary = train_step_table(args)
+    tables = {workload: train_step_table(args, workload) for workload in workloads}
     torch.set_num_threads(args.threads)
     layer_rows = layer_table()
     load_after = os.getloadavg()
-    ratio = summary["minift"]["tokens_per_s"] / summary["peft"]["tokens_per_s"]
-    cpu_ratio = summary["minift"]["tokens_per_cpu_s"] / summary["peft"]["tokens_per_cpu_s"]
-    memory = summary["minift"]["peak"] / summary["peft"]["peak"]
+    sections = []
+    for workload, (rows, summary) in tables.items():
+        ratio = summary["minift"]["tokens_per_s"] / summary["peft"]["tokens_per_s"]
+        cpu_ratio = summary["minift"]["tokens_per_cpu_s"] / summary["peft"]["tokens_per_cpu_s"]
+        memory = summary["minift"]["peak"] / summary["peft"]["peak"]
+        bound = summary["no-lora"]["tokens_per_cpu_s"] / summary["peft"]["tokens_per_cpu_s"]
+        sections += [
+            f"## Workload `{workload}`: {WORKLOADS[workload]}",
+            markdown(["provider", "trainable", "median step s", "min / max s", "tokens/s", "median CPU s",
+                      "tokens / CPU s", "peak RSS MiB", "train extra MiB", "first loss"], rows),
+            f"**{workload}: minift / PEFT: {ratio:.2f}x tokens/s (wall), {cpu_ratio:.2f}x tokens per CPU second; "
+            f"peak memory {memory:.2f}x.** `no-lora` / PEFT: {bound:.2f}x per CPU second.",
+        ]
     report = "\n\n".join([
         "# LoRA training step on the CPU: minift vs transformers + PEFT",
         f"Machine: {machine()}.",
@@ -270,16 +302,13 @@ def main() -> None:
         f"Model: SmolLM2-135M shape with {args.layers} layers, random weights, float32; LoRA r=8, alpha=16, all linear "
         f"layers but lm_head; AdamW; batch {args.batch} x {args.seq} tokens; {args.threads} torch thread(s); "
         f"{args.warmup} warm-up + {args.steps} timed steps per provider, interleaved; "
-        f"`python benchmarks/bench_lora.py --threads {args.threads}`.",
-        markdown(["provider", "trainable", "median step s", "min / max s", "tokens/s", "median CPU s",
-                  "tokens / CPU s", "peak RSS MiB", "train extra MiB", "first loss"], rows),
-        f"**minift / PEFT: {ratio:.2f}x tokens/s (wall), {cpu_ratio:.2f}x tokens per CPU second; "
-        f"peak memory {memory:.2f}x.**",
+        f"`python benchmarks/bench_lora.py --threads {args.threads} --warmup {args.warmup} --steps {args.steps}`.",
+        *sections,
         "`no-lora` is minift's model with no adapters at all, the backward still running through every block: "
-        "the speed a LoRA that cost nothing would reach. Its speed over PEFT's, "
-        f"{summary['no-lora']['tokens_per_cpu_s'] / summary['peft']['tokens_per_cpu_s']:.2f}x per CPU second, is "
-        "the most any LoRA layer can gain on this model; what is left is the frozen base model's own work "
-        "(its GEMMs, lm_head over 49k tokens, attention, softmax), the same in both libraries.",
+        "the speed a LoRA layer that cost nothing would reach. Its speed over PEFT's is the most any LoRA layer "
+        "can gain on this model; what is left is the frozen base model's own work (its GEMMs, lm_head over 49k "
+        "tokens, attention, softmax). In the `sft` workload minift also skips the lm_head and softmax for the "
+        "prompt rows, which carry no loss.",
         "One LoRA layer (576 -> 1536, 4 x 256 tokens, forward + backward), median of 7 x 5 runs:",
         markdown(["layer", "wall ms", "vs frozen", "CPU ms", "vs frozen"], layer_rows),
     ])
