@@ -1,6 +1,9 @@
 """The `minift` command: a thin layer of argparse over the library's functions.
 
     minift generate --model smollm2-135m --prompt "What is the capital of France?" --chat
+    minift quantize --model smollm2-135m --out smollm2-nf4
+    minift merge --model smollm2-135m --adapter runs/lora_sft_alpaca/final --out smollm2-alpaca
+    minift export --run runs/qlora_tweets_lm --out smollm2-tweets
     minift demo
 
 Each subcommand is a function `cmd_<name>(args) -> int` that calls the public API and returns an exit
@@ -19,8 +22,8 @@ EXIT_OK, EXIT_USAGE = 0, 2
 class StreamPrinter:
     """Print tokens as they are generated. Decoding the whole tail each time keeps multi-byte characters whole."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None) -> None:
+        self.tokenizer, self.out = tokenizer, out or sys.stdout  # looked up now: tests may replace sys.stdout
         self.ids: list[int] = []
         self.printed = ""
 
@@ -49,9 +52,9 @@ def generate_text(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int
 
 
 def cmd_generate(args) -> int:
-    import minift
+    from minift.export import load_source
 
-    model, tokenizer = minift.load(args.model)
+    model, tokenizer = load_source(args.model)  # minift.load, plus 4-bit directories from `minift quantize`
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer found (tokenizer.json) — cannot generate text")
     stream = StreamPrinter(tokenizer)
@@ -172,6 +175,102 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def cmd_quantize(args) -> int:
+    """NF4-quantize a model's linear layers and write a 4-bit directory (minift/export.py, quant/files.py)."""
+    from minift.export import quantize
+
+    print(quantize(args.model, args.out, blocksize=args.block_size, double_quant=args.double_quant, dtype=args.dtype))
+    return EXIT_OK
+
+
+def cmd_merge(args) -> int:
+    """Fold a PEFT LoRA adapter into its base model; write a dense Hugging Face directory."""
+    from minift.export import merge
+
+    print(merge(args.model, args.adapter, args.out, dtype=args.dtype))
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    """A run directory, or any model (+ adapter), as a Hugging Face directory (or a run's PEFT adapter)."""
+    from minift.export import export_model, export_run
+
+    if args.adapter is not None and args.run is not None:
+        raise ValueError("export: --adapter goes with --model; a run directory already holds its adapter")
+    if args.run is not None:
+        print(export_run(args.run, args.out, format=args.format, dtype=args.dtype))
+    else:
+        print(export_model(args.model, args.out, adapter=args.adapter, format=args.format, dtype=args.dtype))
+    return EXIT_OK
+
+
+def add_tool_parsers(sub) -> None:
+    """quantize, merge, export: the commands that turn a model into files other tools read."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "quantize", help="quantize a model's linear layers to NF4 and write a 4-bit directory", formatter_class=raw,
+        description="Quantize every linear layer except lm_head to NF4 (QLoRA's 4-bit NormalFloat, bit-exact\n"
+                    "with bitsandbytes) and write a Hugging Face directory in bitsandbytes' 4-bit layout, which\n"
+                    "`minift generate --model DIR` and transformers + bitsandbytes load. Prints the sizes\n"
+                    "before and after, the weight error, and how far the outputs move on a probe sentence.",
+        epilog="examples: minift quantize --model smollm2-135m --out smollm2-nf4 --dtype bfloat16\n"
+               "          minift quantize --model runs/sft_alpaca/final --out sft-nf4 --block-size 128 "
+               "--no-double-quant")
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="dense model: bundled name, .gguf file or Hugging Face dir")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (created if missing)")
+    p.add_argument("--block-size", type=int, default=64, choices=[32, 64, 128, 256, 512, 1024, 2048, 4096],
+                   help="weights per absmax scale (default 64)")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the absmax scales to 8 bits too (default on: 4.127 instead of 4.5 bits/weight)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the layers left dense (embeddings, norms, lm_head) and of the NF4 layers' "
+                        "outputs (default: the model's own; GGUF files load as float32)")
+    p.set_defaults(func=cmd_quantize)
+
+    dtype_help = "dtype of the written weights: float32 | bfloat16 | float16 (default: the model's own)"
+    p = sub.add_parser(
+        "merge", help="fold a PEFT LoRA adapter into its base model; write a Hugging Face directory",
+        formatter_class=raw,
+        description="Load --model, add the PEFT-format LoRA adapter in --adapter (written by minift or peft),\n"
+                    "fold it into the weights (W + scaling * B A; a 4-bit base is dequantized first, never\n"
+                    "re-quantized) and write a dense Hugging Face directory that transformers loads without\n"
+                    "peft. `minift export` does the same for whole runs and converts any other source.",
+        epilog="example: minift merge --model smollm2-135m --adapter runs/lora_sft_alpaca/final --out alpaca-merged")
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="the adapter's base model: bundled name, .gguf, HF or 4-bit dir")
+    p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR",
+                   help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help=dtype_help)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "export", help="export a fine-tuning run (or any model) as a Hugging Face directory", formatter_class=raw,
+        description="Turn what minift holds into files other tools read.\n\n"
+                    "  --run RUN_DIR     rebuild a `minift finetune` run from its latest checkpoint (any method)\n"
+                    "                    and write a dense Hugging Face directory: LoRA / QLoRA adapters are\n"
+                    "                    merged (QLoRA into 16/32 bits, never back into 4); a classifier or MLM\n"
+                    "                    head goes beside it as task.json + head.safetensors (minift eval reads\n"
+                    "                    them); bottleneck adapters and soft prompts have no Hugging Face form.\n"
+                    "  --format peft     instead, write a LoRA / QLoRA run's adapter alone, in PEFT's format.\n"
+                    "  --model SOURCE    convert any source (GGUF, bundled name, 4-bit directory) to a dense\n"
+                    "                    Hugging Face directory; with --adapter this is `minift merge`.",
+        epilog="examples: minift export --run runs/qlora_tweets_lm --out tweets-lm\n"
+               "          minift export --run runs/lora_sft_alpaca --format peft --out alpaca-adapter\n"
+               "          minift export --model smollm2-135m --out smollm2-hf --dtype bfloat16")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", metavar="RUN_DIR", help="a `minift finetune` run directory (its latest checkpoint)")
+    which.add_argument("--model", metavar="SOURCE", help="bundled name, .gguf file, HF or 4-bit directory")
+    p.add_argument("--adapter", metavar="ADAPTER_DIR", help="with --model: a PEFT adapter to merge in")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--format", default="hf", choices=["hf", "peft"],
+                   help="hf: dense Hugging Face directory (default); peft: a run's LoRA adapter only")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help=dtype_help + "; a QLoRA run defaults to its method.export_dtype")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description="minift: fine-tuning you can read.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "--shots 4 --selector knn --calibrate")
     add_icl_arguments(p)
     p.set_defaults(func=run_icl)
+    add_tool_parsers(sub)
     return parser
 
 

@@ -21,6 +21,8 @@ from tests.train_helpers import single_thread  # noqa: F401  (autouse fixture: o
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
 FORTUNES = Path("/usr/share/games/fortunes")
+# Settings that must shrink with the 2-block test model (the configs are written for the real ones).
+TINY_MODEL_OVERRIDES = {"partial": ["method.frozen_blocks=1"]}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,8 @@ def test_example_config_runs(config_path, tiny_models, tmp_path, capsys):
     out = tmp_path / "run"
     sets = [f"model.source={model}", f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=4",
             "train.grad_accum_steps=1", "train.eval_every=2", "train.save_every=1", "data.max_examples=16",
-            "data.max_eval_examples=8", "data.max_length=64", "train.progress_bar=false", "train.device=cpu"]
+            "data.max_eval_examples=8", "data.max_length=64", "train.progress_bar=false", "train.device=cpu",
+            *TINY_MODEL_OVERRIDES.get(config.method.name, [])]
     assert finetune(config_path, *[x for s in sets for x in ("--set", s)]) == 0
     printed = capsys.readouterr().out
     assert f"task {config.task.kind}" in printed and "done: step 2" in printed
@@ -53,6 +56,13 @@ def test_example_config_runs(config_path, tiny_models, tmp_path, capsys):
     assert saved.train.max_steps == 2 and saved.model.source == str(model)
     if config.method.name == "lora":  # the export is a PEFT adapter directory, adapter tensors only
         assert (out / "final" / "adapter_config.json").is_file()
+
+
+def test_every_method_has_an_example_config():
+    from minift.methods import METHODS
+
+    covered = {load_run_config(path).method.name for path in CONFIGS}
+    assert set(METHODS) <= covered, f"no example config in configs/ for {sorted(set(METHODS) - covered)}"
 
 
 def test_finetune_resume_and_eval_from_the_command_line(tiny_models, tmp_path, capsys):
