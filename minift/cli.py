@@ -54,7 +54,7 @@ def generate_text(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int
 def cmd_generate(args) -> int:
     from minift.export import load_source
 
-    model, tokenizer = load_source(args.model)  # minift.load, plus 4-bit directories from `minift quantize`
+    model, tokenizer = load_source(args.model)  # any source, 4-bit directories from `minift quantize` included
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer found (tokenizer.json) — cannot generate text")
     stream = StreamPrinter(tokenizer)

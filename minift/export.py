@@ -44,8 +44,7 @@ import torch
 import torch.nn as nn
 
 from minift.io import load, save
-from minift.model import rope_frequencies
-from minift.quant.files import is_quantized_directory, load_quantized, nf4_layers, save_quantized
+from minift.quant.files import load_quantized, nf4_layers, save_quantized
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Fine-tuning adapts a pretrained model to a new task."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,15 +69,10 @@ class Report:
 
 
 def load_source(source: str | Path, dtype: torch.dtype | None = None):
-    """minift.load, plus 4-bit directories (config.json with a quantization_config) as NF4Linear layers."""
-    if is_quantized_directory(source):
-        model, tokenizer = load_quantized(source)
-    else:
-        model, tokenizer = load(source)
+    """minift.load (4-bit directories included) and an optional dtype cast."""
+    model, tokenizer = load(source)
     if dtype is not None:
-        model = model.to(dtype)
-        if getattr(model, "inv_freq", None) is not None:  # RoPE frequencies stay float32, as in a model read
-            model.inv_freq = rope_frequencies(model.config).to(model.inv_freq.device)  # from a bf16 directory
+        model = model.to(dtype)  # NF4Linear keeps its 4-bit data; RoPE frequencies stay float32
     return model, tokenizer
 
 

@@ -271,6 +271,14 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) / .half() / .bfloat16() move the RoPE frequencies but keep them float32, as transformers
+        does: in bfloat16, theta^(-2i/d) loses digits and the angles of late positions drift visibly."""
+        super()._apply(fn, recurse)
+        if getattr(self, "inv_freq", None) is not None and self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_frequencies(self.config).to(self.inv_freq.device)
+        return self
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, total = set(), 0
         for p in self.parameters():  # parameters() already skips the tied duplicate

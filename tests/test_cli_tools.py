@@ -77,7 +77,7 @@ def test_quantize_writes_what_bitsandbytes_writes_and_reads_back_exactly(tiny, t
 
     expected, _ = minift.load(tiny["decoder"])  # the same quantization in memory
     quantize_model(expected)
-    model, tokenizer = load_quantized(out)
+    model, tokenizer = minift.load(out)  # minift.load sees the quantization_config and keeps the 4-bit bytes
     layers = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     assert len(layers) == 14 and tokenizer is not None
     for name, layer in layers.items():
@@ -105,7 +105,7 @@ def test_quantize_writes_what_bitsandbytes_writes_and_reads_back_exactly(tiny, t
         our_config = json.loads((out / "config.json").read_text())["quantization_config"]
         for key in ("quant_method", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"):
             assert our_config[key] == their_config[key], key
-        from_bnb, _ = load_quantized(tmp_path / "bnb")  # minift reads transformers' directory ...
+        from_bnb, _ = minift.load(tmp_path / "bnb")  # minift reads transformers' directory ...
         assert torch.equal(from_bnb(ids), model(ids))
         # ... and transformers + bitsandbytes read ours with our logits.
         torch.testing.assert_close(hf_logits(out, ids, device_map="cpu"), model(ids), atol=1e-5, rtol=1e-5)

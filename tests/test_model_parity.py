@@ -160,3 +160,16 @@ def test_sharded_checkpoint_and_new_rope_parameters_key(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref(ids).logits, atol=1e-4, rtol=1e-4)
     assert model.config.rope_theta == 500.0  # read from whichever key this transformers version wrote
+
+
+def test_dtype_casts_keep_rope_frequencies_float32(tmp_path):
+    """model.to(bfloat16) must not round theta^(-2i/d): late positions' angles would drift (transformers keeps
+    them float32 too). The weights do change dtype."""
+    from minift.model import rope_frequencies
+
+    build_reference("llama3_rope_scaling", tmp_path)
+    model, _ = minift.load(tmp_path / "ref", dtype=torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_frequencies(model.config))
+    model.half()
+    assert model.blocks[0].attn.q_proj.weight.dtype == torch.float16 and model.inv_freq.dtype == torch.float32

@@ -54,7 +54,8 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], where: str 
 
 
 def load(source: str | Path, dtype: torch.dtype | None = None, device=None):
-    """Load a model and its tokenizer from a bundled name, a .gguf file or a Hugging Face directory."""
+    """Load a model and its tokenizer from a bundled name, a .gguf file or a Hugging Face directory (dense, or
+    4-bit NF4 with a quantization_config: its linear layers then load as NF4Linear, bytes unchanged)."""
     path = resolve_bundled(str(source)) or Path(source)
     if path.suffix == ".gguf":
         from minift.io.gguf import load_gguf
@@ -68,13 +69,18 @@ def load(source: str | Path, dtype: torch.dtype | None = None, device=None):
             raise FileNotFoundError(f"{path}: not a bundled name ({', '.join(BUNDLED_NAMES)}), .gguf file or directory")
         config_file = path / "config.json"
         raw = hf.read_json_file(config_file, "a Hugging Face model directory needs config.json")
-        config = hf.config_from_hf(raw, where=str(config_file))
-        model = build_model(config, hf.state_dict_from_hf(path, config), where=str(path))
-        tokenizer = None
-        if (path / "tokenizer.json").exists():
-            from minift.tokenizer import Tokenizer
+        if "quantization_config" in raw:  # a 4-bit directory (minift quantize, or transformers + bitsandbytes)
+            from minift.quant.files import load_quantized
 
-            tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+            model, tokenizer = load_quantized(path)
+        else:
+            config = hf.config_from_hf(raw, where=str(config_file))
+            model = build_model(config, hf.state_dict_from_hf(path, config), where=str(path))
+            tokenizer = None
+            if (path / "tokenizer.json").exists():
+                from minift.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model, tokenizer
