@@ -113,6 +113,20 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
             [r for i, r in enumerate(records) if i in held_out])
 
 
+def take_subset(records: list[Record], count: int | None, seed: int) -> list[Record]:
+    """A seeded random `count` of the records, kept in their original order (all of them when count is None).
+
+    Not simply the first `count`: real files are often sorted (the tweet corpus by label, fortunes by
+    category), and the head of a sorted file is one class. A random subset is a fair sample of the whole.
+    """
+    if count is None or count >= len(records):
+        return records
+    if count < 0:
+        raise ValueError(f"max_examples / max_eval_examples must be >= 0, got {count}")
+    keep = set(np.random.default_rng(seed).permutation(len(records))[:count].tolist())
+    return [record for i, record in enumerate(records) if i in keep]
+
+
 def load_datasets(config, tokenizer) -> tuple[BatchStream, BatchStream | None, list[str] | None]:
     """Read, split, tokenize and batch the [data] of a RunConfig; returns (train, validation, labels)."""
     data, task, train = config.data, config.task, config.train
@@ -126,10 +140,8 @@ def load_datasets(config, tokenizer) -> tuple[BatchStream, BatchStream | None, l
         validation = read_source(data.train, "validation") if data.validation_fraction > 0 else []
     else:
         records, validation = split_records(records, data.validation_fraction, train.seed)
-    if data.max_examples is not None:
-        records = records[: data.max_examples]
-    if data.max_eval_examples is not None:
-        validation = validation[: data.max_eval_examples]
+    records = take_subset(records, data.max_examples, train.seed)
+    validation = take_subset(validation, data.max_eval_examples, train.seed)
 
     fmt = FORMAT_OF_TASK.get(task.kind, data.format)
     fields = {"text": data.text_field}

@@ -67,8 +67,8 @@ class DataSection:
     text_field: str = "text"  # field holding the text (text format, masked_lm, classification)
     label_field: str = "label"  # classification: field holding the label
     max_length: int = 256  # tokens per example; longer examples are truncated
-    max_examples: int | None = None  # use only the first N train records (quick experiments, tests)
-    max_eval_examples: int | None = None  # use only the first N validation records
+    max_examples: int | None = None  # use a seeded random N of the train records (kept in file order)
+    max_eval_examples: int | None = None  # use a seeded random N of the validation records
     group_by_length: bool = False  # batch examples of similar length together (less padding)
     packing: bool = False  # causal_lm: concatenate examples into rows of max_length, attention kept per example
 

@@ -15,7 +15,7 @@ from minift.cli import main
 from minift.losses import token_loss_sum
 from minift.run_config import RunConfig, apply_override, from_dict, load_run_config, to_toml
 from minift.train import read_metrics
-from tests.train_helpers import (SENTENCES, SENTIMENT, save_tiny_decoder, save_tiny_encoder,
+from tests.train_helpers import (COMMON_WORDS, SENTENCES, SENTIMENT, save_tiny_decoder, save_tiny_encoder,
                                  write_jsonl)
 from tests.train_helpers import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
@@ -28,7 +28,8 @@ TINY_MODEL_OVERRIDES = {"partial": ["method.frozen_blocks=1"]}
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {"decoder": save_tiny_decoder(root / "decoder"), "encoder": save_tiny_encoder(root / "encoder")}
+    words = [COMMON_WORDS]  # the bundled corpora are real English: keep most of their words known
+    return {"decoder": save_tiny_decoder(root / "decoder", words), "encoder": save_tiny_encoder(root / "encoder", words)}
 
 
 def finetune(*args) -> int:

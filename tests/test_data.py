@@ -366,3 +366,21 @@ def test_installed_fortunes():
     assert sum(map(len, splits)) == len(everything) > 10000
     assert len({r["label"] for r in everything}) >= 40
     assert not any("\x08" in r["text"] or r["text"].strip() == "%" for r in everything)
+
+
+def test_max_examples_takes_a_seeded_sample_not_the_head():
+    """A file sorted by label (like the tweet corpus) must not yield one class when capped to N records."""
+    from minift.batches import take_subset
+    from minift.data import Record
+
+    records = [Record({"text": f"t{i}", "label": "neg" if i < 50 else "pos"}, f"f.jsonl:{i + 1}") for i in range(100)]
+    subset = take_subset(records, 20, seed=0)
+    assert len(subset) == 20 and len({r["text"] for r in subset}) == 20
+    assert {r["label"] for r in subset} == {"neg", "pos"}  # the first 20 would all be "neg"
+    positions = [int(r["text"][1:]) for r in subset]
+    assert positions == sorted(positions)  # file order kept
+    assert [r["text"] for r in take_subset(records, 20, seed=0)] == [r["text"] for r in subset]
+    assert [r["text"] for r in take_subset(records, 20, seed=1)] != [r["text"] for r in subset]
+    assert take_subset(records, None, seed=0) is records and take_subset(records, 500, seed=0) is records
+    with pytest.raises(ValueError, match="max_examples"):
+        take_subset(records, -1, seed=0)

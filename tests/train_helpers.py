@@ -34,6 +34,13 @@ SENTENCES = [f"the {a} {b} sat on the {c} mat" for a in ("big", "small", "red") 
              for c in ("blue", "green")]
 SENTIMENT = ([{"text": f"i love this {w} so much", "label": "positive"} for w in ("film", "book", "song", "meal")]
              + [{"text": f"i hate this {w} a lot", "label": "negative"} for w in ("film", "book", "song", "meal")])
+# The most frequent English words, so that real text (tweets, fortunes) read by a tiny word-level tokenizer is
+# not almost all unknown: [UNK] is a special token, never masked in masked-LM, so all-[UNK] text has no targets.
+COMMON_WORDS = ("the of and to a in is you that it he was for on are as with his they I at be this have from "
+                "or one had by not but what all were we when your can said there use an each which she do how "
+                "their if will up other about out many then them these so some her would make like him into time "
+                "has look two more go see no way could people my than first been who its now find long down day "
+                "did get come made may part life love man never know good just only very me")
 
 
 def word_tokenizer(texts: list[str], encoder: bool = False) -> Tokenizer:

