@@ -24,7 +24,7 @@ test: $(VENV)/.ready
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.ready
-	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -51,8 +51,11 @@ def run_isolated(module_path: str, function: str, **kwargs) -> dict:
 
 
 def write_result(name: str, markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    """Write under benchmarks/results/, or under $MINIFT_BENCH_RESULTS (run_all --quick uses it so that smoke
+    runs never overwrite the recorded full-size results)."""
+    directory = Path(os.environ.get("MINIFT_BENCH_RESULTS") or RESULTS)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
     path.write_text(markdown)
     print(f"wrote {path}")
     return path
