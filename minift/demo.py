@@ -283,7 +283,8 @@ def qlora_available() -> tuple[bool, str]:
 
 
 def run_demo(options: DemoOptions) -> DemoResult:
-    """Run every stage, write results.md and the adapter into the run directory. Restores torch's threads."""
+    """Run every stage, write results.md, results.svg and the adapter into the run directory. Restores torch's
+    threads."""
     threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
@@ -360,11 +361,8 @@ def _run_stages(options: DemoOptions) -> DemoResult:
 
     table = format_table(rows, base_ppl)
     markdown = report_markdown(options, rows, table, base_ppl)
-    files = [run_dir / "results.md", run_dir / "adapter"]
     (run_dir / "results.md").write_text(markdown)
-    plot = write_plot(rows, run_dir / "accuracy.png")
-    if plot is not None:
-        files.append(plot)
+    files = [run_dir / "results.md", run_dir / "adapter", write_plot(rows, base_ppl, run_dir / "results.svg")]
     return DemoResult(rows, run_dir, base_ppl, table, files)
 
 
@@ -415,24 +413,15 @@ def ascii_bars(rows: list[Row], width: int = 40) -> str:
                      for r in scored)
 
 
-def write_plot(rows: list[Row], path: Path) -> Path | None:
-    """A PNG bar chart of accuracy when matplotlib is installed; otherwise None (results.md has text bars)."""
-    try:
-        import matplotlib
+def write_plot(rows: list[Row], base_ppl: float, path: Path) -> Path:
+    """An SVG chart (minift/svg_chart.py, no plotting library): accuracy, and perplexity as forgetting."""
+    from minift.svg_chart import Panel, write_bar_chart
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    scored = [r for r in rows if r.accuracy is not None]
-    figure, axis = plt.subplots(figsize=(6, 3))
-    axis.barh([r.method for r in scored], [r.accuracy for r in scored])
-    axis.set_xlim(0, 1)
-    axis.set_xlabel("accuracy on held-out tweets")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    accuracy_panel = Panel("accuracy on held-out tweets", [(r.method, r.accuracy) for r in rows], axis_max=1.0,
+                           reference=("chance", 1 / len(LABELS)))
+    ppl_panel = Panel("perplexity on general English (lower is better; a rise is forgetting)",
+                      [(r.method, r.perplexity) for r in rows], value_format=".2f", reference=("base", base_ppl))
+    return write_bar_chart([accuracy_panel, ppl_panel], path)
 
 
 def report_markdown(options: DemoOptions, rows: list[Row], table: str, base_ppl: float) -> str:
@@ -441,4 +430,5 @@ def report_markdown(options: DemoOptions, rows: list[Row], table: str, base_ppl:
             f"Model {options.model}; {options.test_size} held-out test tweets (seed {options.seed}); "
             f"labels {', '.join(LABELS)} (chance {chance:.3f}). Perplexity: {min(options.paragraphs, len(PARAGRAPHS))} "
             f"general-English paragraphs; a rise after fine-tuning is forgetting. Peak RSS is the process peak "
-            f"so far (cumulative).\n\n{table}\n\n## Accuracy\n\n```\n{ascii_bars(rows)}\n```\n")
+            f"so far (cumulative).\n\n{table}\n\n## Accuracy\n\n```\n{ascii_bars(rows)}\n```\n\n"
+            f"![accuracy and perplexity of each method](results.svg)\n")

@@ -6,6 +6,7 @@ files and the invariants that hold at any size are checked (ICL trains nothing; 
 
 import json
 import re
+from xml.etree import ElementTree
 
 import pytest
 
@@ -82,6 +83,10 @@ def test_run_directory_holds_results_and_a_peft_adapter(fast_run):
     results = (out / "results.md").read_text()
     assert table_rows(results) == table_rows(printed.split("\n\ntotal")[0])
     assert "## Accuracy" in results and "#" in results.split("## Accuracy")[1]  # the text bar chart
+    svg = ElementTree.parse(out / "results.svg").getroot()  # well-formed XML
+    bars = [e for e in svg.iter("{http://www.w3.org/2000/svg}rect") if e.get("width") != "100%"]
+    scored = [row for row in table_rows(results).values() if row[0] != "—"]
+    assert len(bars) == 2 * len(scored)  # an accuracy bar and a perplexity bar per method that ran
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
