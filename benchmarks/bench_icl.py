@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -80,8 +81,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, tokenizer = minift.load("smollm2-135m")
-    pool = load_tweet_sentiment("train")[: args.pool]
-    queries = load_tweet_sentiment("test")[: args.queries]
+    # Seeded samples: the corpus is sorted by label, so the first N tweets would all be negative.
+    pool = random.Random(0).sample(load_tweet_sentiment("train"), args.pool)
+    queries = random.Random(1).sample(load_tweet_sentiment("test"), args.queries)
     plain = Template(instruction="Classify the sentiment of each tweet as negative, neutral or positive.",
                      example_format="Tweet: {text}\nSentiment: {label}", verbalizers=WORDS)
     multi = plain.with_verbalizers(MULTI_WORDS)
@@ -111,7 +113,7 @@ def main() -> None:
         f"Machine: {machine_description()}\n\n"
         f"Load average (1 min) {load_before:.1f} before, {load_after:.1f} after: the machine is shared, so absolute "
         f"rates vary; the providers run interleaved query by query, so their ratio is the comparable figure.\n\n"
-        f"{args.queries} test tweets, demonstrations from the first {args.pool} train tweets; float32; "
+        f"{args.queries} test tweets, demonstrations from {args.pool} train tweets (seeded samples of each split); float32; "
         f"`python benchmarks/bench_icl.py --queries {args.queries} --shots {args.shots} --pool {args.pool}`.\n\n"
         f"{table}\n\n"
         "naive: one row per candidate answer holding the whole prompt (a right-padded batch), LM head only on the "
