@@ -304,13 +304,18 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
 # A byte holds two codes, so one lookup in this (256, 2) table decodes both:
 # BYTE_TO_VALUES[b] = (NF4_CODE[b >> 4], NF4_CODE[b & 15]). One pass instead of unpack, then gather.
 BYTE_TO_VALUES = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
+# The same table with each row's two float32 values seen as one 8-byte integer: gathering 8-byte scalars is
+# about 4x faster on a CPU than gathering 2-element rows (index_select over dim 0 of a (256, 2) tensor), and
+# viewing the result back as float32 gives the identical bits.
+BYTE_TO_PAIR_BITS = BYTE_TO_VALUES.view(torch.int64).reshape(256)  # (256,) int64
 
 
 def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """NF4Tensor -> dense tensor of q.shape: NF4_CODE[index] * block_scale in float32, then cast to dtype."""
     n, blocksize = q.numel(), q.blocksize
-    table = BYTE_TO_VALUES.to(q.device)
-    values = table.index_select(0, q.packed.reshape(-1).int()).view(-1)  # (2 * n_bytes,) float32 in [-1, 1]
+    table = BYTE_TO_PAIR_BITS.to(q.device)
+    pairs = table.index_select(0, q.packed.reshape(-1).int())  # (n_bytes,) int64: two float32 codes each
+    values = pairs.view(torch.float32)  # (2 * n_bytes,) float32 in [-1, 1], high nibble first
     scales = q.block_scales()  # (n_blocks,)
     n_full = n // blocksize
     values[: n_full * blocksize].view(n_full, blocksize).mul_(scales[:n_full, None])  # full blocks, in place
