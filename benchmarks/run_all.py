@@ -63,6 +63,12 @@ BENCHMARKS = [
                ("sft peak memory", r"\*\*sft: [^*]*peak memory ([0-9.]+x)")],
               full=["--threads", "1", "--warmup", "1", "--steps", "4"],
               quick=["--layers", "1", "--seq", "32", "--batch", "2", "--warmup", "1", "--steps", "1"]),
+    Benchmark("qlora", "bench_qlora.py", "qlora_cpu.md", "QLoRA step faster than transformers + PEFT + "
+              "bitsandbytes with less peak memory (the issue sets it on a GPU; this is the CPU run)",
+              [("step", r"\*\*minift / transformers\+PEFT\+bitsandbytes: ([0-9.]+x) tokens/s"),
+               ("peak memory", r"\*\*minift / transformers\+PEFT\+bitsandbytes: [^*]*peak memory in training "
+                               r"([0-9.]+x)")],
+              quick=["--layers", "2", "--seq", "32", "--batch", "2", "--steps", "2"]),
     Benchmark("icl", "bench_icl.py", "icl_cpu.md", "8-shot 3-label scoring, prefix-cached >= 2x naive",
               [("per-query demos", r"\| per-query demos \(BM25\) \|(?:[^|]*\|){4} ([0-9.]+x) \|"),
                ("shared demos", r"\| shared demos \(random\) \|(?:[^|]*\|){4} ([0-9.]+x) \|")],
