@@ -35,7 +35,6 @@ import copy
 import json
 import math
 import os
-import platform
 import random
 import time
 from collections import Counter
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import minift
+from minift.machine import describe_machine
 from minift.data import collate, read_records, tokenize_records
 from minift.datasets import TWEET_LABELS, load_tweet_sentiment
 from minift.icl import classification_report
@@ -470,16 +470,6 @@ print("\n".join(verdicts))
 # %%
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
-            f"torch {torch.__version__}; Python {platform.python_version()}")
-
-
 stage2_table = "\n".join(f"| {label} | {steps} | {loss:.3f} | {math.exp(loss):,.1f} |"
                          for label, steps, loss in STAGE2_ROWS)
 details = "\n".join(f"| {row['label']} | {row['steps']} | {row['final_train_loss']:.3f} | {row['test_loss']:.3f} |"
@@ -488,7 +478,7 @@ command = f"{'MINIFT_FAST=1 ' if FAST else ''}python tutorials/02_ulmfit_tweets.
 result = f"""# Lesson 02 results: ULMFiT on tweets (MiniLM-L6, masked-LM domain adaptation, ablations)
 
 Produced by `{command}` in {time.perf_counter() - started:.0f} s.
-Machine: {machine()}; shared with other jobs, so seconds are indicative only (compare within this run).
+Machine: {describe_machine()}; shared with other jobs, so seconds are indicative only (compare within this run).
 
 Model: all-MiniLM-L6-v2 (bundled, `minift.load("minilm-l6")`, {sum(p.numel() for p in base.parameters()):,}
 parameters), max {MAX_LENGTH} tokens per tweet, dropout 0.1, AdamW with weight decay 0.01, seed 0 everywhere.

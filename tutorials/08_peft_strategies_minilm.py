@@ -32,7 +32,6 @@ import copy
 import json
 import math
 import os
-import platform
 import random
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import minift
+from minift.machine import describe_machine
 from minift.data import collate, read_records, tokenize_records
 from minift.datasets import TWEET_LABELS, load_tweet_sentiment
 from minift.icl import classification_report
@@ -387,16 +387,6 @@ if plt is not None:
 # %%
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
-            f"torch {torch.__version__}; Python {platform.python_version()}")
-
-
 details = "\n".join(f"- {row['label']}: {row['description']}" for row in rows)
 losses = "\n".join(f"| {row['label']} | {row['lr'] if row['lr'] is not None else 'L-BFGS'} | {row['steps'] or '-'} | "
                    f"{'-' if row['final_train_loss'] is None else format(row['final_train_loss'], '.3f')} | "
@@ -405,7 +395,7 @@ result = f"""# Lesson 08 results: fine-tuning strategies on MiniLM (tweet sentim
 
 Produced by `python tutorials/08_peft_strategies_minilm.py`{' (MINIFT_FAST=1)' if FAST else ''} in \
 {time.perf_counter() - started:.0f} s.
-Machine: {machine()}; shared with other jobs, so seconds are indicative only (compare within this table).
+Machine: {describe_machine()}; shared with other jobs, so seconds are indicative only (compare within this table).
 
 Model: all-MiniLM-L6-v2 (bundled, `minift.load("minilm-l6")`, {BACKBONE_PARAMS:,} parameters) + a new
 classification head (mean pooling, linear 384 -> 3), dropout 0.1. Data: {N_TRAIN} tweets sampled with seed 0 from

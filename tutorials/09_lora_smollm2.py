@@ -25,7 +25,6 @@ import copy
 import importlib.util
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from safetensors import safe_open
 
 import minift
+from minift.machine import describe_machine
 from minift.batches import split_records
 from minift.data import alpaca_prompt, read_records
 from minift.peft import LoRAConfig, add_lora, find_targets, load_adapter, lora_layers, merge_lora, save_adapter
@@ -399,16 +399,6 @@ else:
 # %%
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
-            f"torch {torch.__version__}; Python {platform.python_version()}")
-
-
 count_table = ["| targets | layers | " + " | ".join(f"r={r}" for r in RANKS) + " |",
                "| --- | --- | " + " | ".join("---" for _ in RANKS) + " |"]
 for target_name in TARGET_SETS:
@@ -440,7 +430,7 @@ result = f"""# Lesson 09 results: LoRA on SmolLM2-135M
 
 Produced by `python tutorials/09_lora_smollm2.py`{' (MINIFT_FAST=1)' if FAST else ''} in \
 {time.perf_counter() - started:.0f} s.
-Machine: {machine()}; shared with other jobs, so seconds are indicative only.
+Machine: {describe_machine()}; shared with other jobs, so seconds are indicative only.
 
 ## Trainable parameters (30 blocks; count from `add_lora`, % of all parameters as PEFT prints it)
 
