@@ -317,11 +317,15 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     pairs = table.index_select(0, q.packed.reshape(-1).int())  # (n_bytes,) int64: two float32 codes each
     values = pairs.view(torch.float32)  # (2 * n_bytes,) float32 in [-1, 1], high nibble first
     scales = q.block_scales()  # (n_blocks,)
-    n_full = n // blocksize
-    values[: n_full * blocksize].view(n_full, blocksize).mul_(scales[:n_full, None])  # full blocks, in place
+    n_full, dtype = n // blocksize, dtype or q.dtype
+    # The product is computed in float32 either way; writing it straight into a 16-bit `out` rounds it as
+    # .to(dtype) would, in the same pass (one read and one write of the weight instead of two).
+    out = values if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=values.device)  # (n,)
+    torch.mul(values[: n_full * blocksize].view(n_full, blocksize), scales[:n_full, None],
+              out=out[: n_full * blocksize].view(n_full, blocksize))  # full blocks
     if n_full * blocksize < n:
-        values[n_full * blocksize: n].mul_(scales[n_full])  # the partial last block
-    return values[:n].view(q.shape).to(dtype or q.dtype)
+        torch.mul(values[n_full * blocksize: n], scales[n_full], out=out[n_full * blocksize: n])  # the last block
+    return out[:n].view(q.shape)
 
 
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> int:
