@@ -25,7 +25,7 @@ escaped, so a label holding "<" or "&" cannot break the file.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -48,7 +48,7 @@ class Panel:
     value_format: str = ".3f"
     axis_max: float | None = None  # None: a round number just above the largest value
     reference: tuple[str, float] | None = None  # a dashed vertical line, e.g. ("chance", 0.333)
-    colours: tuple[str, ...] = field(default=COLOURS)
+    colours: tuple[str, ...] = COLOURS
 
 
 def nice_max(value: float) -> float:
