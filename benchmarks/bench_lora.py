@@ -8,7 +8,7 @@ Two workloads, each a table:
 * `all`: every token is a target (continued pretraining on raw text).
 * `sft`: completion-only supervised fine-tuning, the usual LoRA job: the first 3/4 of each row is the prompt
   (labels -100) and only the last 1/4, the response, is trained. minift runs the loss its trainer runs
-  (`minift.tasks.TaskModel`: only target rows are projected onto the 49,152-word vocabulary); transformers
+  (`minift.train.tasks.TaskModel`: only target rows are projected onto the 49,152-word vocabulary); transformers
   computes logits for every position and lets cross-entropy ignore the prompt, as `model(labels=...)` does.
   Both compute the same loss (the "first loss" column).
 
@@ -89,7 +89,7 @@ def build(provider: str, layers: int):
             model.requires_grad_(False)
             model.embed.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_())
 
-        from minift.tasks import build_task_model
+        from minift.train.tasks import build_task_model
 
         task_model = build_task_model(model, "causal_lm")  # what `minift finetune` trains
 

@@ -111,8 +111,8 @@ def build(provider: str, directory: str, compute_dtype: str):
     if provider in ("minift", "minift-dense"):
         import minift
         from minift.peft import LoRAConfig, add_lora
-        from minift.quant import prepare_qlora
-        from minift.tasks import build_task_model
+        from minift.peft.qlora import prepare_qlora
+        from minift.train.tasks import build_task_model
 
         model, _ = minift.load(directory)
         if provider == "minift":

@@ -44,9 +44,9 @@ def minift_step_function(directory: str):
     import torch
 
     import minift
-    from minift.run_config import TrainConfig
+    from minift.train.run_config import TrainConfig
     from minift.schedules import layer_groups
-    from minift.tasks import build_task_model
+    from minift.train.tasks import build_task_model
     from minift.train import accumulate_gradients, build_optimizer, optimizer_step
 
     backbone, _ = minift.load(directory)

@@ -102,10 +102,10 @@ def chat_demo(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    """Fine-tune from a TOML config (see minift/run_config.py), or resume a run directory."""
+    """Fine-tune from a TOML config (see minift/train/run_config.py), or resume a run directory."""
     from pathlib import Path
 
-    from minift.run_config import load_run_config
+    from minift.train.run_config import load_run_config
     from minift.train import fit, setup
 
     if args.config is None and args.resume is None:
@@ -137,9 +137,9 @@ def cmd_eval(args) -> int:
 
     import torch
 
-    from minift.batches import rename_fields
+    from minift.train.batches import rename_fields
     from minift.data import collate, read_records, tokenize_records
-    from minift.tasks import load_task_model, prepare_batch, text_windows, to_device
+    from minift.train.tasks import load_task_model, prepare_batch, text_windows, to_device
     from minift.train import evaluate, load_trained, resolve_device
 
     device = resolve_device(args.device)

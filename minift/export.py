@@ -8,7 +8,7 @@ the tensors that trained). Other tools want one of two standard directories, and
     command           reads                                        writes
     ---------------   ------------------------------------------   -------------------------------------------
     minift quantize   a dense model (any source)                   4-bit directory: NF4 bytes in bitsandbytes'
-                                                                   layout (minift/quant/files.py)
+                                                                   layout (minift/io/nf4dir.py)
     minift merge      a base model + a PEFT LoRA adapter dir       dense Hugging Face directory, W' = W + s B A
     minift export     a run dir (its latest checkpoint), or any    dense Hugging Face directory (--format hf),
                       source minift loads (+ an adapter)           or a run's LoRA adapter alone (--format peft)
@@ -21,7 +21,7 @@ Face ecosystem reads. `export --model M --adapter A` does exactly what `merge` d
 What folding does to each kind of layer (the math lives where the layer does):
 
     LoRALinear over nn.Linear     W' = W + scaling * B A                      minift/peft/lora.py
-    LoRALinear over NF4Linear     W' = dequantize(W_nf4) + scaling * B A      minift/quant/qlora.py (never
+    LoRALinear over NF4Linear     W' = dequantize(W_nf4) + scaling * B A      minift/peft/qlora.py (never
                                                                               re-quantized: see its lesson)
     NF4Linear without adapter     W' = dequantize(W_nf4)
     full / partial / output-only / features runs: the backbone already is a plain model
@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from minift.io import load, save
-from minift.quant.files import load_quantized, nf4_layers, save_quantized
+from minift.io.nf4dir import load_quantized, nf4_layers, save_quantized
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Fine-tuning adapts a pretrained model to a new task."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,7 +154,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def unfoldable_modules(model: nn.Module) -> list[str]:
     """Modules that add computation a Hugging Face architecture does not have (bottleneck adapters, soft prompts)."""
-    from minift.peft.adapters import BottleneckAdapter
+    from minift.peft.bottleneck import BottleneckAdapter
     from minift.peft.prompt_tuning import SoftPrompt
 
     return [name for name, module in model.named_modules() if isinstance(module, (BottleneckAdapter, SoftPrompt))]
@@ -163,7 +163,7 @@ def unfoldable_modules(model: nn.Module) -> list[str]:
 def fold_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """In place: active LoRA adapters merged, NF4 weights dequantized, every linear layer a plain nn.Linear,
     the model cast to `dtype` (default: its dense dtype). Afterwards minift.save writes it."""
-    from minift.quant.qlora import merge_qlora
+    from minift.peft.qlora import merge_qlora
 
     extra = unfoldable_modules(model)
     if extra:
@@ -270,7 +270,7 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: 
     """A fine-tuning run's latest checkpoint as a dense Hugging Face directory (any foldable method) with the
     task head beside it, or (--format peft) its LoRA adapter as a PEFT adapter directory."""
     from minift.peft import lora_layers
-    from minift.tasks import save_head
+    from minift.train.tasks import save_head
     from minift.train import load_trained
 
     check_format(format)
@@ -290,7 +290,7 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: 
     if unfoldable_modules(backbone):
         raise ValueError(f"run {run_dir} used method {method!r} (bottleneck adapters or a soft prompt), which has "
                          f"no Hugging Face equivalent; its trained tensors are in {run_dir / 'final'} for minift "
-                         "(minift.peft.adapters.load_adapters / prompt_tuning.load_prompt)")
+                         "(minift.peft.bottleneck.load_adapters / prompt_tuning.load_prompt)")
     chosen = parse_dtype(dtype) or parse_dtype(config.method.options.get("export_dtype"))
     write_dense(backbone, tokenizer, out, chosen, report)
     if task_model.kind != "causal_lm":

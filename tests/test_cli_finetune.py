@@ -1,4 +1,4 @@
-"""`minift finetune` and `minift eval`, the TOML configs and `--set` overrides (minift/run_config.py).
+"""`minift finetune` and `minift eval`, the TOML configs and `--set` overrides (minift/train/run_config.py).
 
 Every example config in configs/ runs here for two steps with a tiny model swapped in via --set (the
 bundled 135M model's checkpoints would be 1.6 GB each); tests/test_train.py trains the bundled model itself.
@@ -13,7 +13,7 @@ import torch
 import minift
 from minift.cli import main
 from minift.losses import token_loss_sum
-from minift.run_config import RunConfig, apply_override, from_dict, load_run_config, to_toml
+from minift.train.run_config import RunConfig, apply_override, from_dict, load_run_config, to_toml
 from minift.train import read_metrics
 from tests.train_helpers import (COMMON_WORDS, SENTENCES, SENTIMENT, save_tiny_decoder, save_tiny_encoder,
                                  write_jsonl)
@@ -60,7 +60,7 @@ def test_example_config_runs(config_path, tiny_models, tmp_path, capsys):
 
 
 def test_every_method_has_an_example_config():
-    from minift.methods import METHODS
+    from minift.train.methods import METHODS
 
     covered = {load_run_config(path).method.name for path in CONFIGS}
     assert set(METHODS) <= covered, f"no example config in configs/ for {sorted(set(METHODS) - covered)}"

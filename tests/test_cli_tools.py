@@ -1,4 +1,4 @@
-"""`minift quantize | merge | export` (minift/export.py, minift/quant/files.py) on tiny models built here.
+"""`minift quantize | merge | export` (minift/export.py, minift/io/nf4dir.py) on tiny models built here.
 
 Round trips are checked against the reference libraries: a 4-bit directory holds the bytes transformers +
 bitsandbytes write for the same weights and loads there with the same logits; a merged or exported
@@ -17,7 +17,7 @@ import minift
 from minift.cli import main
 from minift.peft import LoRAConfig, add_lora, load_adapter, save_adapter
 from minift.quant import NF4Linear, quantize_model
-from minift.quant.files import load_quantized
+from minift.io.nf4dir import load_quantized
 from minift.train import load_trained
 from tests.train_helpers import (SENTENCES, SENTIMENT, save_tiny_decoder, save_tiny_encoder,
                                  write_jsonl)

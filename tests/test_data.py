@@ -370,7 +370,7 @@ def test_installed_fortunes():
 
 def test_max_examples_takes_a_seeded_sample_not_the_head():
     """A file sorted by label (like the tweet corpus) must not yield one class when capped to N records."""
-    from minift.batches import take_subset
+    from minift.train.batches import take_subset
     from minift.data import Record
 
     records = [Record({"text": f"t{i}", "label": "neg" if i < 50 else "pos"}, f"f.jsonl:{i + 1}") for i in range(100)]

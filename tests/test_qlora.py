@@ -1,4 +1,4 @@
-"""QLoRA (minift/quant/qlora.py): LoRA on a frozen NF4 base, training, merging, export, and the CLI method.
+"""QLoRA (minift/peft/qlora.py): LoRA on a frozen NF4 base, training, merging, export, and the CLI method.
 
 What is checked, on a tiny Llama-style model built here:
   * a few AdamW steps lower the loss; the NF4 base (codes and scales), the embedding and the norms do not
@@ -25,9 +25,10 @@ from safetensors import safe_open
 
 import minift
 from minift.config import ModelConfig
-from minift.methods import METHODS
+from minift.train.methods import METHODS
 from minift.peft import LoRALinear, save_adapter
-from minift.quant import NF4Linear, export_merged, merge_qlora, merge_qlora_into_nf4, prepare_qlora
+from minift.peft.qlora import export_merged, merge_qlora, merge_qlora_into_nf4, prepare_qlora
+from minift.quant import NF4Linear
 from tests.train_helpers import save_tiny_decoder, single_thread  # noqa: F401  (autouse: one torch thread)
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "qlora_tweets_lm.toml"
@@ -259,7 +260,7 @@ def test_a_small_update_is_erased_by_requantization():
 
 
 def test_qlora_is_a_trainer_method():
-    assert "qlora" in METHODS, "register prepare_qlora in minift/methods.py (METHODS['qlora'])"
+    assert "qlora" in METHODS, "register prepare_qlora in minift/train/methods.py (METHODS['qlora'])"
 
 
 def test_finetune_command_with_the_qlora_config(tmp_path, capsys):

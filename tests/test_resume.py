@@ -1,4 +1,4 @@
-"""Checkpoints and resume (minift/checkpoint.py, minift/train.py): a resumed run is the uninterrupted run.
+"""Checkpoints and resume (minift/train/checkpoint.py, minift/train/loop.py): a resumed run is the uninterrupted run.
 
 "The same" means bit for bit on the CPU in float32: every logged loss and every final weight, with dropout,
 gradient accumulation, a slanted triangular schedule, weight decay, length-grouped shuffling over several
@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import minift.io.hf
-import minift.train as train
-from minift import checkpoint as ckpt
+import minift.train.loop as train
+from minift.train import checkpoint as ckpt
 from minift.train import fit, read_metrics, setup
 from tests.train_helpers import (ALPACA, SENTENCES, run_config, save_tiny_decoder, save_tiny_encoder,
                                  write_jsonl)

@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 
 import minift
-from minift import checkpoint as ckpt
+from minift.train import checkpoint as ckpt
 from minift.losses import token_loss_sum
-from minift.methods import METHODS, prepare_method
+from minift.train.methods import METHODS, prepare_method
 from minift.model import KVCache
-from minift.peft.adapters import (AdapterConfig, add_adapters, adapter_modules, adapters_disabled, load_adapters,
+from minift.peft.bottleneck import (AdapterConfig, add_adapters, adapter_modules, adapters_disabled, load_adapters,
                                   remove_adapters, save_adapters)
 from minift.peft.features import FeatureClassifier, extract_features, train_head
 from minift.peft.freezing import freeze_bottom, train_output_only, trainable_report
 from minift.peft.prompt_tuning import add_prompt_tuning, extend_labels, load_prompt, remove_prompt_tuning, save_prompt
-from minift.tasks import build_task_model
+from minift.train.tasks import build_task_model
 from minift.train import fit, read_metrics, setup
 from tests.train_helpers import (SENTENCES, SENTIMENT, run_config, save_tiny_encoder,
                                  single_thread, tiny_decoder, tiny_encoder, word_tokenizer, write_jsonl)
@@ -431,7 +431,7 @@ def test_each_method_trains_through_the_config_and_checkpoints_only_its_tensors(
 
 
 def test_a_toml_method_table_selects_the_strategy_and_its_options(tmp_path):
-    from minift.run_config import load_run_config
+    from minift.train.run_config import load_run_config
 
     path = tmp_path / "run.toml"
     path.write_text('[method]\nname = "adapters"\nbottleneck = 4\nplacement = "pfeiffer"\ntrain_norms = false\n')

@@ -1,4 +1,4 @@
-"""The training loop (minift/train.py): accumulation, EOS learning, loss going down, precision, bad input.
+"""The training loop (minift/train/loop.py): accumulation, EOS learning, loss going down, precision, bad input.
 
 Tiny random models (2 layers, width 32) and word-level tokenizers built here keep each test well under a
 second or two; one test fine-tunes the bundled SmolLM2-135M for a few steps.
@@ -12,7 +12,7 @@ import torch
 import minift
 from minift.data import collate, tokenize_records
 from minift.losses import token_loss_sum
-from minift.tasks import build_task_model, text_windows
+from minift.train.tasks import build_task_model, text_windows
 from minift.train import NonFiniteLossError, accumulate_gradients, fit, read_metrics, setup
 from tests.train_helpers import (SENTENCES, SENTIMENT, run_config, save_tiny_decoder, save_tiny_encoder,
                                  tiny_decoder, word_tokenizer, write_jsonl)
@@ -168,7 +168,7 @@ def test_gradual_unfreezing_keeps_lower_groups_still_and_discriminative_rates(tm
 
 
 def test_early_stopping_stops_after_patience_evaluations(tmp_path, monkeypatch):
-    import minift.train as train
+    import minift.train.loop as train
 
     model_dir = save_tiny_decoder(tmp_path / "model")
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": s} for s in SENTENCES])

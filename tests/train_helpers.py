@@ -99,7 +99,7 @@ def save_tiny_encoder(directory: Path, extra_texts: list[str] = (), seed: int = 
 
 def run_config(model_dir: Path, train_file: Path | str, output_dir: Path, *overrides: str):
     """A RunConfig for a tiny, quiet run; `overrides` are --set strings applied after the defaults."""
-    from minift.run_config import RunConfig, apply_override
+    from minift.train.run_config import RunConfig, apply_override
 
     config = RunConfig()
     defaults = [f"model.source={model_dir}", f"data.train={train_file}", f"train.output_dir={output_dir}",

@@ -16,7 +16,7 @@
 # parameters) and the bundled tweet sentiment corpus (negative / neutral / positive). The paper's model was
 # an LSTM language model (AWD-LSTM); ours is a BERT-style encoder, so its language-model objective is
 # BERT's masked LM (`[task] kind = "masked_lm"`) instead of next-word prediction. The three classifier
-# techniques are fields of `[train]` (minift/run_config.py), implemented in minift/schedules.py:
+# techniques are fields of `[train]` (minift/train/run_config.py), implemented in minift/schedules.py:
 #
 #     discriminative_factor = 2.6          each lower layer group learns 2.6x slower than the one above
 #     schedule = "slanted_triangular"      short linear climb (cut_frac of the steps), long linear descent
@@ -48,7 +48,7 @@ from minift.machine import describe_machine
 from minift.data import collate, read_records, tokenize_records
 from minift.datasets import TWEET_LABELS, load_tweet_sentiment
 from minift.icl import classification_report
-from minift.run_config import RunConfig, to_toml
+from minift.train.run_config import RunConfig, to_toml
 from minift.schedules import layer_groups
 from minift.train import eval_batches, evaluate, fit, read_metrics, setup
 
@@ -132,7 +132,7 @@ for index, (name, params) in enumerate(zip(GROUP_NAMES, groups)):
 # %% [markdown]
 # ## 3. Stage 2: target-domain masked-LM fine-tuning
 # The task is BERT's cloze: 15% of the tokens are picked, 80% of those become [MASK], 10% a random token,
-# 10% stay, and the model is scored on recovering them (`minift.losses.mask_tokens`, `minift/tasks.py`).
+# 10% stay, and the model is scored on recovering them (`minift.losses.mask_tokens`, `minift/train/tasks.py`).
 # The new `MLMHead` is dense -> GELU -> LayerNorm -> a decoder tied to the input embeddings.
 #
 # A fair "before" number needs care: with a random head the loss is about ln(30,522) = 10.3 whatever the

@@ -25,7 +25,7 @@ import torch
 
 import minift
 from minift.data import alpaca_prompt, read_records, tokenize_example
-from minift.run_config import RunConfig, to_toml
+from minift.train.run_config import RunConfig, to_toml
 from minift.train import fit, read_metrics, setup
 
 FAST = os.environ.get("MINIFT_FAST") == "1"

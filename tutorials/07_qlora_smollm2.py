@@ -32,7 +32,8 @@ from minift.config import ModelConfig
 from minift.io.bundled import resolve_bundled
 from minift.io.gguf import config_from_gguf, read_gguf
 from minift.peft import disable_adapters
-from minift.quant import NF4Linear, merge_qlora, merge_qlora_into_nf4, nf4_nbytes, prepare_qlora
+from minift.peft.qlora import merge_qlora, merge_qlora_into_nf4, prepare_qlora
+from minift.quant import NF4Linear, nf4_nbytes
 
 FAST = os.environ.get("MINIFT_FAST") == "1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -175,7 +176,7 @@ import minift
 from minift.datasets import load_tweet_sentiment
 from minift.losses import next_token_loss
 from minift.peft import LoRAConfig, add_lora
-from minift.quant import merge_qlora, merge_qlora_into_nf4, prepare_qlora
+from minift.peft.qlora import merge_qlora, merge_qlora_into_nf4, prepare_qlora
 from minift.quant.linear import model_storage
 
 settings = json.loads(sys.argv[1])

@@ -45,10 +45,10 @@ from minift.machine import describe_machine
 from minift.data import collate, read_records, tokenize_records
 from minift.datasets import TWEET_LABELS, load_tweet_sentiment
 from minift.icl import classification_report
-from minift.methods import prepare_method
+from minift.train.methods import prepare_method
 from minift.peft.features import FeatureClassifier, extract_features
 from minift.peft.freezing import trainable_report
-from minift.run_config import RunConfig, to_toml
+from minift.train.run_config import RunConfig, to_toml
 from minift.train import fit, setup
 
 FAST = os.environ.get("MINIFT_FAST") == "1"
@@ -112,7 +112,7 @@ print(f"backbone total: {BACKBONE_PARAMS:,}")
 
 # %% [markdown]
 # ## 3. The strategies as `[method]` tables
-# Every strategy is a registered method (`minift.methods.METHODS`), chosen by name in the run config.
+# Every strategy is a registered method (`minift.train.methods.METHODS`), chosen by name in the run config.
 # What "last layer" means depends on the model. For a decoder, `output_only` trains the output layer
 # (`lm_head`). An encoder like MiniLM has no `lm_head` — its output layer *is* the task head, which trains
 # in every strategy — and minift refuses rather than silently training nothing:

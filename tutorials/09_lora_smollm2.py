@@ -33,10 +33,10 @@ from safetensors import safe_open
 
 import minift
 from minift.machine import describe_machine
-from minift.batches import split_records
+from minift.train.batches import split_records
 from minift.data import alpaca_prompt, read_records
 from minift.peft import LoRAConfig, add_lora, find_targets, load_adapter, lora_layers, merge_lora, save_adapter
-from minift.run_config import RunConfig
+from minift.train.run_config import RunConfig
 from minift.train import fit, read_metrics, setup
 
 FAST = os.environ.get("MINIFT_FAST") == "1"

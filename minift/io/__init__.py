@@ -70,7 +70,7 @@ def load(source: str | Path, dtype: torch.dtype | None = None, device=None):
         config_file = path / "config.json"
         raw = hf.read_json_file(config_file, "a Hugging Face model directory needs config.json")
         if "quantization_config" in raw:  # a 4-bit directory (minift quantize, or transformers + bitsandbytes)
-            from minift.quant.files import load_quantized
+            from minift.io.nf4dir import load_quantized
 
             model, tokenizer = load_quantized(path)
         else:

@@ -1,4 +1,4 @@
-"""The non-LoRA fine-tuning strategies as `[method]` entries of a run config (see minift/methods.py).
+"""The non-LoRA fine-tuning strategies as `[method]` entries of a run config (see minift/train/methods.py).
 
 Lesson
 ------
@@ -14,7 +14,7 @@ the module that implements it; this file only reads the TOML options and returns
     "features"       peft/freezing.py      nothing: only the task head learns,     head only / Hugging Face dir
                                            on deterministic (dropout-free) features
 
-("full" is minift/methods.py's own; the end of that file registers these names.) Options, with defaults:
+("full" is minift/train/methods.py's own; the end of that file registers these names.) Options, with defaults:
 
     [method]                          [method]                     [method]
     name = "adapters"                 name = "prompt_tuning"       name = "partial"
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from minift.methods import MethodPlan, export_full, reject_unknown_options
-from minift.peft.adapters import AdapterConfig, add_adapters, save_adapters
+from minift.train.methods import MethodPlan, export_full, reject_unknown_options
+from minift.peft.bottleneck import AdapterConfig, add_adapters, save_adapters
 from minift.peft.freezing import TrainableReport, freeze_all, freeze_bottom, train_output_only
 from minift.peft.prompt_tuning import add_prompt_tuning, save_prompt
 
@@ -47,7 +47,7 @@ def _plan(report: TrainableReport, description: str, export) -> MethodPlan:
 
 
 def export_adapters(model: nn.Module, tokenizer, directory: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors (load with minift.peft.adapters.load_adapters)."""
+    """adapter_config.json + adapter_model.safetensors (load with minift.peft.bottleneck.load_adapters)."""
     save_adapters(model, directory)
 
 

@@ -23,7 +23,7 @@ checkpoint must contain and, optionally, how to export the result (full: a Huggi
 a PEFT adapter directory).
 
 To add a method, write `prepare_<name>(model, options) -> MethodPlan` below (importing its package inside
-the function keeps `import minift.methods` light) and add it to `METHODS`; code outside minift can call
+the function keeps `import minift.train.methods` light) and add it to `METHODS`; code outside minift can call
 `register_method("<name>", prepare_<name>)` instead.
 """
 
@@ -91,7 +91,7 @@ def prepare_method(name: str, model: nn.Module, options: dict) -> MethodPlan:
 
 # ----------------------------------------------------------------------------------------------------
 # Strategies from minift/peft/strategies.py (bottleneck adapters, prompt tuning, partial, output-only and
-# feature-based fine-tuning). Imported only when used, which keeps `import minift.methods` light.
+# feature-based fine-tuning). Imported only when used, which keeps `import minift.train.methods` light.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -110,7 +110,7 @@ for _name in ("adapters", "prompt_tuning", "partial", "output_only", "features")
 
 
 # ----------------------------------------------------------------------------------------------------
-# LoRA (minift/peft) and QLoRA (minift/quant/qlora.py): [method] name = "lora" | "qlora", with the keys
+# LoRA (minift/peft) and QLoRA (minift/peft/qlora.py): [method] name = "lora" | "qlora", with the keys
 # r, alpha, dropout, targets, use_rslora, use_dora, init (and for QLoRA blocksize, double_quant, ...).
 # ----------------------------------------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ for _name in ("adapters", "prompt_tuning", "partial", "output_only", "features")
 def prepare_lora(model: nn.Module, options: dict) -> MethodPlan:
     """Swap the target Linear layers for LoRALinear; checkpoints and the export hold the adapter only."""
     from minift.peft import add_lora, save_adapter
-    from minift.quant.qlora import LORA_OPTIONS, lora_config_from_options
+    from minift.peft.qlora import LORA_OPTIONS, lora_config_from_options
 
     reject_unknown_options("lora", options, LORA_OPTIONS)
     config = lora_config_from_options(options)
@@ -133,7 +133,7 @@ def prepare_lora(model: nn.Module, options: dict) -> MethodPlan:
 
 
 def prepare_qlora(model: nn.Module, options: dict) -> MethodPlan:
-    from minift.quant.qlora import prepare_qlora as prepare
+    from minift.peft.qlora import prepare_qlora as prepare
 
     return prepare(model, options)
 

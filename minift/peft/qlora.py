@@ -24,7 +24,7 @@ adapters on every linear layer are what it takes to match 16-bit fine-tuning, so
 "all-linear" here. (The paper's third idea, paged optimizers that spill Adam state to CPU memory under
 pressure, is a CUDA unified-memory feature that minift does not reproduce.)
 
-`prepare_qlora` is the `[method] name = "qlora"` entry of the trainer (minift/methods.py): quantize_model,
+`prepare_qlora` is the `[method] name = "qlora"` entry of the trainer (minift/train/methods.py): quantize_model,
 then add_lora on the NF4Linear layers (LoRALinear keeps an NF4Linear whole as its `base`). Options:
 
     r, alpha, dropout, targets, use_rslora, use_dora, init    as LoRAConfig (targets default "all-linear")
@@ -113,7 +113,7 @@ def prepare_qlora(model: nn.Module, options: dict):
     Returns the trainer's MethodPlan: checkpoints hold only the adapter tensors, and the export is a
     merged Hugging Face directory (merge_qlora into `export_dtype`).
     """
-    from minift.methods import MethodPlan, reject_unknown_options, trainable_names
+    from minift.train.methods import MethodPlan, reject_unknown_options, trainable_names
 
     reject_unknown_options("qlora", options, LORA_OPTIONS + QUANT_OPTIONS)
     lora = lora_config_from_options(options)

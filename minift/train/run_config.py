@@ -14,7 +14,7 @@ where they are declared (so `help(TrainConfig)` is the manual):
 A TOML file fills these in; `--set section.field=value` changes one field from the command line,
 converted to the field's declared type (int, float, bool, str, a list, or None), and an unknown section
 or field is an error that lists what exists. Only `[method]` is open-ended: every key other than `name`
-is handed to the method (minift/methods.py), which checks it.
+is handed to the method (minift/train/methods.py), which checks it.
 
     [train]                                  --set train.lr=3e-4 --set train.max_steps=100
     lr = 1e-4                                --set data.train=my.jsonl --set method.r=16
@@ -75,7 +75,7 @@ class DataSection:
 
 @dataclass
 class TrainConfig:
-    """[train]: the loop in minift/train.py. Steps count optimizer updates, not micro-batches."""
+    """[train]: the loop in minift/train/loop.py. Steps count optimizer updates, not micro-batches."""
 
     output_dir: str = "runs/finetune"  # run directory: config.toml, metrics.jsonl, checkpoints/, final/
     seed: int = 0  # fixes everything: weight init of new heads, data order, dropout, masking
@@ -111,7 +111,7 @@ class TrainConfig:
 
 @dataclass
 class MethodSection:
-    """[method]: which weights train. `name` picks a function from minift.methods.METHODS; the other keys
+    """[method]: which weights train. `name` picks a function from minift.train.methods.METHODS; the other keys
     of the table are that method's options (e.g. r, alpha, targets for "lora")."""
 
     name: str = "full"
@@ -129,7 +129,7 @@ class RunConfig:
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
 PATH_FIELDS = {("model", "source"), ("data", "train"), ("data", "validation"), ("train", "output_dir")}
-BUNDLED_DATASETS = ("tweet-sentiment", "fortunes")  # names minift/batches.py reads (not file paths)
+BUNDLED_DATASETS = ("tweet-sentiment", "fortunes")  # names minift/train/batches.py reads (not file paths)
 
 # ----------------------------------------------------------------------------------------------------
 # Reading

@@ -41,12 +41,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from minift import checkpoint as ckpt
-from minift.batches import BatchStream, load_datasets
-from minift.methods import MethodPlan, prepare_method
-from minift.run_config import RunConfig, TrainConfig, to_toml
+from minift.train import checkpoint as ckpt
+from minift.train.batches import BatchStream, load_datasets
+from minift.train.methods import MethodPlan, prepare_method
+from minift.train.run_config import RunConfig, TrainConfig, to_toml
 from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
-from minift.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head, summarize,
+from minift.train.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head, summarize,
                           to_device)
 
 METRICS = "metrics.jsonl"
@@ -450,7 +450,7 @@ def export(run: Run) -> Path | None:
 def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[TaskModel, object, RunConfig, list[str] | None]:
     """Rebuild a run's model from its config.toml and latest checkpoint (any method): for evaluation."""
     from minift.io import load
-    from minift.run_config import load_run_config
+    from minift.train.run_config import load_run_config
 
     run_dir = Path(run_dir)
     latest = ckpt.latest_checkpoint(run_dir)

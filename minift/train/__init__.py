@@ -1,0 +1,34 @@
+"""minift.train: the training engine — one loop that every method, task and tutorial goes through.
+
+    run_config.py   RunConfig: the [model] [task] [data] [train] [method] tables of a TOML file, validated
+    methods.py      the one method registry: [method] name -> typed options -> which weights train
+    tasks.py        what is learned: causal LM, masked LM, classification (the head and the loss)
+    batches.py      records -> token ids -> padded / packed micro-batches, in a resumable order
+    checkpoint.py   atomic checkpoints: weights, optimizer, schedule, RNG, data position
+    loop.py         setup -> fit -> evaluate
+
+    from minift.train import setup, fit
+    from minift.train.run_config import load_run_config
+    run = setup(load_run_config("configs/lora_sft_alpaca.toml", ["train.max_steps=20"]))
+    fit(run)
+"""
+
+from minift.train.loop import (
+    NonFiniteLossError,
+    Run,
+    accumulate_gradients,
+    build_optimizer,
+    eval_batches,
+    evaluate,
+    fit,
+    load_trained,
+    optimizer_step,
+    read_metrics,
+    resolve_device,
+    setup,
+)
+
+__all__ = [
+    "NonFiniteLossError", "Run", "accumulate_gradients", "build_optimizer", "eval_batches", "evaluate", "fit",
+    "load_trained", "optimizer_step", "read_metrics", "resolve_device", "setup",
+]
