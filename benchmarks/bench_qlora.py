@@ -5,7 +5,7 @@ key-value heads, MLP 1536, vocab 49152, tied embeddings) with random weights: it
 NF4 (blocksize 64, double quantization), LoRA r = 8, alpha = 16 on every linear layer but lm_head, AdamW on
 the adapters, next-token cross-entropy on every token of a B x T batch. Three providers:
 
-    minift         minift.load(dir) + prepare_qlora(model, {...}): NF4Linear under LoRALinear
+    minift         minift.load(dir) + prepare_method("qlora", model, {...}): NF4Linear under LoRALinear
     bnb            transformers from_pretrained(dir, quantization_config=BitsAndBytesConfig(load_in_4bit, nf4,
                    double quant)) + peft.get_peft_model(LoraConfig(target_modules="all-linear"))
     minift-dense   minift LoRA on the float32 base, no quantization: what NF4 adds to a plain LoRA step
@@ -81,7 +81,7 @@ import torch  # noqa: E402
 
 SHAPE = dict(vocab=49152, dim=576, heads=9, kv_heads=3, hidden=1536)
 LORA_R, LORA_ALPHA = 8, 16
-PROVIDERS = {"minift": "minift NF4 + LoRA (prepare_qlora)", "bnb": "transformers + PEFT + bitsandbytes NF4",
+PROVIDERS = {"minift": "minift NF4 + LoRA (the qlora method)", "bnb": "transformers + PEFT + bitsandbytes NF4",
              "minift-dense": "minift LoRA on the float32 base (no NF4)"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEQUANTIZE_EVENTS = {"minift NF4 dequantize", "bitsandbytes::dequantize_4bit", "bitsandbytes::dequantize_blockwise"}
@@ -111,12 +111,12 @@ def build(provider: str, directory: str, compute_dtype: str):
     if provider in ("minift", "minift-dense"):
         import minift
         from minift.peft import LoRAConfig, add_lora
-        from minift.peft.qlora import prepare_qlora
+        from minift.train.methods import prepare_method
         from minift.train.tasks import build_task_model
 
         model, _ = minift.load(directory)
         if provider == "minift":
-            prepare_qlora(model, {"r": LORA_R, "alpha": LORA_ALPHA, "targets": "all-linear", "blocksize": 64,
+            prepare_method("qlora", model, {"r": LORA_R, "alpha": LORA_ALPHA, "targets": "all-linear", "blocksize": 64,
                                   "double_quant": True, "compute_dtype": compute_dtype})
         else:
             add_lora(model, LoRAConfig(r=LORA_R, alpha=LORA_ALPHA, targets="all-linear"))

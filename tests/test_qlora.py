@@ -25,10 +25,10 @@ from safetensors import safe_open
 
 import minift
 from minift.config import ModelConfig
-from minift.train.methods import METHODS
 from minift.peft import LoRALinear, save_adapter
-from minift.peft.qlora import export_merged, merge_qlora, merge_qlora_into_nf4, prepare_qlora
+from minift.peft.qlora import export_merged, merge_qlora, merge_qlora_into_nf4
 from minift.quant import NF4Linear
+from minift.train.methods import METHODS, parse_method_options, prepare_method
 from tests.train_helpers import save_tiny_decoder, single_thread  # noqa: F401  (autouse: one torch thread)
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "qlora_tweets_lm.toml"
@@ -68,7 +68,7 @@ def nf4_state(model) -> dict[str, torch.Tensor]:
 def trained():
     """A QLoRA model after 25 AdamW steps on one fixed batch, with its losses and the state before training."""
     model = tiny_model()
-    plan = prepare_qlora(model, {"r": 8, "alpha": 16})
+    plan = prepare_method("qlora", model, {"r": 8, "alpha": 16})
     ids = batch()
     before = {"nf4": nf4_state(model),
               "dense": {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}}
@@ -130,17 +130,26 @@ def test_only_lora_tensors_are_trainable_checkpointed_and_saved(trained, tmp_pat
     assert len(keys) == 2 * 14 and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
 
 
-def test_options_are_checked():
-    with pytest.raises(ValueError, match=r"\[method\] 'qlora': unknown option\(s\) rank"):
-        prepare_qlora(tiny_model(), {"rank": 8})
-    with pytest.raises(ValueError, match="compute_dtype = 'fp8'; expected one of float32, bfloat16, float16"):
-        prepare_qlora(tiny_model(), {"compute_dtype": "fp8"})
-    with pytest.raises(ValueError, match="double_quant must be true or false"):
-        prepare_qlora(tiny_model(), {"double_quant": "yes"})
+def test_options_are_checked_before_the_model_changes():
+    model = tiny_model()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"unknown field method\.blocksiz \(did you mean 'blocksize'\?\)"):
+        prepare_method("qlora", model, {"blocksiz": 8})
+    with pytest.raises(ValueError, match="method.compute_dtype = 'fp8'; expected one of float32, bfloat16, float16"):
+        prepare_method("qlora", model, {"compute_dtype": "fp8"})
+    with pytest.raises(ValueError, match="method.double_quant: expected bool, got 'maybe'"):
+        prepare_method("qlora", model, {"double_quant": "maybe"})
     with pytest.raises(ValueError, match="LoRAConfig.r must be a positive integer"):
-        prepare_qlora(tiny_model(), {"r": 0})
+        prepare_method("qlora", model, {"r": 0})
     with pytest.raises(ValueError, match="blocksize=48 is not supported"):
-        prepare_qlora(tiny_model(), {"blocksize": 48})
+        prepare_method("qlora", model, {"blocksize": 48})
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # untouched by a bad config
+
+
+def test_qlora_and_lora_keep_their_own_defaults():
+    lora, qlora = parse_method_options("lora", {}), parse_method_options("qlora", {})
+    assert lora.targets == ["q_proj", "v_proj"]  # Hu et al. 2021, section 7.1
+    assert qlora.targets == "all-linear"  # Dettmers et al. 2023, section 4
 
 
 @torch.no_grad()
@@ -232,10 +241,10 @@ def code_agreement(before: dict, after: dict) -> float:
 def test_a_small_update_is_erased_by_requantization():
     """10 steps at lr 1e-4 move weights by well under half a code step: every weight rounds back to its old
     code, so the re-quantized model is the *base* model again, not the fine-tuned one."""
-    from minift.peft import disable_adapters
+    from minift.peft import disabled_adapters
 
     model = tiny_model(seed=3)
-    prepare_qlora(model, {"r": 8, "alpha": 16})
+    prepare_method("qlora", model, {"r": 8, "alpha": 16})
     ids = batch()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for _ in range(10):
@@ -245,7 +254,7 @@ def test_a_small_update_is_erased_by_requantization():
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     tuned = model(ids)  # (B, T, V)
-    with disable_adapters(model):
+    with disabled_adapters(model):
         base = model(ids)
     assert (tuned - base).abs().max() > 1e-3  # the adapters did change the model
     before = nf4_state(model)
@@ -260,7 +269,7 @@ def test_a_small_update_is_erased_by_requantization():
 
 
 def test_qlora_is_a_trainer_method():
-    assert "qlora" in METHODS, "register prepare_qlora in minift/train/methods.py (METHODS['qlora'])"
+    assert "qlora" in METHODS, "register qlora in minift/train/methods.py (METHODS['qlora'])"
 
 
 def test_finetune_command_with_the_qlora_config(tmp_path, capsys):

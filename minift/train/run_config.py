@@ -13,8 +13,10 @@ where they are declared (so `help(TrainConfig)` is the manual):
 
 A TOML file fills these in; `--set section.field=value` changes one field from the command line,
 converted to the field's declared type (int, float, bool, str, a list, or None), and an unknown section
-or field is an error that lists what exists. Only `[method]` is open-ended: every key other than `name`
-is handed to the method (minift/train/methods.py), which checks it.
+or field is an error that lists what exists (minift/train/fields.py). `[method]` works the same way, except
+that its fields depend on `name`: every key other than `name` is an option of that method, declared by the
+method's own options dataclass in the registry (minift/train/methods.py) and checked when the file is read,
+before any model is loaded.
 
     [train]                                  --set train.lr=3e-4 --set train.max_steps=100
     lr = 1e-4                                --set data.train=my.jsonl --set method.r=16
@@ -28,12 +30,13 @@ current directory. The resolved configuration (absolute paths) is written to the
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from minift.train.fields import check_field, coerce, field_names, field_type, suggest
+from minift.train.methods import METHODS, parse_method_options
 
 
 @dataclass
@@ -95,6 +98,8 @@ class TrainConfig:
     cut_frac: float = 0.1  # slanted_triangular: fraction of steps spent increasing the LR
     stlr_ratio: float = 32.0  # slanted_triangular: how much smaller the lowest LR is than the peak
     discriminative_factor: float = 1.0  # ULMFiT: each lower layer group gets lr / factor (2.6 in the paper); 1 = off
+    layer_groups: int = 5  # ULMFiT: layer groups in all: the task head alone on top, embeddings + blocks cut into
+    #                        N - 1 runs below it; the bottom group learns at lr / factor^(N-1) (minift/schedules.py)
     gradual_unfreezing: int = 0  # ULMFiT: unfreeze one more layer group (top down) every N steps; 0 = off
     max_grad_norm: float | None = 1.0  # clip the global gradient norm; None = no clipping
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
@@ -111,8 +116,8 @@ class TrainConfig:
 
 @dataclass
 class MethodSection:
-    """[method]: which weights train. `name` picks a function from minift.train.methods.METHODS; the other keys
-    of the table are that method's options (e.g. r, alpha, targets for "lora")."""
+    """[method]: which weights train. `name` picks an entry of minift.train.methods.METHODS; the other keys
+    of the table are that method's options (e.g. r, alpha, targets for "lora"), typed by its options class."""
 
     name: str = "full"
     options: dict[str, Any] = field(default_factory=dict)
@@ -150,7 +155,18 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
         config = from_dict(raw, where=str(path), base_dir=path.parent)
     for item in overrides:
         apply_override(config, item)
+    validate_method(config.method, where=str(path) if path is not None else "--set")
     return config
+
+
+def validate_method(method: MethodSection, where: str = "[method]"):
+    """Check [method] against the registry; keeps the options as given, converted to their declared types.
+
+    Returns the method's typed options instance (what the trainer hands to the method's prepare function).
+    """
+    parsed = parse_method_options(method.name, method.options, where)
+    method.options = {key: getattr(parsed, key) for key in method.options}
+    return parsed
 
 
 def from_dict(raw: dict, where: str = "config", base_dir: Path | None = None) -> RunConfig:
@@ -158,20 +174,17 @@ def from_dict(raw: dict, where: str = "config", base_dir: Path | None = None) ->
     config = RunConfig()
     for section, table in raw.items():
         if section not in SECTIONS:
-            raise ValueError(f"{where}: unknown table [{section}]{_suggest(section, SECTIONS)}; "
+            raise ValueError(f"{where}: unknown table [{section}]{suggest(section, SECTIONS)}; "
                              f"tables are {', '.join(f'[{s}]' for s in SECTIONS)}")
         if not isinstance(table, dict):
             raise ValueError(f"{where}: {section!r} must be a table [{section}], got {type(table).__name__}")
         target = getattr(config, section)
         for key, value in table.items():
-            if section == "method" and key != "name":  # open-ended: the method checks its own options
-                if key == "options" and isinstance(value, dict):
-                    target.options.update(value)
-                else:
-                    target.options[key] = value
+            if section == "method" and key != "name":  # the method's own options: checked by validate_method
+                target.options[key] = value
                 continue
-            _check_field(target, section, key, where)
-            value = _coerce(value, _field_type(target, key), f"{where}: {section}.{key}")
+            check_field(target, section, key, where)
+            value = coerce(value, field_type(target, key), f"{where}: {section}.{key}")
             if base_dir is not None and (section, key) in PATH_FIELDS and value:
                 value = resolve_path(value, base_dir)
             setattr(target, key, value)
@@ -188,14 +201,16 @@ def apply_override(config: RunConfig, item: str) -> None:
         raise ValueError(f"{where}: expected section.field=value, e.g. train.lr=3e-4")
     section, name = key.strip().split(".", 1)
     if section not in SECTIONS:
-        raise ValueError(f"{where}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
+        raise ValueError(f"{where}: unknown section {section!r}{suggest(section, SECTIONS)}; "
                          f"sections are {', '.join(SECTIONS)}")
     target = getattr(config, section)
-    if section == "method" and name != "name":
-        target.options[name.removeprefix("options.")] = parse_literal(text)
-        return
-    _check_field(target, section, name, where)
-    setattr(target, name, _coerce(text.strip(), _field_type(target, name), where))
+    if section == "method" and name != "name":  # the method's option: typed by its options class
+        method = METHODS.get(target.name)
+        known = method is not None and name in field_names(method.options)
+        target.options[name] = coerce(text.strip(), field_type(method.options, name), where) if known else text.strip()
+        return  # an unknown option is reported, with suggestions, by validate_method
+    check_field(target, section, name, where)
+    setattr(target, name, coerce(text.strip(), field_type(target, name), where))
 
 
 def resolve_path(value: str, base_dir: Path) -> str:
@@ -205,74 +220,6 @@ def resolve_path(value: str, base_dir: Path) -> str:
     if value in BUNDLED_NAMES or value in BUNDLED_DATASETS or Path(value).is_absolute():
         return value
     return str((base_dir / value).resolve())
-
-
-def parse_literal(text: str) -> Any:
-    """A --set value for an open-ended key: read it as a TOML value (3, 0.1, true, ["q", "v"]), else a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _check_field(target, section: str, name: str, where: str) -> None:
-    names = [f.name for f in dataclasses.fields(target)]
-    if name not in names:
-        raise ValueError(f"{where}: unknown field {section}.{name}{_suggest(name, names)}; "
-                         f"[{section}] has {', '.join(names)}")
-
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _field_type(target, name: str):
-    return typing.get_type_hints(type(target))[name]
-
-
-def _coerce(value: Any, annotation, where: str) -> Any:
-    """Convert a TOML value or a --set string to the declared type; a mismatch is an error naming the field."""
-    args = typing.get_args(annotation)
-    optional = type(None) in args
-    inner = [a for a in args if a is not type(None)][0] if optional else annotation
-    if isinstance(value, str) and optional and value.strip().lower() in ("none", "null", ""):
-        return None
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{where}: may not be empty")
-    origin = typing.get_origin(inner)
-    try:
-        if inner is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-                return value.lower() in ("true", "yes", "1", "on")
-            raise ValueError
-        if inner is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if inner is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if inner is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if origin is list:
-            if isinstance(value, str):
-                parsed = parse_literal(value)
-                value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
-            if not isinstance(value, list):
-                raise ValueError
-            return [str(v) for v in value]
-    except (TypeError, ValueError):
-        kind = getattr(inner, "__name__", str(inner))
-        raise ValueError(f"{where}: expected {kind}{' or none' if optional else ''}, got {value!r}") from None
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------
