@@ -23,7 +23,8 @@ so small gradients do not underflow (GPU only). One seed fixes the head's init, 
 permutation per epoch from seed + epoch), dropout and masking; a checkpoint stores all of their states,
 so a resumed run reproduces the uninterrupted one bit for bit on the CPU.
 
-Run directory:  config.toml  metrics.jsonl  checkpoints/step-NNNNNN/  final/ (the exported model)
+Run directory:  config.toml  metrics.jsonl  training.svg (loss, eval, learning rate per step; minift/svg_chart.py)
+                checkpoints/step-NNNNNN/  final/ (the exported model)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from minift.train.batches import BatchStream, load_datasets
 from minift.train.methods import MethodPlan, prepare_method
 from minift.train.run_config import RunConfig, TrainConfig, to_toml
 from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
+from minift.svg_chart import write_training_chart
 from minift.train.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head, summarize,
                           to_device)
 
@@ -338,6 +340,7 @@ def fit(run: Run) -> dict:
         if train.save_checkpoints and ((train.save_every and step % train.save_every == 0) or at_end):
             save(run)
     bar.close()
+    write_training_chart(run.run_dir / METRICS, run.run_dir / "training.svg")  # warns, never raises
     if train.export:
         export(run)
     return last
