@@ -30,11 +30,35 @@ pretrained language model without wrecking what it already knows, with three ide
    range geometrically instead (`lr_range`, its `slice(lo, hi)`); both give one optimizer param group
    per layer group.
 
-       group:   embeddings   blocks 0-1   blocks 2-3   head
-       lr:      lr/2.6^3     lr/2.6^2     lr/2.6       lr
-
 3. Gradual unfreezing (§3.3). Epoch 0 trains only the top group; each later stage unfreezes the next group
    down, until everything trains. Stage s = epoch // epochs_per_stage trains the top s + 1 groups.
+
+Layer groups. Both tricks need the model cut into a handful of groups, bottom-up. The paper's classifier
+is an AWD-LSTM, and fastai cuts it into 5: the embedding, each of the 3 LSTM layers, and the new
+classifier head on top (its language model into 4: the 3 LSTM layers, then embedding + tied decoder, the
+"head"). `layer_groups` does the same to a transformer:
+
+    top group     the head: whatever turns the last block's hidden states into the task's outputs, alone,
+                  so the first unfreezing stage trains the head only and the block below gets lr / 2.6
+                    classification   the new classifier
+                    masked LM        the MLM head, *with* the embedding matrix its decoder is tied to
+                    causal LM        final norm + lm_head (a tied lm_head *is* the embedding matrix:
+                                     it goes up with the head, as in fastai's language model)
+    body groups   the U units below, in order: the embeddings (those not already in the head), then each
+                  block (the final norm, when the head does not use it, rides with the last block).
+                  With n = layer_groups groups in all, k = min(n - 1, U) body groups; each takes U // k
+                  units and the top U % k groups one more (uneven splits make the upper groups the larger
+                  ones, so MiniLM's embeddings keep a group of their own, like fastai's).
+
+    MiniLM-L6 classifier, n = 5 (U = 7):  embeddings | blocks 0-1 | blocks 2-3 | blocks 4-5 | classifier
+    lr:                                   lr/2.6^4     lr/2.6^3     lr/2.6^2     lr/2.6       lr
+    SmolLM2 causal LM, n = 5 (U = 30, the tied embedding sits in the head):
+                                          blocks 0-6 | 7-13 | 14-21 | 22-29 | norm + lm_head (= embedding)
+
+Five groups by default, like fastai's AWD-LSTM classifier: the bottom rate is then lr / 2.6^4 = lr / 46,
+where one group per block of a 30-layer model would give lr / 2.6^31 ~ 1e-13 lr — weights that cannot move.
+With an adapter method the groups hold what trains (LoRA matrices inside the blocks); the trainer drops a
+group the method froze entirely (a causal LM's head under LoRA), so the top group that trains gets lr.
 
 `warmup_cosine` (linear warmup, then a half cosine, as in transformers' get_cosine_schedule_with_warmup)
 is here so the two can be compared on equal terms.
@@ -129,35 +153,88 @@ def _parameters_of(group: nn.Module | Sequence[nn.Parameter]) -> list[nn.Paramet
     return list(group.parameters()) if isinstance(group, nn.Module) else list(group)
 
 
-def layer_groups(model: nn.Module, blocks_per_group: int = 1) -> list[list[nn.Parameter]]:
-    """Split a minift Transformer bottom-up: [embeddings, blocks (blocks_per_group each) ..., top].
+EMBEDDINGS = ("embed", "pos_embed", "type_embed", "embed_norm")  # the bottom of a minift Transformer
+DEFAULT_LAYER_GROUPS = 5  # fastai's AWD-LSTM classifier: embedding, 3 LSTM layers, head
 
-    embeddings = embed, pos_embed, type_embed, embed_norm (those present); top = norm, lm_head and a
-    classification `head` attached by the trainer. Every parameter lands in exactly one group: a tied
-    lm_head weight *is* the embedding matrix, so it stays with the embeddings. Parameters found nowhere
-    else (a soft prompt, say) join the top group.
+
+def layer_groups(model: nn.Module, n_groups: int = DEFAULT_LAYER_GROUPS,
+                 head: nn.Module | Sequence[nn.Module | nn.Parameter] | None = None) -> list[list[nn.Parameter]]:
+    """Cut a minift Transformer bottom-up into at most `n_groups` layer groups: [body groups ..., head].
+
+    `head` is what the task puts on top of the last block (a classifier, an MLM head), as a module or a
+    list of modules/parameters; None means the model's own output head, final norm + lm_head (a causal LM).
+    The head is claimed first, so a tied embedding matrix (lm_head.weight, the MLM decoder) goes to the
+    top group. The rest, bottom-up, forms U units: the embeddings (what is left of them), then one unit per
+    block, with the final norm and an unused lm_head joining the last block. They are split into
+    k = min(n_groups - 1, U) contiguous body groups of U // k units, the top U % k groups taking one more.
+    Parameters found nowhere else (a soft prompt) join the top group; each parameter lands in exactly one
+    group, and empty groups are dropped. n_groups = 1 puts everything in one group.
     """
-    if blocks_per_group < 1:
-        raise ValueError(f"layer_groups: blocks_per_group must be >= 1, got {blocks_per_group}")
+    if n_groups < 1:
+        raise ValueError(f"layer_groups: n_groups must be >= 1, got {n_groups}")
     if not hasattr(model, "embed") or not hasattr(model, "blocks"):
         raise ValueError("layer_groups: expected a minift Transformer with `embed` and `blocks` attributes")
     seen: set[int] = set()
 
-    def take(modules: list[nn.Module | None]) -> list[nn.Parameter]:
+    def take(parts) -> list[nn.Parameter]:
         params = []
-        for module in modules:
-            for p in module.parameters() if module is not None else []:
+        for part in parts:
+            if part is None:
+                continue
+            for p in [part] if isinstance(part, nn.Parameter) else part.parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
         return params
 
-    bottom = take([getattr(model, name, None) for name in ("embed", "pos_embed", "type_embed", "embed_norm")])
-    blocks = list(model.blocks)
-    middle = [take(blocks[i : i + blocks_per_group]) for i in range(0, len(blocks), blocks_per_group)]
-    top = take([getattr(model, name, None) for name in ("norm", "lm_head", "head")])
+    output = [getattr(model, "norm", None), getattr(model, "lm_head", None)]
+    top = take(output if head is None else [head] if isinstance(head, (nn.Module, nn.Parameter)) else head)
+    embeddings = take([getattr(model, name, None) for name in EMBEDDINGS])
+    units = ([embeddings] if embeddings else []) + [take([block]) for block in model.blocks]
+    tail = take(output)  # the final norm (and an lm_head) the head does not use: after the last block
+    if units:
+        units[-1] += tail
+    else:
+        top += tail
     top += [p for p in model.parameters() if id(p) not in seen]  # anything else: train it with the top
-    return [group for group in [bottom, *middle, top] if group]
+    k = min(n_groups - 1, len(units))
+    if k == 0:
+        return [group for group in [[p for unit in units for p in unit] + top] if group]
+    size, extra = divmod(len(units), k)
+    body, start = [], 0
+    for index in range(k):
+        stop = start + size + (1 if index >= k - extra else 0)  # the top `extra` groups hold one more unit
+        body.append([p for unit in units[start:stop] for p in unit])
+        start = stop
+    return [group for group in [*body, top] if group]
+
+
+def layer_group_names(model: nn.Module, groups: Sequence[Sequence[nn.Parameter]]) -> list[str]:
+    """A short label per group, for logs and tutorials: "embed, pos_embed", "blocks 2-3", "norm, embed=lm_head".
+
+    Names are the modules right under `model` (or under its `backbone`), blocks as a range of indices; a
+    tied matrix shows all its names joined by "=".
+    """
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        parts = name.removeprefix("backbone.").split(".")
+        label = f"blocks.{parts[1]}" if parts[0] == "blocks" else parts[0]
+        if label not in names.setdefault(id(p), []):
+            names[id(p)].append(label)
+    labels = []
+    for group in groups:
+        seen: list[str] = []
+        for p in group:
+            label = "=".join(names.get(id(p), ["?"]))
+            if label not in seen:
+                seen.append(label)
+        blocks = sorted(int(label.split(".")[1]) for label in seen if label.startswith("blocks."))
+        parts = [label for label in seen if not label.startswith("blocks.")]
+        if blocks:  # one entry for the run of blocks, where the first of them came
+            where = next(i for i, label in enumerate(seen) if label.startswith("blocks."))
+            parts.insert(where, f"blocks {blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else f"block {blocks[0]}")
+        labels.append(", ".join(parts))
+    return labels
 
 
 def discriminative_param_groups(
@@ -204,17 +281,20 @@ class GradualUnfreezing:
             ...train one epoch...
 
     Only parameters that were trainable when this object was built are ever touched, so weights frozen on
-    purpose (a LoRA or NF4 base) stay frozen. Frozen parameters get no gradient, and torch optimizers skip
-    parameters whose .grad is None (zero_grad(set_to_none=True), the default), so one optimizer holding all
-    groups works for every stage. For one slanted triangle per stage, use
-    LRScheduler(..., total_steps=steps_per_epoch * epochs_per_stage, cycle=True).
+    purpose (a LoRA or NF4 base, the embeddings under "partial") stay frozen: build it after the method has
+    chosen what trains and before the first apply. A group with nothing trainable (all frozen by the method)
+    is not a stage: stage s thaws the top s + 1 groups that have something to train. Frozen parameters get
+    no gradient, and torch optimizers skip parameters whose .grad is None (zero_grad(set_to_none=True), the
+    default) — no update, no weight decay — so one optimizer holding all groups works for every stage. For
+    one slanted triangle per stage, use LRScheduler(..., total_steps=steps_per_epoch * epochs_per_stage, cycle=True).
     """
 
     def __init__(self, groups: Sequence[nn.Module | Sequence[nn.Parameter]], epochs_per_stage: int = 1) -> None:
         if epochs_per_stage < 1:
             raise ValueError(f"GradualUnfreezing: epochs_per_stage must be >= 1, got {epochs_per_stage}")
-        self.groups = [[p for p in _parameters_of(g) if p.requires_grad] for g in groups]
-        if not any(self.groups):
+        trainable = [[p for p in _parameters_of(g) if p.requires_grad] for g in groups]
+        self.groups = [params for params in trainable if params]  # bottom-up, only groups that can train
+        if not self.groups:
             raise ValueError("GradualUnfreezing: no trainable parameters in any group")
         self.epochs_per_stage = epochs_per_stage
 

@@ -1,7 +1,5 @@
 """ULMFiT schedules: slanted triangular values, discriminative rates, gradual unfreezing, resumable scheduler."""
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -12,6 +10,7 @@ from minift.schedules import (
     GradualUnfreezing,
     LRScheduler,
     discriminative_param_groups,
+    layer_group_names,
     layer_groups,
     lr_range,
     slanted_triangular,
@@ -82,23 +81,59 @@ def tiny_model(n_layers=5, tie=True):
     return Transformer(config)
 
 
-@pytest.mark.parametrize("blocks_per_group", [1, 2, 5])
-def test_layer_groups_cover_each_parameter_once(blocks_per_group):
-    model = tiny_model(n_layers=5)
-    model.head = nn.Linear(16, 3)  # a classification head attached by the trainer
-    groups = layer_groups(model, blocks_per_group=blocks_per_group)
-    assert len(groups) == 1 + math.ceil(5 / blocks_per_group) + 1
-    ids = [id(p) for group in groups for p in group]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert any(p is model.embed.weight for p in groups[0])  # the tied lm_head weight stays with the embeddings
-    assert {id(p) for p in groups[1]} == {id(p) for b in model.blocks[:blocks_per_group] for p in b.parameters()}
-    assert {id(p) for p in groups[-1]} == {id(p) for p in [*model.norm.parameters(), *model.head.parameters()]}
+def expected_body(units, n_groups):
+    """The split the lesson in minift/schedules.py states: k = min(n - 1, U) groups of U // k units,
+    the top U % k groups one unit more; written out here independently of the library's loop."""
+    k = min(n_groups - 1, len(units))
+    sizes = [len(units) // k] * k
+    for index in range(len(units) % k):
+        sizes[k - 1 - index] += 1
+    bounds = [sum(sizes[:i]) for i in range(k + 1)]
+    return [units[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def ids(params):
+    return {id(p) for p in params}
+
+
+@pytest.mark.parametrize("n_groups", [2, 3, 4, 5, 6, 50])
+@pytest.mark.parametrize("tie", [True, False])
+def test_layer_groups_cover_each_parameter_once_head_on_top(n_groups, tie):
+    model = tiny_model(n_layers=5, tie=tie)
+    groups = layer_groups(model, n_groups)
+    flat = [id(p) for group in groups for p in group]
+    assert len(flat) == len(set(flat)) == len(list(model.parameters()))
+    # the top group is the causal LM's head: final norm + lm_head, which for a tied model *is* the embedding
+    assert ids(groups[-1]) == ids([*model.norm.parameters(), *model.lm_head.parameters()])
+    assert any(p is model.embed.weight for p in groups[-1]) == tie
+    units = ([] if tie else [model.embed]) + list(model.blocks)  # tied: nothing of the embeddings is left below
+    body = expected_body(units, n_groups)
+    assert len(groups) == len(body) + 1 <= n_groups
+    for group, modules in zip(groups, body):
+        assert ids(group) == ids(p for m in modules for p in m.parameters())
+
+
+def test_layer_groups_with_a_task_head_and_one_group():
+    model = tiny_model(n_layers=4, tie=True)
+    head = nn.Linear(16, 3)  # a classifier: it alone is the top group; the final norm rides with the last block
+    groups = layer_groups(model, 3, head=head)  # U = 5 (embeddings, 4 blocks), k = 2: sizes 2, 3
+    assert ids(groups[-1]) == ids(head.parameters())
+    assert ids(groups[0]) == ids([*model.embed.parameters(), *model.blocks[0].parameters()])
+    assert ids(groups[1]) == ids([*model.blocks[1:].parameters(), *model.norm.parameters()])
+    assert layer_group_names(model, groups) == ["embed=lm_head, block 0", "blocks 1-3, norm", "?"]  # head: not in model
+    assert layer_group_names(model, layer_groups(model, 3)) == ["blocks 0-1", "blocks 2-3", "norm, embed=lm_head"]
+    assert len(layer_groups(model, 1, head=head)) == 1
+    assert len(layer_groups(model, 1, head=head)[0]) == len(list(model.parameters())) + 2
+    model.soft_prompt = nn.Parameter(torch.zeros(2, 16))  # found in no known module: trains with the top
+    assert any(p is model.soft_prompt for p in layer_groups(model, 3, head=head)[-1])
+    with pytest.raises(ValueError, match="n_groups must be >= 1"):
+        layer_groups(model, 0)
 
 
 def test_discriminative_rates_follow_factor():
-    model = tiny_model(n_layers=4)
-    groups = discriminative_param_groups(layer_groups(model), lr=0.01, factor=2.6, weight_decay=0.1)
-    assert len(groups) == 6
+    model = tiny_model(n_layers=4, tie=False)
+    groups = discriminative_param_groups(layer_groups(model, 6), lr=0.01, factor=2.6, weight_decay=0.1)
+    assert len(groups) == 6  # embeddings, 4 blocks, head
     for k, group in enumerate(reversed(groups)):
         assert group["lr"] == pytest.approx(0.01 / 2.6**k) and group["initial_lr"] == group["lr"]
         assert group["weight_decay"] == 0.1
@@ -114,9 +149,9 @@ def test_discriminative_rates_follow_factor():
 
 
 def test_gradual_unfreezing_frozen_set_per_stage():
-    model = tiny_model(n_layers=4)
+    model = tiny_model(n_layers=4, tie=False)
     model.blocks[1].attn.q_proj.weight.requires_grad_(False)  # frozen on purpose (like a LoRA base): stays frozen
-    groups = layer_groups(model, blocks_per_group=2)  # [embeddings, blocks 0-1, blocks 2-3, top]
+    groups = layer_groups(model, 4)  # [embeddings, blocks 0-1, blocks 2-3, norm + lm_head]
     unfreeze = GradualUnfreezing(groups, epochs_per_stage=2)
     assert unfreeze.n_stages == 4
     for epoch in range(12):
@@ -126,6 +161,17 @@ def test_gradual_unfreezing_frozen_set_per_stage():
             for p in group:
                 expected = index >= 4 - 1 - stage and p is not model.blocks[1].attn.q_proj.weight
                 assert p.requires_grad == expected
+
+
+def test_gradual_unfreezing_skips_groups_the_method_froze_entirely():
+    model = tiny_model(n_layers=4, tie=False)
+    groups = layer_groups(model, 4)  # [embeddings, blocks 0-1, blocks 2-3, norm + lm_head]
+    for p in [*groups[0], *groups[1]]:
+        p.requires_grad_(False)  # "partial": the bottom two groups never train
+    unfreeze = GradualUnfreezing(groups)
+    assert unfreeze.n_stages == 2  # no stage is spent thawing nothing
+    assert unfreeze.apply(0) == 0 and [any(p.requires_grad for p in g) for g in groups] == [False] * 3 + [True]
+    assert unfreeze.apply(5) == 1 and [any(p.requires_grad for p in g) for g in groups] == [False] * 2 + [True] * 2
 
 
 def test_frozen_groups_do_not_move_under_adamw():

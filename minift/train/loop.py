@@ -42,10 +42,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from minift.dtypes import parse_dtype
 from minift.train import checkpoint as ckpt
 from minift.train.batches import BatchStream, load_datasets
 from minift.train.methods import MethodPlan, prepare_method
-from minift.train.run_config import RunConfig, TrainConfig, to_toml
+from minift.train.run_config import RunConfig, TrainConfig, to_toml, validate_method
 from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
 from minift.svg_chart import write_training_chart
 from minift.train.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head, summarize,
@@ -127,6 +128,7 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     """
     train = config.train
     validate_train_config(train)
+    validate_method(config.method)  # before anything loads: an unknown option or a bad value fails here
     run_dir = Path(train.output_dir)
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is None:
@@ -143,7 +145,7 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     if model is None:
         from minift.io import load
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.model.dtype]
+        dtype = parse_dtype(config.model.dtype, "model.dtype")
         model, tokenizer = load(config.model.source, dtype=dtype)
     if tokenizer is None:
         raise ValueError(f"{config.model.source}: no tokenizer found; fine-tuning needs one (tokenizer.json)")
@@ -155,8 +157,7 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     model.gradient_checkpointing = train.gradient_checkpointing
     task_model.to(device).train()
 
-    groups = layer_groups(model)  # bottom-up: embeddings, blocks..., top; the head trains with the top group
-    groups[-1] = groups[-1] + list(task_model.head_parameters().values())
+    groups = build_layer_groups(task_model, train.layer_groups)  # bottom-up: body groups..., the head alone on top
     optimizer = build_optimizer(groups, train, device)
     total_steps = train.max_steps or max(1, math.ceil(train.epochs * len(train_data) / train.grad_accum_steps))
     scheduler = build_scheduler(optimizer, train, total_steps)
@@ -199,6 +200,7 @@ def validate_train_config(train: TrainConfig) -> None:
         (train.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {train.grad_accum_steps}"),
         (train.max_steps is None or train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}"),
         (train.lr > 0, f"train.lr must be positive, got {train.lr}"),
+        (train.layer_groups >= 1, f"train.layer_groups must be >= 1, got {train.layer_groups}"),
         (train.early_stopping_metric in ("eval_loss", "eval_perplexity", "eval_accuracy"),
          f"train.early_stopping_metric = {train.early_stopping_metric!r}; expected eval_loss, eval_perplexity "
          f"or eval_accuracy"),
@@ -215,17 +217,35 @@ def set_dropout(model: nn.Module, rate: float) -> None:
             module.p = rate
 
 
+def build_layer_groups(model: TaskModel, n_groups: int) -> list[list[nn.Parameter]]:
+    """ULMFiT layer groups of a task model, bottom-up (minift/schedules.py): the task's head alone on top —
+    the classifier or MLM head, or for causal_lm the backbone's own final norm + lm_head.
+
+    Call it after the method has chosen what trains. A group the method froze entirely (the frozen head of a
+    causal LM under LoRA, the embeddings under "partial") is dropped, so the top group that trains gets
+    train.lr, each trainable group below it one more factor, and no unfreezing stage is spent on nothing.
+    """
+    groups = layer_groups(model.backbone, n_groups, head=model.head)
+    return [group for group in groups if any(p.requires_grad for p in group)]
+
+
 def build_optimizer(groups: list[list[nn.Parameter]], train: TrainConfig, device) -> torch.optim.AdamW:
-    """AdamW over discriminative layer groups; biases and norm weights (1-D tensors) get no weight decay."""
+    """AdamW over discriminative layer groups; biases and norm weights (1-D tensors) get no weight decay.
+
+    Splitting off the no-decay tensors makes two param groups per layer group, both at that layer group's
+    rate (the depth counts layer groups, not param groups). They are ordered bottom-up, so the last param
+    group always belongs to the top layer group (fit() logs its rate). Frozen tensors are left out.
+    """
     options = dict(betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+    factor = train.discriminative_factor
     if train.weight_decay:
         decay = [[p for p in g if p.dim() >= 2] for g in groups]
         no_decay = [[p for p in g if p.dim() < 2] for g in groups]
-        factor = train.discriminative_factor
         param_groups = (discriminative_param_groups(decay, train.lr, factor, weight_decay=train.weight_decay)
                         + discriminative_param_groups(no_decay, train.lr, factor, weight_decay=0.0))
+        param_groups.sort(key=lambda g: g["layer_group"])  # stable: decay before no-decay within a layer group
     else:
-        param_groups = discriminative_param_groups(groups, train.lr, train.discriminative_factor, weight_decay=0.0)
+        param_groups = discriminative_param_groups(groups, train.lr, factor, weight_decay=0.0)
     if not param_groups:
         raise ValueError("no trainable parameters: the method froze everything")
     fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for g in param_groups for p in g["params"])
