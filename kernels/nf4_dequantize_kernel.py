@@ -4,7 +4,8 @@ Lesson
 ------
 Motivation. A QLoRA model keeps its frozen weights as NF4 (minift/quant/nf4.py): two 4-bit code indices
 per byte plus one scale per block of 64 weights, the scales themselves quantized to 8 bits ("double
-quantization"). Before a weight can meet an activation it has to be turned back into numbers:
+quantization"). Before a weight can meet an activation it has to be turned back into numbers with the two
+code tables NF4_CODE and DYNAMIC_MAP (nf4_codes.py, beside this file):
 
     element j of the flattened weight (n elements, blocks of BLOCKSIZE, nested blocks of 256):
         byte  = packed[j // 2]                         uint8
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import torch
 
+from .nf4_codes import DYNAMIC_MAP, NF4_CODE
 from .triton_support import is_interpreted, tl, triton, use_triton
 
 # --------------------------------------------------------------------------------------------------
@@ -77,8 +79,6 @@ def nf4_dequantize_reference(q, dtype: torch.dtype | None = None) -> torch.Tenso
 
     Written out independently of `NF4Tensor.dequantize` (tests check both agree bit for bit).
     """
-    from minift.quant.nf4 import DYNAMIC_MAP, NF4_CODE
-
     dtype = dtype or q.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     device, n = q.packed.device, q.numel()
@@ -104,8 +104,6 @@ _TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(NF4_CODE (16,), DYNAMIC_MAP (256,)) float32 on `device`, copied there once and cached."""
-    from minift.quant.nf4 import DYNAMIC_MAP, NF4_CODE
-
     device = torch.device(device)
     if device not in _TABLES:
         _TABLES[device] = (NF4_CODE.to(device), DYNAMIC_MAP.to(device))

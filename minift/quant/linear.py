@@ -10,8 +10,9 @@ QLoRA (Dettmers et al. 2023, §3) keeps the base model in 4 bits and dequantizes
 
 So memory holds only the 4-bit codes (~0.516 bytes per weight with double quantization instead of 2 for
 bf16), and the gradient still flows back through every frozen layer to the adapters below it. On a CUDA
-tensor the forward calls the fused Triton kernel `minift.kernels.nf4_matmul` (imported only then); on a
-CPU it is the plain torch reference here: dequantize, then F.linear.
+tensor the forward calls the fused Triton kernel `minift.kernels.nf4_matmul` (minift.kernels imports its
+module, and Triton, on that first call); on a CPU it is the plain torch reference here: dequantize, then
+F.linear.
 
 The state dict uses bitsandbytes' Linear4bit layout, so files move between minift and bitsandbytes /
 transformers unchanged (see REFERENCE.md):
@@ -39,9 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.dtypes import DTYPES, dtype_name
+from minift.kernels import nf4_matmul
+from minift.kernels.nf4_codes import DYNAMIC_MAP, NF4_CODE
 from minift.quant.nf4 import (
-    DYNAMIC_MAP,
-    NF4_CODE,
     SUPPORTED_DTYPES,
     VALID_BLOCKSIZES,
     NF4Tensor,
@@ -123,9 +125,7 @@ class NF4Linear(nn.Module):
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.is_cuda and triton_available():
-            from minift.kernels import nf4_matmul  # lazy: the Triton kernel is imported only for CUDA inputs
-
-            out = nf4_matmul(x, self.weight, bias)
+            out = nf4_matmul(x, self.weight, bias)  # minift.kernels imports Triton on this first call
         else:
             out = NF4LinearFunction.apply(x, self.weight, bias)  # (..., out)
         return out.to(input_dtype)
@@ -184,10 +184,6 @@ class NF4Linear(nn.Module):
 # ------------------------------------------------------------------------ bitsandbytes layout
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16"
-
-
 def quant_state_tensors(q: NF4Tensor) -> dict[str, torch.Tensor]:
     """The `weight.*` entries of a bitsandbytes Linear4bit state dict (names without the "weight." prefix)."""
     state = {"quant_type": "nf4", "blocksize": q.blocksize, "dtype": dtype_name(q.dtype), "shape": list(q.shape)}
@@ -230,7 +226,7 @@ def nf4_from_state_dict(tensors: dict, weight_key: str, expected_shape: tuple) -
     if shape != tuple(expected_shape):
         raise ValueError(f"{weight_key}: checkpoint shape {shape}, expected {tuple(expected_shape)} "
                          "(out_features, in_features)")
-    blocksize, dtype = state.get("blocksize"), getattr(torch, str(state.get("dtype")), None)
+    blocksize, dtype = state.get("blocksize"), DTYPES.get(state.get("dtype"))
     if blocksize not in VALID_BLOCKSIZES or dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{state_key}: blocksize={blocksize!r} / dtype={state.get('dtype')!r} not supported; "
                          f"blocksizes {VALID_BLOCKSIZES}, dtypes {[dtype_name(d) for d in SUPPORTED_DTYPES]}")
