@@ -109,7 +109,12 @@ def _read_csv(path: Path, file, delimiter: str) -> list[Record]:
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """Read a .jsonl (one JSON object per line; blank lines skipped) or .csv/.tsv (header row) file, UTF-8."""
+    """Read a .jsonl (one JSON object per line; blank lines skipped) or .csv/.tsv (header row) file.
+
+    The one record reader of minift: fine-tuning data and `minift icl` files both come through here. The
+    rules: UTF-8 (a byte-order mark, as Excel writes, is skipped; bytes that are not UTF-8 are an error,
+    never decoded by a guess), every error names file:line, every record remembers it in `record.where`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")

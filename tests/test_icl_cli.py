@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-import minift
+import minift.io
+from minift.data import read_records
 from minift.icl.cli import main_icl, parse_verbalizers, read_labelled
 from tests.test_icl_support import ByteTokenizer, tiny_decoder
 
@@ -15,14 +16,14 @@ TEST = [("love the crew", "pos"), ("bag lost again", "neg"), ("happy landing", "
 
 @pytest.fixture
 def tiny_load(monkeypatch):
-    """minift.load -> a tiny random model with a byte tokenizer (the CLI path is what is tested here)."""
+    """minift.io.load -> a tiny random model with a byte tokenizer (the CLI path is what is tested here)."""
     calls = []
 
     def fake_load(source, dtype=None, device=None):
         calls.append(source)
         return tiny_decoder(), ByteTokenizer()
 
-    monkeypatch.setattr(minift, "load", fake_load)
+    monkeypatch.setattr(minift.io, "load", fake_load)
     return calls
 
 
@@ -64,11 +65,11 @@ def test_icl_custom_fields_template_and_generation(tmp_path, tiny_load, capsys):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"text": "a", "label": "pos"}\n{"text": "b", "label": \n', "train.jsonl:2: invalid JSON"),
+    ('{"text": "a", "label": "pos"}\n{"text": "b", "label": \n', "train.jsonl:2: malformed JSON"),
     ('{"text": "a", "label": "pos"}\n{"body": "b", "label": "neg"}\n', "train.jsonl:2: no field 'text'"),
     ('{"text": "a", "label": ""}\n', "train.jsonl:1: field 'label' is empty"),
     ('["text", "label"]\n', "train.jsonl:1: expected a JSON object"),
-    ("\n\n", "train.jsonl: no records"),
+    ("\n\n", "train.jsonl: empty dataset"),
 ])
 def test_bad_train_file_is_a_clear_error(tmp_path, tiny_load, capsys, content, message):
     (tmp_path / "train.jsonl").write_text(content)
@@ -82,7 +83,7 @@ def test_other_input_errors(tmp_path, tiny_load, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", TRAIN)
     cases = [
         (["--test", str(tmp_path / "nope.jsonl")], "nope.jsonl: no such file"),
-        (["--test", str((tmp_path / "t.txt").resolve())], "unknown file type '.txt'"),
+        (["--test", str((tmp_path / "t.txt").resolve())], "unsupported file type '.txt'"),
         (["--test", str(write_jsonl(tmp_path / "odd.jsonl", [("x", "maybe")]))], "label 'maybe' never occurs"),
         (["--test", str(write_jsonl(tmp_path / "ok.jsonl", TEST)), "--shots", "-1"], "--shots must be >= 0"),
         (["--test", str(tmp_path / "ok.jsonl"), "--verbalizer", "pos"], "expected LABEL=word"),
@@ -100,9 +101,29 @@ def test_other_input_errors(tmp_path, tiny_load, capsys):
 
 def test_csv_reader_details(tmp_path):
     path = tmp_path / "t.csv"
-    path.write_bytes("label,text\npos,\"caf\xe9, \"\"quoted\"\"\"\n".encode("latin-1"))  # not UTF-8
-    assert read_labelled(path) == [(2, 'caf\xe9, "quoted"', "pos")]
+    path.write_text('label,text\npos,"caf\xe9, ""quoted"""\n', encoding="utf-8")
+    assert read_labelled(path) == [(f"{path}:2", 'caf\xe9, "quoted"', "pos")]
+    path.write_bytes("label,text\npos,caf\xe9\n".encode("latin-1"))  # not UTF-8: an error, never a guess
+    with pytest.raises(ValueError, match=r"t\.csv: not valid UTF-8 \(byte 0xe9"):
+        read_labelled(path)
     path.write_text("label,text\npos,a,extra\n")
-    with pytest.raises(ValueError, match="t.csv:2: 3 cells but the header has 2 columns"):
+    with pytest.raises(ValueError, match=r"t\.csv:2: more values than the 2 header columns"):
         read_labelled(path)
     assert parse_verbalizers(["a=x, y", "b=z"]) == {"a": ["x", "y"], "b": ["z"]}
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.csv", "data.tsv"])
+def test_icl_and_fine_tuning_read_the_same_records(tmp_path, name):
+    """One reader: `minift icl` sees exactly the records (and places) that minift.data.read_records returns."""
+    rows = [("caf\xe9, \"quoted\"", "pos"), ("  padded  ", "neg"), ("line one", "pos")]
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        text = "".join(json.dumps({"text": t, "label": y}) + "\n" + ("\n" if i == 0 else "") for i, (t, y) in enumerate(rows))
+    else:
+        sep = "\t" if name.endswith(".tsv") else ","
+        quote = lambda v: '"' + v.replace('"', '""') + '"'  # noqa: E731
+        text = f"text{sep}label\n" + "".join(f"{quote(t)}{sep}{y}\n" for t, y in rows)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # with a BOM, as Excel writes UTF-8
+    records = read_records(path)
+    assert read_labelled(path) == [(r.where, r["text"], r["label"]) for r in records]
+    assert [(r["text"], r["label"]) for r in records] == rows

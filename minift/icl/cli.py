@@ -3,8 +3,9 @@
     minift icl --model smollm2-135m --train train.jsonl --test test.csv \\
                --text-field text --label-field label --shots 8 --selector knn --calibrate
 
-reads JSONL (one object per line) or CSV (a header row), builds an ICLClassifier (classify.py) with the
-train file as the example pool, predicts every test record and prints
+reads JSONL (one object per line) or CSV/TSV (a header row) with minift.data.read_records, the reader
+fine-tuning uses, builds an ICLClassifier (classify.py) with the train file as the example pool, predicts
+every test record and prints
 
     accuracy 0.6533 (196/300)
     label     precision  recall  f1      support
@@ -19,76 +20,35 @@ train file never uses) stops with one line naming the file, the line and the fix
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import sys
 from pathlib import Path
 
+from minift.data import read_records
 from minift.icl.arrange import ORDERS
 from minift.icl.selectors import SELECTORS
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
-def read_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[tuple[int, str, str]]:
-    """(line number, text, label) for every record of a .jsonl or .csv file; clear errors on bad input."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
-        raise ValueError(f"{path}: unknown file type {suffix!r}; use .jsonl (one JSON object per line) or .csv")
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        print(f"warning: {path} is not valid UTF-8 (byte {e.start}); reading it as Latin-1", file=sys.stderr)
-        content = raw.decode("latin-1")
-    records = _read_jsonl(path, content) if suffix in (".jsonl", ".json") else _read_csv(path, content, suffix)
+def read_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[tuple[str, str, str]]:
+    """(where, text, label) for every record of a .jsonl, .csv or .tsv file; `where` is "file:line".
+
+    The file is read by minift.data.read_records, the same reader fine-tuning uses (UTF-8, a BOM allowed;
+    errors name the file and line); here each record must also hold a plain text and label value.
+    """
     out = []
-    for line, record in records:
+    for record in read_records(path):
         values = []
         for field, option in ((text_field, "--text-field"), (label_field, "--label-field")):
             if field not in record:
-                raise ValueError(f"{path}:{line}: no field {field!r} (fields: {', '.join(map(str, record))}); "
+                raise ValueError(f"{record.where}: no field {field!r} (fields: {', '.join(map(str, record))}); "
                                  f"choose one with {option}")
             value = record[field]
-            if value is None or (isinstance(value, (dict, list))) or str(value).strip() == "":
-                raise ValueError(f"{path}:{line}: field {field!r} is empty or not a plain value: {value!r}")
+            if value is None or isinstance(value, (dict, list)) or str(value).strip() == "":
+                raise ValueError(f"{record.where}: field {field!r} is empty or not a plain value: {value!r}")
             values.append(str(value))
-        out.append((line, values[0], values[1].strip()))
-    if not out:
-        raise ValueError(f"{path}: no records")
+        out.append((record.where, values[0], values[1].strip()))
     return out
-
-
-def _read_jsonl(path: Path, content: str) -> list[tuple[int, dict]]:
-    records = []
-    for line_no, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-        records.append((line_no, record))
-    return records
-
-
-def _read_csv(path: Path, content: str, suffix: str) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",")
-    if not reader.fieldnames:
-        raise ValueError(f"{path}: empty CSV (the first row must name the columns)")
-    records = []
-    for row in reader:
-        if None in row:  # more cells than header columns
-            raise ValueError(f"{path}:{reader.line_num}: {len(row) - 1 + len(row[None])} cells but the header "
-                             f"has {len(reader.fieldnames)} columns")
-        records.append((reader.line_num, row))
-    return records
 
 
 def parse_verbalizers(items: list[str] | None) -> dict[str, list[str]]:
@@ -145,24 +105,24 @@ def build_template(args, labels: list[str]):
 
 def run_icl(args) -> int:
     """Classify args.test with demonstrations from args.train; print accuracy and the per-class table."""
-    import minift
     from minift.icl.classify import ICLClassifier, classification_report
     from minift.icl.embeddings import Embedder
     from minift.icl.selectors import make_selector
+    from minift.io import load
 
     if args.shots < 0:
         raise ValueError(f"--shots must be >= 0, got {args.shots}")
     train = read_labelled(args.train, args.text_field, args.label_field)
     test = read_labelled(args.test, args.text_field, args.label_field)
     labels = sorted({label for _, _, label in train})
-    for line, _, label in test:
+    for where, _, label in test:
         if label not in labels:
-            raise ValueError(f"{args.test}:{line}: label {label!r} never occurs in {args.train} (labels: {labels})")
+            raise ValueError(f"{where}: label {label!r} never occurs in {args.train} (labels: {labels})")
     if args.max_test is not None:
         test = test[: args.max_test]
     template = build_template(args, labels)
 
-    model, tokenizer = minift.load(args.model)
+    model, tokenizer = load(args.model)
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer found; in-context learning needs one")
     selector = None
