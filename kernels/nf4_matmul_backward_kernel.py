@@ -46,8 +46,8 @@ import torch
 
 from .nf4_dequantize_kernel import (OUTPUT_DTYPES, check_nf4_tensor, dot_arguments, fused_path_supported,
                                     nf4_decode_tile, nf4_dequantize, nf4_dequantize_reference, quant_state_arguments)
-from .triton_support import (interpreter_rows_tile, is_interpreted, largest_power_of_2_dividing, next_power_of_2, tl,
-                             triton, use_triton)
+from .triton_support import (interpreter_rows_tile, is_interpreted, largest_power_of_2_dividing, next_power_of_2,
+                             prune_tile_configs, tile_configs, tl, triton, use_triton)
 
 
 def nf4_matmul_backward_input_reference(grad_y: torch.Tensor, q) -> torch.Tensor:
@@ -98,28 +98,18 @@ def _nf4_matmul_backward_input_kernel(
     tl.store(out_ptrs, acc.to(grad_x_ptr.dtype.element_ty), mask=m_valid[None, :])
 
 
-def _backward_configs() -> list:
-    """CUDA (H100-oriented) tiles: (BLOCK_K, BLOCK_M, BLOCK_N, warps, stages)."""
-    shapes = [
-        (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3),
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-        (64, 32, 64, 4, 4), (64, 16, 128, 4, 4),
-        (32, 128, 64, 4, 4), (32, 16, 64, 4, 4),  # K a multiple of 32 only (blocksize 32)
-    ]
-    return [triton.Config(dict(BLOCK_K=bk, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8), num_warps=w, num_stages=s)
-            for bk, bm, bn, w, s in shapes]
-
-
-def prune_backward_configs(configs, named_args, **kwargs):
-    """Keep tiles whose BLOCK_K divides K (whole output tiles) and whose BLOCK_M is not far above M."""
-    K, m_bucket = kwargs["K"], kwargs["M_BUCKET"]
-    fits = [c for c in configs if K % c.kwargs["BLOCK_K"] == 0]
-    return [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or fits[-1:]
-
+# CUDA (H100-oriented) tiles: (BLOCK_K, BLOCK_M, BLOCK_N, warps, stages).
+BACKWARD_TILES = [
+    (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 8, 3), (64, 64, 64, 4, 4), (64, 64, 128, 4, 3),
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+    (64, 32, 64, 4, 4), (64, 16, 128, 4, 4),
+    (32, 128, 64, 4, 4), (32, 16, 64, 4, 4),  # K a multiple of 32 only (blocksize 32)
+]
 
 _nf4_backward_autotuned = triton.autotune(
-    configs=_backward_configs(), key=["N", "K", "M_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT"],
-    prune_configs_by={"early_config_prune": prune_backward_configs},
+    configs=tile_configs(BACKWARD_TILES, ("BLOCK_K", "BLOCK_M", "BLOCK_N")),
+    key=["N", "K", "M_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
 )(_nf4_matmul_backward_input_kernel)
 
 

@@ -76,8 +76,8 @@ from .nf4_dequantize_kernel import (OUTPUT_DTYPES, check_nf4_tensor, dot_argumen
                                     nf4_decode_tile, nf4_dequantize, nf4_dequantize_reference, quant_state_arguments)
 from .nf4_gemv_kernel import nf4_gemv
 from .nf4_matmul_backward_kernel import nf4_matmul_backward_input
-from .triton_support import (interpreter_rows_tile, is_interpreted, largest_power_of_2_dividing, next_power_of_2, tl,
-                             triton, use_triton)
+from .triton_support import (interpreter_rows_tile, is_interpreted, largest_power_of_2_dividing, next_power_of_2,
+                             prune_tile_configs, tile_configs, tl, triton, use_triton)
 
 GEMV_MAX_ROWS = 4  # M <= this: the matrix-vector kernel (nf4_gemv_kernel.py)
 LARGE_M_DEQUANTIZE_ROWS = None  # M >= this: dequantize + cuBLAS instead of fused (None: always fused)
@@ -145,29 +145,19 @@ def _nf4_matmul_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_valid[:, None] & m_valid[None, :])
 
 
-def _gemm_configs() -> list:
-    """CUDA (H100-oriented) tile shapes: (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)."""
-    shapes = [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 32, 64, 4, 5),
-        (128, 16, 64, 4, 4), (64, 16, 64, 4, 5), (32, 16, 64, 2, 5), (128, 128, 128, 8, 3),
-        (64, 16, 128, 4, 4), (128, 16, 128, 4, 4), (64, 32, 128, 4, 4),  # small M: more bytes per K step
-        (64, 64, 32, 4, 5), (64, 16, 32, 4, 5),  # K a multiple of 32 only (blocksize 32)
-    ]
-    return [triton.Config(dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-            for bn, bm, bk, w, s in shapes]
-
-
-def prune_gemm_configs(configs, named_args, **kwargs):
-    """Keep tiles whose BLOCK_K divides K (no K tail) and whose BLOCK_M is not far above M."""
-    K, m_bucket = kwargs["K"], kwargs["M_BUCKET"]
-    fits = [c for c in configs if K % c.kwargs["BLOCK_K"] == 0]
-    return [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or fits[-1:]
-
+# CUDA (H100-oriented) tile shapes: (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages).
+GEMM_TILES = [
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 32, 64, 4, 5),
+    (128, 16, 64, 4, 4), (64, 16, 64, 4, 5), (32, 16, 64, 2, 5), (128, 128, 128, 8, 3),
+    (64, 16, 128, 4, 4), (128, 16, 128, 4, 4), (64, 32, 128, 4, 4),  # small M: more bytes per K step
+    (64, 64, 32, 4, 5), (64, 16, 32, 4, 5),  # K a multiple of 32 only (blocksize 32)
+]
 
 _nf4_matmul_autotuned = triton.autotune(
-    configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": prune_gemm_configs},
+    configs=tile_configs(GEMM_TILES, ("BLOCK_N", "BLOCK_M", "BLOCK_K")),
+    key=["N", "K", "M_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
 )(_nf4_matmul_kernel)
 
 

@@ -80,3 +80,19 @@ def largest_power_of_2_dividing(n: int, at_most: int) -> int:
 def interpreter_rows_tile(m: int) -> int:
     """BLOCK_M for the interpreter: as small as tl.dot allows for small M (numpy pays for padded rows)."""
     return min(64, max(16, next_power_of_2(m)))
+
+
+def tile_configs(shapes: list[tuple[int, int, int, int, int]], order: tuple[str, str, str]) -> list:
+    """One triton.Config per (three tile sizes named by `order`, warps, stages); all launch with GROUP_M = 8
+    (programs walk output tiles in groups of 8 rows, so neighbours share the W tiles they read from L2)."""
+    return [triton.Config({**dict(zip(order, shape[:3])), "GROUP_M": 8}, num_warps=shape[3], num_stages=shape[4])
+            for shape in shapes]
+
+
+def prune_tile_configs(configs, named_args, **kwargs) -> list:
+    """Autotuning's early prune for the NF4 matmuls: keep tiles whose BLOCK_K divides K (no K tail, so no
+    masks on the reduction or output edge) and whose BLOCK_M is not far above M (its bucket, M_BUCKET).
+    If no tile fits, the last K-dividing one (the configs end with the smallest tiles)."""
+    K, m_bucket = kwargs["K"], kwargs["M_BUCKET"]
+    fits = [c for c in configs if K % c.kwargs["BLOCK_K"] == 0]
+    return [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or fits[-1:]
