@@ -35,7 +35,6 @@ LoRA targeting and minift.save work as before; `print(model)` shows the adapters
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,13 +42,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.io.hf import read_json_file
+from minift.adapter_interface import AdapterLayer
+from minift.io.files import read_json_file
 from minift.peft.freezing import TrainableReport, set_trainable, trainable_report
 
 PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}  # which sub-layers of each block get an adapter
 ACTIVATIONS = ("gelu", "relu", "silu")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+METHOD = "bottleneck_adapters"  # the "method" key of adapter_config.json (PEFT's files have "peft_type" instead)
 
 
 @dataclass
@@ -76,15 +77,18 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.init_std must be positive, got {self.init_std!r}")
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(AdapterLayer):
     """h + W_up act(W_down h): a near-identity residual bottleneck, exactly the identity at init."""
+
+    adapter_kind = "bottleneck"
+    foldable = False  # a nonlinearity between two matrices: no plain layer computes it (merged() is None)
 
     def __init__(self, dim: int, bottleneck: int, activation: str = "gelu", init_std: float = 1e-2) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)  # W_down (m, d)
         self.up = nn.Linear(bottleneck, dim)  # W_up (d, m)
         self.activation = activation
-        self.enabled = True  # False: pass h through unchanged (see adapters_disabled)
+        self.enabled = True  # False: pass h through unchanged (minift.adapter_interface.disabled_adapters)
         nn.init.trunc_normal_(self.down.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)  # adapter(h) = h at step 0
@@ -106,6 +110,18 @@ class BottleneckAdapter(nn.Module):
         A bound method (not a closure), so copy.deepcopy(model) gives hooks that call the copied adapters.
         """
         return self(output)
+
+    # ---- the adapter interface (minift/adapter_interface.py) -----------------------------------------
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """W_down, b_down, W_up, b_up. The norms that train beside them (train_norms) are base parameters."""
+        return dict(self.named_parameters())
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+
+    def adapter_enabled(self) -> bool:
+        return self.enabled
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
@@ -144,7 +160,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None) -> Train
             getattr(block, sublayer).register_forward_hook(adapter.after_sublayer)
     if config.train_norms:
         set_trainable(norm_modules(model), True)
-    model.adapter_config = config  # read by save_adapters
+    model.adapter_config = config  # read by write_bottleneck_files
     return trainable_report(model)
 
 
@@ -163,20 +179,6 @@ def remove_adapters(model: nn.Module) -> None:
         del model.adapter_config
 
 
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """`with adapters_disabled(model):` runs the base model (the adapters pass their input through)."""
-    adapters = list(adapter_modules(model).values())
-    states = [a.enabled for a in adapters]
-    for adapter in adapters:
-        adapter.enabled = False
-    try:
-        yield model
-    finally:
-        for adapter, state in zip(adapters, states):
-            adapter.enabled = state
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapted model adds or changes: adapter weights, and norm weights if they train."""
     config = getattr(model, "adapter_config", None)
@@ -192,42 +194,48 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_adapters(model: nn.Module, directory: str | Path) -> Path:
-    """Write the adapter config and tensors (a few MB) into `directory`; load with load_adapters."""
-    from minift.io.hf import write_json_atomic, write_safetensors_atomic
+def write_bottleneck_files(model: nn.Module, directory: str | Path) -> Path:
+    """Write the adapter config and tensors (a few MB) into `directory` (minift.peft.save_adapter calls this)."""
+    from minift.io.files import write_json_atomic, write_safetensors_atomic
 
     tensors = {name: t.cpu().contiguous() for name, t in adapter_state_dict(model).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({"method": "bottleneck_adapters", **asdict(model.adapter_config)}, directory / CONFIG_FILE)
+    write_json_atomic({"method": METHOD, **asdict(model.adapter_config)}, directory / CONFIG_FILE)
     write_safetensors_atomic(tensors, directory / WEIGHTS_FILE)
     return directory
 
 
-def load_adapters(model: nn.Module, directory: str | Path) -> TrainableReport:
-    """Insert adapters as saved in `directory` into a base model and load their tensors (names must match)."""
+def read_bottleneck_files(model: nn.Module, directory: str | Path) -> TrainableReport:
+    """Insert adapters as saved in `directory` into a base model and load their tensors (names must match).
+    minift.peft.load_adapter calls this."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_file, weights_file):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; expected a directory written by save_adapters")
+            raise FileNotFoundError(f"{path}: missing; expected a directory written by minift.peft.save_adapter")
     saved = read_json_file(config_file)
-    if saved.pop("method", None) != "bottleneck_adapters":
+    if saved.pop("method", None) != METHOD:
         raise ValueError(f"{config_file}: not a bottleneck-adapter config (no \"method\": \"bottleneck_adapters\")")
-    report = add_adapters(model, AdapterConfig(**saved))
     tensors = load_file(str(weights_file))
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{weights_file}: tensors do not match this model's adapters "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]}); was it saved from another model?")
+    report = add_adapters(model, AdapterConfig(**saved))
+    try:
+        expected = adapter_state_dict(model)
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{weights_file}: tensors do not match this model's adapters (missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}); was it saved from another model?")
+        for name, tensor in tensors.items():
+            if expected[name].shape != tensor.shape:
+                raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(expected[name].shape)}")
+    except ValueError:
+        remove_adapters(model)  # a failed load leaves the model as it was
+        raise
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)
     return report

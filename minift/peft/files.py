@@ -1,8 +1,22 @@
-"""Adapter files in PEFT's format, so adapters move freely between minift and Hugging Face PEFT.
+"""Adapter files: one `save_adapter` / `load_adapter` for every kind of adapter, and LoRA's PEFT files.
 
 Lesson
 ------
-A PEFT LoRA adapter is a directory with two files and no base weights at all:
+Whatever was added to a model, one pair of calls writes it out and reads it back:
+
+    save_adapter(model, directory)     looks at the adapter layers the model has (minift/adapter_interface.py)
+    load_adapter(model, directory)     looks at the files in the directory
+
+    kind         files                                                 format        read by
+    ----------   ---------------------------------------------------   -----------   --------------------------
+    lora         adapter_config.json (peft_type "LORA") + tensors       PEFT's        peft.PeftModel, minift
+    ia3          adapter_config.json (peft_type "IA3")  + tensors       PEFT's        peft.PeftModel, minift
+    bottleneck   adapter_config.json ("method": "bottleneck_adapters")  minift's      minift
+                 + adapter_model.safetensors
+    prompt       soft_prompt.safetensors                                minift's      minift
+
+The PEFT directory layout is in peft_format.py; the per-kind writers and readers live beside their
+technique (ia3.py, bottleneck.py, prompt_tuning.py), except LoRA's, which are here:
 
     adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", ...],
                                   "use_rslora": false, "use_dora": false, "task_type": "CAUSAL_LM", ...}
@@ -10,19 +24,10 @@ A PEFT LoRA adapter is a directory with two files and no base weights at all:
                                  base_model.model.<Hugging Face module path>.lora_B.weight          (out, r)
                                  base_model.model.<Hugging Face module path>.lora_magnitude_vector  (out,)  DoRA
 
-The names are a minift state-dict name with the adapter name dropped and the module path translated to
-Hugging Face naming (minift/io/hf.py does the translation for whole models already):
-
-    blocks.3.attn.q_proj.lora_A.default.weight  <->  base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
-    blocks.3.attn.q_proj                        <->  base_model.model.encoder.layer.3.attention.self.query     (BERT)
-
-"base_model.model." is where PEFT's wrappers put the transformers model. GPT-2 cannot take part: Hugging
-Face fuses its q, k, v into one Conv1D (c_attn), so an adapter on minift's separate q_proj has no name there.
-
-`save_adapter` writes both files atomically (temporary file, then rename). `load_adapter` reads a directory
-written by either library: it checks every tensor name and shape against the model before changing it, adds
-LoRA to exactly the modules the file holds, and copies the tensors in. `save_merged` writes a full Hugging
-Face model with the adapter folded in (a copy is merged, the model you pass is left as it was).
+`write_lora_files` writes both files atomically. `read_lora_files` reads a directory written by either
+library: it checks every tensor name and shape against the model before changing it, adds LoRA to exactly
+the modules the file holds, and copies the tensors in. `save_merged` writes a full Hugging Face model with
+the adapter folded in (a copy is merged, the model you pass is left as it was).
 """
 
 from __future__ import annotations
@@ -32,21 +37,104 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
-from minift.io import hf
+from minift.adapter_interface import KINDS, adapter_layers
+from minift.io.files import read_json_file
 from minift.io import save as save_model
+from minift.peft import bottleneck, ia3, prompt_tuning
 from minift.peft.inject import LoRAConfig, add_lora, linear_layers, lora_layers, merge_lora, set_adapter
 from minift.peft.lora import LoRALinear
+from minift.peft.peft_format import (CONFIG_FILE, PEFT_FORMAT_VERSION, PREFIX, check_family, group_by_module,
+                                     hf_module_path, hf_paths, read_adapter_directory, reject_unsupported,
+                                     target_modules, task_type, write_adapter_directory)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose files these match (written as "peft_version")
-# Leaf names of Hugging Face linear layers that minift does not model (BERT's pooler.dense): a bare "dense" in
-# target_modules would also put LoRA on them, so such layers are listed by full path instead.
-HF_ONLY_LEAVES = {"bert": {"dense"}}
-# Every key PEFT 0.21 writes, with PEFT's defaults; save_adapter fills in the ones that describe the adapter.
+__all__ = ["adapter_kind_of", "hf_module_path", "load_adapter", "save_adapter", "save_merged"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# One pair for every kind
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's adapter (adapter tensors only) into `directory`, in the format of its kind.
+
+    adapter_name picks one of several LoRA adapters (default: the active one); base_model_name_or_path is
+    recorded in PEFT's adapter_config.json (LoRA, IA3).
+    """
+    kinds = sorted({layer.adapter_kind for layer in adapter_layers(model).values()}, key=KINDS.index)
+    if not kinds:
+        raise ValueError("save_adapter: the model has no adapters (add_lora, add_ia3, add_adapters or "
+                         "add_prompt_tuning adds one)")
+    if len(kinds) > 1:
+        raise ValueError(f"save_adapter: the model has adapters of several kinds ({', '.join(kinds)}); one directory "
+                         "holds one kind")
+    kind = kinds[0]
+    if kind != "lora" and adapter_name not in (None, "default"):
+        raise ValueError(f"save_adapter: adapter_name={adapter_name!r}, but {kind} adapters have no names")
+    if kind == "lora":
+        return write_lora_files(model, directory, adapter_name, base_model_name_or_path)
+    if kind == "ia3":
+        return ia3.write_ia3_files(model, directory, base_model_name_or_path)
+    if kind == "bottleneck":
+        return bottleneck.write_bottleneck_files(model, directory)
+    return prompt_tuning.write_prompt_files(model, directory)
+
+
+def adapter_kind_of(directory: str | Path) -> str:
+    """Which kind of adapter a directory holds, from its files: "lora" | "ia3" | "bottleneck" | "prompt"."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory (expected an adapter directory written by "
+                                "save_adapter or by PEFT's save_pretrained)")
+    if (directory / prompt_tuning.PROMPT_FILE).is_file():
+        return "prompt"
+    config_file = directory / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing; an adapter directory holds {CONFIG_FILE} (LoRA, IA3, "
+                                f"bottleneck adapters) or {prompt_tuning.PROMPT_FILE} (a soft prompt)")
+    config = read_json_file(config_file)
+    if config.get("method") == bottleneck.METHOD:
+        return "bottleneck"
+    kind = {"LORA": "lora", "IA3": "ia3"}.get(config.get("peft_type"))
+    if kind is None:
+        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}; minift reads LORA and IA3 "
+                         "adapters in PEFT's format")
+    return kind
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default",
+                 trainable: bool = False) -> nn.Module:
+    """Add the adapter stored in `directory` (any kind save_adapter writes, or a PEFT LoRA / IA3 directory).
+
+    Everything is checked before the model changes: a failed load leaves it as it was. trainable=False
+    (the default, for inference) freezes every parameter; trainable=True lets the adapter's tensors train
+    (for bottleneck adapters, also the norms they were saved with). LoRA adapters get `adapter_name`.
+    """
+    kind = adapter_kind_of(directory)
+    if kind == "lora":
+        return read_lora_files(model, directory, adapter_name, trainable)
+    if adapter_name != "default":
+        raise ValueError(f"load_adapter: adapter_name={adapter_name!r}, but {kind} adapters have no names")
+    if kind == "ia3":
+        ia3.read_ia3_files(model, directory)
+    elif kind == "bottleneck":
+        bottleneck.read_bottleneck_files(model, directory)
+    else:
+        prompt_tuning.read_prompt_files(model, directory)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA: saving
+# ----------------------------------------------------------------------------------------------------
+
+# Every key PEFT 0.21 writes for LoRA, with PEFT's defaults; write_lora_files fills in the ones that describe
+# the adapter.
 PEFT_DEFAULTS = {
     "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
     "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
@@ -72,40 +160,13 @@ UNSUPPORTED = [
     ("trainable_token_indices", None, "trainable tokens are not supported"),
     ("use_qalora", False, "QA-LoRA is not supported"),
 ]
+LORA_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude_vector"}
 
 
-def _family(model: nn.Module, action: str) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is None:
-        raise ValueError(f"{action}: the model has no config.model_type (expected a minift Transformer)")
-    family = hf.family(model_type)
-    if family == "gpt2":
-        raise ValueError(f"{action}: GPT-2 adapters cannot be written in PEFT's format: Hugging Face GPT-2 fuses "
-                         "q, k and v into one Conv1D (c_attn), so minift's q_proj/k_proj/v_proj have no name there. "
-                         "Use a Llama-family or BERT model, or keep the adapter as a minift state dict")
-    return family
-
-
-def hf_module_path(name: str, model_type: str) -> str | None:
-    """minift module name -> Hugging Face module name ("blocks.0.attn.q_proj" -> "model.layers.0.self_attn.q_proj")."""
-    full = hf.rename(f"{name}.weight", model_type, to_hf=True)
-    return None if full is None else full[: -len(".weight")]
-
-
-def minift_module_path(hf_path: str, model_type: str) -> str | None:
-    full = hf.rename(f"{hf_path}.weight", model_type, to_hf=False)
-    return None if full is None else full[: -len(".weight")]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Saving
-# ----------------------------------------------------------------------------------------------------
-
-
-def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None,
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter `adapter_name` (default: the active one) as a PEFT adapter directory. Adapter tensors only."""
-    family = _family(model, "save_adapter")
+def write_lora_files(model: nn.Module, directory: str | Path, adapter_name: str | None = None,
+                     base_model_name_or_path: str | None = None) -> Path:
+    """Write LoRA adapter `adapter_name` (default: the active one) as a PEFT adapter directory."""
+    family = check_family(model, "save_adapter")
     model_type = model.config.model_type
     layers = dict(lora_layers(model))
     if adapter_name is None:
@@ -122,49 +183,24 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
                          "different layers; PEFT's format needs one setting for all")
     setting = holders[next(iter(holders))].settings[adapter_name]
 
+    paths = hf_paths(list(holders), model_type, "save_adapter")
     tensors: dict[str, torch.Tensor] = {}
-    paths: list[str] = []
-    for name, layer in holders.items():
-        path = hf_module_path(name, model_type)
-        if path is None:
-            raise ValueError(f"save_adapter: module {name!r} has no Hugging Face name for model_type {model_type!r}")
-        paths.append(path)
+    for path, layer in zip(paths, holders.values()):
         key = PREFIX + path
         tensors[f"{key}.lora_A.weight"] = layer.lora_A[adapter_name].weight  # (r, in)
         tensors[f"{key}.lora_B.weight"] = layer.lora_B[adapter_name].weight  # (out, r)
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]  # (out,)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     config = dict(PEFT_DEFAULTS)
     config.update(
-        base_model_name_or_path=base_model_name_or_path,
-        task_type="FEATURE_EXTRACTION" if family == "bert" else "CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path, task_type=task_type(family),
         r=setting["r"], lora_alpha=setting["alpha"], lora_dropout=setting["dropout"],
         use_rslora=setting["use_rslora"], use_dora=setting["use_dora"],
         init_lora_weights=True if setting["init"] == "kaiming" else "gaussian",
-        target_modules=_target_modules(model, paths, family),
+        target_modules=target_modules(list(linear_layers(model)), paths, family, model_type),
     )
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    hf.write_safetensors_atomic(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    hf.write_json_atomic(dict(sorted(config.items())), directory / CONFIG_FILE)
-    return directory
-
-
-def _target_modules(model: nn.Module, paths: list[str], family: str) -> list[str]:
-    """PEFT target_modules: a bare leaf name ("q_proj") where it selects exactly these layers, else full paths."""
-    model_type = model.config.model_type
-    every_layer = [p for p in (hf_module_path(n, model_type) for n in linear_layers(model)) if p is not None]
-    chosen = set(paths)
-    targets: list[str] = []
-    for leaf in sorted({p.rsplit(".", 1)[-1] for p in paths}):
-        with_leaf = [p for p in every_layer if p.rsplit(".", 1)[-1] == leaf]
-        if leaf not in HF_ONLY_LEAVES.get(family, ()) and all(p in chosen for p in with_leaf):
-            targets.append(leaf)
-        else:
-            targets += sorted(p for p in paths if p.rsplit(".", 1)[-1] == leaf)
-    return targets
+    return write_adapter_directory(directory, tensors, config)
 
 
 def save_merged(model: nn.Module, tokenizer, directory: str | Path) -> Path:
@@ -174,46 +210,27 @@ def save_merged(model: nn.Module, tokenizer, directory: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading
+# LoRA: loading
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_adapter_config(directory: Path) -> dict:
-    config_file = directory / CONFIG_FILE
-    config = hf.read_json_file(config_file, f"a PEFT adapter directory needs {CONFIG_FILE}")
+def check_lora_config(config: dict, config_file: Path) -> None:
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}; minift reads LoRA adapters only")
+        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ValueError(f"{config_file}: missing key {key!r}")
-    for key, fine, why in UNSUPPORTED:
-        if config.get(key) not in (fine, None, {}, []):
-            raise ValueError(f"{config_file}: {key}={config[key]!r} is not supported ({why}); expected {fine!r}")
-    return config
+    reject_unsupported(config, config_file, UNSUPPORTED)
 
 
-def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default",
-                 trainable: bool = False) -> nn.Module:
-    """Add the PEFT adapter stored in `directory` to `model` as `adapter_name`, and activate it.
-
-    Everything is checked before the model changes: a failed load leaves it as it was. With trainable=True
-    the adapter's tensors require grad (to continue training); by default it is loaded for inference.
-    """
-    family = _family(model, "load_adapter")
+def read_lora_files(model: nn.Module, directory: str | Path, adapter_name: str = "default",
+                    trainable: bool = False) -> nn.Module:
+    """Add the PEFT LoRA adapter stored in `directory` to `model` as `adapter_name`, and activate it."""
+    family = check_family(model, "load_adapter")
     model_type = model.config.model_type
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: not a directory (expected a PEFT adapter directory)")
-    config = read_adapter_config(directory)
-    weights_file = directory / WEIGHTS_FILE
-    if not weights_file.exists():
-        hint = " (adapter_model.bin is pickle, which minift does not read: re-save with safetensors)" \
-            if (directory / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{weights_file}: missing{hint}")
-
-    with safe_open(weights_file, "pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    grouped = _group_by_module(tensors, weights_file, model_type, family)
+    config, tensors, weights_file = read_adapter_directory(directory)
+    check_lora_config(config, Path(directory) / CONFIG_FILE)
+    grouped = group_by_module(tensors, LORA_PARTS, weights_file, model_type, family, "LoRA")
     modules = linear_layers(model)
     r, use_dora = config["r"], bool(config.get("use_dora", False))
     for name, parts in grouped.items():
@@ -251,28 +268,3 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
                 layer.lora_magnitude_vector[adapter_name].copy_(parts["tensors"]["lora_magnitude_vector"])
     set_adapter(model, adapter_name, trainable=trainable)
     return model
-
-
-def _group_by_module(tensors: dict[str, torch.Tensor], where: Path, model_type: str, family: str) -> dict:
-    """{minift module name: {"hf_path": ..., "tensors": {"lora_A": A, "lora_B": B[, "lora_magnitude_vector": m]}}}"""
-    suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude_vector"}
-    grouped: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        suffix = next((s for s in suffixes if key.endswith(s)), None)
-        if not key.startswith(PREFIX) or suffix is None:
-            raise ValueError(f"{where}: tensor {key!r} is not a LoRA tensor minift can load (expected "
-                             f"{PREFIX}<module>.lora_A.weight / .lora_B.weight / .lora_magnitude_vector)")
-        hf_path = key[len(PREFIX): -len(suffix)]
-        if family == "bert" and hf_path.startswith("bert."):
-            hf_path = hf_path[len("bert."):]  # adapters trained on BertFor... heads
-        if family == "bert" and hf_path.startswith("pooler."):
-            continue  # PEFT's "all-linear" also adapts BERT's pooler, which minift's encoder does not have
-        name = minift_module_path(hf_path, model_type)
-        if name is None:
-            raise ValueError(f"{where}: tensor {key!r} names module {hf_path!r}, which a {model_type} model does not "
-                             "have; was this adapter trained on a different architecture?")
-        entry = grouped.setdefault(name, {"hf_path": hf_path, "tensors": {}})
-        entry["tensors"][suffixes[suffix]] = tensor
-    if not grouped:
-        raise ValueError(f"{where}: holds no LoRA tensors")
-    return grouped

@@ -19,14 +19,13 @@ linear layer is what matches full fine-tuning. The trainable fraction is small e
 with r = 8 on all linear layers it is 2.44M of 136.9M parameters, 1.8%.
 
 Several adapters can live side by side (different `adapter_name`s): `set_adapter(model, name)` picks the one
-applied in forward (and trained), `with disable_adapters(model):` gives the base model's outputs, and
+applied in forward (and trained), `with disabled_adapters(model):` gives the base model's outputs, and
 `merge_lora(model)` folds the active adapter into the weights and puts plain nn.Linear layers back, after
 which `minift.save` writes an ordinary Hugging Face directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from minift.adapter_interface import AdapterLayer
 from minift.peft.lora import INITS, LoRALinear
 
 OUTPUT_HEAD = "lm_head"  # never part of "all-linear" (PEFT also leaves the output layer out)
@@ -121,47 +121,47 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
 
 
-def named_modules_outside_lora(model: nn.Module) -> dict[str, nn.Module]:
-    """All named submodules, without those inside a LoRALinear (its A, B and wrapped base)."""
+def named_modules_outside_adapters(model: nn.Module) -> dict[str, nn.Module]:
+    """All named submodules, without those inside an adapter layer (LoRA's A, B and wrapped base, ...)."""
     found: dict[str, nn.Module] = {}
-    lora_prefixes: list[str] = []
+    adapter_prefixes: list[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix) for prefix in lora_prefixes):
+        if not name or any(name.startswith(prefix) for prefix in adapter_prefixes):
             continue
         found[name] = module
-        if isinstance(module, LoRALinear):
-            lora_prefixes.append(name + ".")
+        if isinstance(module, AdapterLayer):
+            adapter_prefixes.append(name + ".")
     return found
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer of the model by name (LoRALinear counts as one; its insides are not listed)."""
-    return {n: m for n, m in named_modules_outside_lora(model).items() if is_linear(m)}
+    return {n: m for n, m in named_modules_outside_adapters(model).items() if is_linear(m)}
 
 
-def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
-    """Names of the linear layers that `targets` selects; an error if a target selects none."""
+def find_targets(model: nn.Module, targets: list[str] | str, kind: str = "LoRA") -> list[str]:
+    """Names of the linear layers that `targets` selects; an error (naming the `kind`) if a target selects none."""
     layers = linear_layers(model)
     if targets == "all-linear":
         chosen = [n for n in layers if n != OUTPUT_HEAD and not n.endswith("." + OUTPUT_HEAD)]
     elif isinstance(targets, str):
         chosen = [n for n in layers if re.fullmatch(targets, n)]
     else:
-        modules = named_modules_outside_lora(model)
+        modules = named_modules_outside_adapters(model)
         chosen = []
         for suffix in targets:
             matches = [n for n in modules if (n == suffix or n.endswith("." + suffix))]
             if not matches:
-                raise ValueError(f"LoRA target {suffix!r} matches no module; linear layers here end in "
+                raise ValueError(f"{kind} target {suffix!r} matches no module; linear layers here end in "
                                  f"{_suffixes(layers)} (or use 'all-linear' or a regex)")
             not_linear = [n for n in matches if n not in layers]
             if not_linear:
-                raise ValueError(f"LoRA target {suffix!r} matches {not_linear[0]!r}, a "
+                raise ValueError(f"{kind} target {suffix!r} matches {not_linear[0]!r}, a "
                                  f"{type(modules[not_linear[0]]).__name__}, not a linear layer; "
                                  f"linear layers end in {_suffixes(layers)}")
             chosen += [n for n in matches if n not in chosen]
     if not chosen:
-        raise ValueError(f"LoRA targets {targets!r} match no linear layer; linear layers end in {_suffixes(layers)}")
+        raise ValueError(f"{kind} targets {targets!r} match no linear layer; linear layers end in {_suffixes(layers)}")
     return chosen
 
 
@@ -229,20 +229,6 @@ def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
                 adapter_params.append(layer.lora_magnitude_vector[name])
             for p in adapter_params:
                 p.requires_grad_(trainable)
-
-
-@contextlib.contextmanager
-def disable_adapters(model: nn.Module):
-    """Inside this block the model computes its base outputs (merged layers are unmerged first)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    previous = [layer.disabled for layer in layers]
-    for layer in layers:
-        layer.disabled = True
-    try:
-        yield model
-    finally:
-        for layer, was in zip(layers, previous):
-            layer.disabled = was
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

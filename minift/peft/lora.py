@@ -73,6 +73,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.adapter_interface import AdapterLayer
+
 INITS = ("kaiming", "gaussian")
 
 
@@ -81,13 +83,31 @@ def is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-class LoRALinear(nn.Module):
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """A linear-like layer's weight as a dense (out, in) tensor: dequantized if it is quantized (NF4Linear)."""
+    if hasattr(layer, "dequantize"):
+        return layer.dequantize()
+    weight = getattr(layer, "weight", None)
+    if weight is not None and hasattr(weight, "dequantize"):
+        return weight.dequantize()
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight
+    raise TypeError(f"cannot get a dense weight from {type(layer).__name__}")
+
+
+class LoRALinear(AdapterLayer):
     """A frozen linear layer `base` plus named low-rank adapters; see the module docstring for the math."""
+
+    adapter_kind = "lora"
+    foldable = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         if isinstance(base, LoRALinear):
             raise ValueError("LoRALinear(base): base is already a LoRALinear; call add_adapter on it instead")
+        if isinstance(base, AdapterLayer):
+            raise ValueError(f"LoRALinear(base): base is already a {base.adapter_kind} adapter layer; stacking "
+                             "adapters on one layer is not supported (merge_adapters(model) first)")
         for attribute in ("in_features", "out_features"):
             if not isinstance(getattr(base, attribute, None), int):
                 raise ValueError(f"LoRALinear(base): {type(base).__name__} has no integer `{attribute}`")
@@ -106,7 +126,7 @@ class LoRALinear(nn.Module):
         self.settings: dict[str, dict] = {}  # adapter name -> the arguments it was created with (for files)
         self.active: list[str] = []  # adapters applied in forward, in order
         self.disabled = False  # True: forward is the base layer alone (reference outputs)
-        self.merged: list[str] = []  # adapters currently added into self.weight
+        self.merged_adapters: list[str] = []  # adapters currently added into self.weight
         self._dora_norms: dict[str, torch.Tensor] = {}  # row norms used at merge time, needed to unmerge
 
     # ------------------------------------------------------------------------------------------------
@@ -120,16 +140,7 @@ class LoRALinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as a dense (out, in) tensor (dequantized for a quantized base)."""
-        if self.base is None:
-            return self.weight
-        if hasattr(self.base, "dequantize"):
-            return self.base.dequantize()
-        weight = getattr(self.base, "weight", None)
-        if weight is not None and hasattr(weight, "dequantize"):
-            return weight.dequantize()
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            return weight
-        raise TypeError(f"LoRALinear: cannot get a dense weight from {type(self.base).__name__}")
+        return self.weight if self.base is None else dense_weight(self.base)
 
     def base_bias(self) -> torch.Tensor | None:
         return self.bias if self.base is None else getattr(self.base, "bias", None)
@@ -188,8 +199,8 @@ class LoRALinear(nn.Module):
         for name in names:
             if name not in self.lora_A:
                 raise ValueError(f"no adapter {name!r} on this layer; it has {list(self.lora_A)}")
-        if self.merged and names != self.merged:
-            raise ValueError(f"adapters {self.merged} are merged into the weight; unmerge() before switching")
+        if self.merged_adapters and names != self.merged_adapters:
+            raise ValueError(f"adapters {self.merged_adapters} are merged into the weight; unmerge() before switching")
         self.active = names
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -210,9 +221,9 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled and self.merged:
+        if self.disabled and self.merged_adapters:
             self.unmerge()
-        if self.disabled or self.merged or not self.active:
+        if self.disabled or self.merged_adapters or not self.active:
             return self.base_forward(x)
         leading = x.shape[:-1]
         x = x.reshape(-1, self.in_features)  # (N, in): all tokens as rows, so the matmuls below are plain 2-D
@@ -284,17 +295,17 @@ class LoRALinear(nn.Module):
         if self.base is not None:
             raise ValueError(f"merge() needs a plain float weight, but this layer wraps {type(self.base).__name__}; "
                              "use minift.peft.merge_lora(model), which builds a new 16/32-bit nn.Linear instead")
-        if self.merged:
+        if self.merged_adapters:
             return
         self._check_mergeable()
         self.weight.data = self._merge_into(self.weight)
-        self.merged = list(self.active)
+        self.merged_adapters = list(self.active)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the merged adapters again (exact up to float rounding)."""
         weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
-        for name in reversed(self.merged):
+        for name in reversed(self.merged_adapters):
             delta = self.delta_weight(name)
             if name in self.lora_magnitude_vector:
                 factor = self.lora_magnitude_vector[name].detach().float() / self._dora_norms.pop(name)
@@ -302,12 +313,12 @@ class LoRALinear(nn.Module):
             else:
                 weight = weight - delta
         self.weight.data = weight.to(self.weight.dtype)
-        self.merged = []
+        self.merged_adapters = []
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear computing base + active adapters (dequantized first if the base is quantized)."""
-        if self.base is None and self.merged:
+        if self.base is None and self.merged_adapters:
             weight = self.weight.data
         else:
             self._check_mergeable()
@@ -326,10 +337,33 @@ class LoRALinear(nn.Module):
             linear.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach().clone(), False)
         return linear
 
+    # ------------------------------------------------------------------------------------------------
+    # The adapter interface (minift/adapter_interface.py)
+    # ------------------------------------------------------------------------------------------------
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Every adapter's A, B (and DoRA m), active or not: {"lora_A.default.weight": ..., ...}."""
+        found = {}
+        for name in self.lora_A:
+            found[f"lora_A.{name}.weight"] = self.lora_A[name].weight
+            found[f"lora_B.{name}.weight"] = self.lora_B[name].weight
+            if name in self.lora_magnitude_vector:
+                found[f"lora_magnitude_vector.{name}"] = self.lora_magnitude_vector[name]
+        return found
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        self.disabled = not enabled  # a merged layer unmerges itself on its next disabled forward
+
+    def adapter_enabled(self) -> bool:
+        return not self.disabled
+
+    def merged(self) -> nn.Linear:
+        return self.merged_linear()
+
     def extra_repr(self) -> str:
         adapters = ", ".join(
             f"{n}(r={s['r']}, scaling={self.scaling[n]:g}{', dora' if s['use_dora'] else ''})"
             for n, s in self.settings.items()
         )
-        state = "disabled" if self.disabled else f"active={self.active}" + (f", merged={self.merged}" if self.merged else "")
+        state = "disabled" if self.disabled else f"active={self.active}" + (f", merged={self.merged_adapters}" if self.merged_adapters else "")
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters=[{adapters}], {state}"

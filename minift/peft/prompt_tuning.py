@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minift.adapter_interface import AdapterLayer
 from minift.peft.freezing import TrainableReport, set_trainable, trainable_report
 
 IGNORE_INDEX = -100
@@ -54,8 +55,11 @@ COMMON_TOKENS = 5000  # Lester et al. sample "vocab" inits from the 5,000 most c
 PROMPT_FILE = "soft_prompt.safetensors"
 
 
-class SoftPrompt(nn.Module):
+class SoftPrompt(AdapterLayer):
     """n trainable virtual-token embeddings (`weight`, (n, d)) and the hooks that put them in front of inputs."""
+
+    adapter_kind = "prompt"
+    foldable = False  # extra input positions: no weight of the model can absorb them (merged() is None)
 
     def __init__(self, n_tokens: int, dim: int, causal: bool = True, keep_virtual_outputs: bool = False) -> None:
         super().__init__()
@@ -63,6 +67,18 @@ class SoftPrompt(nn.Module):
         self.n_tokens, self.causal = n_tokens, causal
         self.keep_virtual_outputs = keep_virtual_outputs
         self.inserting = False  # True between "before the model" and "after the model" of a prompted call
+        self.enabled = True  # False: all three hooks pass through, the model sees the caller's tokens only
+
+    # ---- the adapter interface (minift/adapter_interface.py) -----------------------------------------
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"weight": self.weight}
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+
+    def adapter_enabled(self) -> bool:
+        return self.enabled
 
     def extra_repr(self) -> str:
         return f"n_tokens={self.n_tokens}, dim={self.weight.size(1)}"
@@ -72,6 +88,9 @@ class SoftPrompt(nn.Module):
     def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Rewrite the forward arguments so the model sees n extra tokens in front (or, with a KV cache
         that already holds them, knows they are there)."""
+        if not self.enabled:
+            self.inserting = False
+            return None  # arguments unchanged
         call = inspect.signature(model.forward).bind(*args, **kwargs).arguments  # name -> value
         ids, cache = call["input_ids"], call.get("cache")
         n = self.n_tokens
@@ -221,12 +240,13 @@ def extend_labels(labels: torch.Tensor, n_tokens: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def save_prompt(model: nn.Module, directory: str | Path) -> Path:
-    """Write soft_prompt.safetensors (the (n, d) tensor, n in the metadata) into `directory`."""
-    from minift.io.hf import write_safetensors_atomic
+def write_prompt_files(model: nn.Module, directory: str | Path) -> Path:
+    """Write soft_prompt.safetensors (the (n, d) tensor, n in the metadata) into `directory`
+    (minift.peft.save_adapter calls this)."""
+    from minift.io.files import write_safetensors_atomic
 
     if not hasattr(model, "soft_prompt"):
-        raise ValueError("save_prompt: the model has no soft prompt (call add_prompt_tuning first)")
+        raise ValueError("save_adapter: the model has no soft prompt (call add_prompt_tuning first)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weight = model.soft_prompt.weight.detach().cpu().contiguous()
@@ -236,13 +256,13 @@ def save_prompt(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def load_prompt(model: nn.Module, directory: str | Path) -> TrainableReport:
-    """Add the soft prompt saved in `directory` to a base model."""
+def read_prompt_files(model: nn.Module, directory: str | Path) -> TrainableReport:
+    """Add the soft prompt saved in `directory` to a base model (minift.peft.load_adapter calls this)."""
     from safetensors import safe_open
 
     path = Path(directory) / PROMPT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected a directory written by save_prompt")
+        raise FileNotFoundError(f"{path}: missing; expected a directory written by minift.peft.save_adapter")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         if "soft_prompt.weight" not in f.keys():
