@@ -7,6 +7,28 @@
 
 Importing minift never imports a reference library (transformers, peft, bitsandbytes, gguf), and never
 probes the device: everything runs on a CPU, and GPU kernels are launched only when tensors live on one.
+
+Layers
+------
+The modules form layers, lowest first. A module imports only from its own layer or a lower one, and never
+in a cycle; tests/test_layers.py reads every import (lazy ones too) and holds the same table.
+
+    0  config, tokenizer, dtypes, adapter_interface, machine, svg_chart
+                             the vocabulary: model settings, text <-> ids, dtype names, what any adapter
+                             answers, the machine a result ran on, charts; nothing here imports minift
+    1  model                 one Transformer for every supported family, KV cache, generate
+    2  kernels (kernels/)    Triton kernels, each beside its pure-torch reference; the NF4 code tables
+    3  quant                 the NF4 format (bitsandbytes-exact) and NF4Linear
+    4  io, and this package  checkpoint formats: files, HF dirs, 4-bit dirs, GGUF, bundled names; load/save
+                             (library modules import minift.io, never `minift` itself)
+    5  peft                  LoRA family, (IA)^3, bottleneck adapters, prompt tuning, QLoRA, PEFT files
+    6  losses, data, datasets, schedules
+                             what is learned from which records, and at which learning rate
+    7  train                 the engine, in its own order: fields -> methods (the registry) -> run_config
+                             -> tasks -> batches -> checkpoint -> loop -> train/__init__
+    8  icl, align, export    techniques and tools built on the engine
+    9  demo                  the main job, a composition of the layers below
+   10  cli, __main__         the `minift` command
 """
 
 from minift.config import ModelConfig

@@ -118,7 +118,8 @@ def test_icl_and_fine_tuning_read_the_same_records(tmp_path, name):
     rows = [("caf\xe9, \"quoted\"", "pos"), ("  padded  ", "neg"), ("line one", "pos")]
     path = tmp_path / name
     if name.endswith(".jsonl"):
-        text = "".join(json.dumps({"text": t, "label": y}) + "\n" + ("\n" if i == 0 else "") for i, (t, y) in enumerate(rows))
+        lines = [json.dumps({"text": t, "label": y}) + "\n" for t, y in rows]
+        text = lines[0] + "\n" + "".join(lines[1:])  # a blank line is skipped, and the line numbers still count it
     else:
         sep = "\t" if name.endswith(".tsv") else ","
         quote = lambda v: '"' + v.replace('"', '""') + '"'  # noqa: E731
