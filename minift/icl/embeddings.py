@@ -43,9 +43,9 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, source: str = "minilm-l6", **kwargs) -> "Embedder":
         """Load `source` with minift.load (a bundled name, .gguf file or Hugging Face directory)."""
-        import minift
+        from minift.io import load
 
-        model, tokenizer = minift.load(source)
+        model, tokenizer = load(source)
         return cls(model, tokenizer, **kwargs)
 
     @property

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from minift.icl.templates import CHATML_END, chatml_turn
-from minift.io.hf import write_safetensors_atomic
+from minift.io.files import write_safetensors_atomic
 
 INDEX_FORMAT, INDEX_VERSION = "minift-index", "1"
 

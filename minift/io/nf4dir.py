@@ -38,25 +38,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
-from minift.io import build_model, hf
+from minift.dtypes import dtype_name
+from minift.io import hf
+from minift.io.files import read_json_file, write_json_atomic, write_safetensors_atomic
+from minift.io.weights import base_model_state, build_model
 from minift.model import Transformer
-from minift.quant.linear import NF4Linear, dtype_name, nf4_from_state_dict, quant_state_tensors
+from minift.quant.linear import NF4Linear, nf4_from_state_dict, quant_state_tensors
 
 CONFIG_KEY = "quantization_config"
 
 
 def nf4_layers(model: nn.Module) -> dict[str, NF4Linear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, NF4Linear)}
-
-
-def is_quantized_directory(source) -> bool:
-    """True for a directory whose config.json carries a quantization_config (a 4-bit checkpoint)."""
-    config_file = Path(source) / "config.json"
-    if not config_file.is_file():
-        return False
-    return CONFIG_KEY in hf.read_json_file(config_file)
 
 
 def quantization_config(model: nn.Module, layers: dict[str, NF4Linear]) -> dict:
@@ -98,14 +92,8 @@ def save_quantized(model: Transformer, tokenizer, directory: str | Path) -> Path
     if not layers:
         raise ValueError("save_quantized: the model has no NF4Linear layer; run quantize_model(model) first "
                          "(or use minift.save for a dense model)")
-    dense, quantized = {}, {}
-    for name, tensor in model.state_dict().items():
-        owner = next((layer for layer in layers if name.startswith(f"{layer}.weight")), None)
-        if owner is None:
-            if not name.endswith(("weight", "bias")) or "lora_" in name:
-                raise ValueError(f"save_quantized: tensor {name!r} is not a base-model weight; merge or remove "
-                                 "adapters first")
-            dense[name] = tensor
+    dense = base_model_state(model, where="save_quantized", skip=tuple(f"{layer}.weight" for layer in layers))
+    quantized = {}
     for layer_name, layer in layers.items():
         weight_name = hf.rename(f"{layer_name}.weight", model_type, to_hf=True)
         if weight_name is None:
@@ -120,8 +108,8 @@ def save_quantized(model: Transformer, tokenizer, directory: str | Path) -> Path
     config[CONFIG_KEY] = quantization_config(model, layers)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hf.write_safetensors_atomic(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    hf.write_json_atomic(config, directory / "config.json")
+    write_safetensors_atomic(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    write_json_atomic(config, directory / "config.json")
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
@@ -148,17 +136,6 @@ def check_quantization_config(settings, config_file: Path) -> None:
                          "(re-quantize the dense model with `minift quantize`)")
 
 
-def read_tensors(directory: Path) -> dict[str, tuple[Path, torch.Tensor]]:
-    """Every tensor of the directory (single file or shards) by name, with the file it came from."""
-    tensors, handles = {}, {}
-    for name, (path, key) in hf.read_safetensors(directory).items():
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: shard listed in the index for tensor {name!r} is missing")
-        handle = handles.get(path) or handles.setdefault(path, safe_open(path, "pt"))
-        tensors[name] = (path, handle.get_tensor(key))
-    return tensors
-
-
 def split_quantized(tensors: dict[str, tuple[Path, torch.Tensor]]) -> tuple[dict[str, dict], dict]:
     """Group the Linear4bit entries by their weight name ("...q_proj.weight" -> {its tensors, "path"});
     everything else is dense. A quantized weight is one that has a `.quant_state.bitsandbytes__*` entry."""
@@ -180,8 +157,7 @@ def load_quantized(directory: str | Path, device=None) -> tuple[Transformer, obj
     """Load a 4-bit NF4 directory (written by save_quantized or by transformers + bitsandbytes) with its
     quantized layers as NF4Linear, bytes unchanged; returns (model, tokenizer or None)."""
     directory = Path(directory)
-    config_file = directory / "config.json"
-    raw = hf.read_json_file(config_file, "a Hugging Face model directory needs config.json")
+    raw, config_file = hf.read_config(directory)
     if CONFIG_KEY not in raw:
         raise ValueError(f"{config_file}: no {CONFIG_KEY}; this is a dense model (load it with minift.load)")
     check_quantization_config(raw[CONFIG_KEY], config_file)
@@ -193,13 +169,13 @@ def load_quantized(directory: str | Path, device=None) -> tuple[Transformer, obj
     linear_shapes = {name: (m.out_features, m.in_features) for name, m in skeleton.named_modules()
                      if isinstance(m, nn.Linear)}
 
-    groups, dense_tensors = split_quantized(read_tensors(directory))
+    groups, dense_tensors = split_quantized(hf.read_tensors(directory))
     weights: dict[str, object] = {}  # minift module name -> NF4Tensor
     for hf_weight, entries in sorted(groups.items()):
         path = entries.pop("path", None)
         if path is None:
             raise ValueError(f"{directory}: {hf_weight} has a quant_state entry but no packed weight tensor")
-        module = (minift_name(hf_weight, config.model_type) or "")[: -len(".weight")]
+        module = (hf.minift_name(hf_weight, config.model_type) or "")[: -len(".weight")]
         if module not in linear_shapes:
             raise ValueError(f"{path}: quantized tensor {hf_weight!r} has no linear layer in a "
                              f"{config.model_type} model")
@@ -207,14 +183,7 @@ def load_quantized(directory: str | Path, device=None) -> tuple[Transformer, obj
             weights[module] = nf4_from_state_dict(entries, hf_weight, linear_shapes[module])
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
-    dense: dict[str, torch.Tensor] = {}
-    for name, (path, tensor) in dense_tensors.items():
-        if hf.IGNORED.search(name) or (config.model_type == "bert" and name.startswith("cls.")):
-            continue  # buffers, BERT's pooler and pre-training heads (as minift.load skips them)
-        ours = minift_name(name, config.model_type)
-        if ours is None:
-            raise ValueError(f"{path}: tensor {name!r} has no place in a {config.model_type} model")
-        dense[ours] = tensor
+    dense = hf.state_dict_from_tensors(dense_tensors, config)  # the HF reader's renaming and skip lists
 
     # Dense layers load as usual; each quantized weight gets a shape-only placeholder, then its layer is swapped.
     placeholders = {f"{module}.weight": torch.empty(linear_shapes[module], dtype=q.dtype, device="meta")
@@ -226,18 +195,6 @@ def load_quantized(directory: str | Path, device=None) -> tuple[Transformer, obj
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         model.set_submodule(module, layer)
-    tokenizer = None
-    if (directory / "tokenizer.json").exists():
-        from minift.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
     if device is not None:
         model = model.to(device)
-    return model.eval(), tokenizer
-
-
-def minift_name(hf_name: str, model_type: str) -> str | None:
-    """A Hugging Face tensor name in minift naming; BERT checkpoints may carry a "bert." prefix."""
-    if model_type == "bert":
-        hf_name = hf_name.removeprefix("bert.")
-    return hf.rename(hf_name, model_type, to_hf=False)
+    return model.eval(), hf.read_tokenizer(directory)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from minift.io import hf
+from minift.io.files import read_json_file, write_json_atomic, write_safetensors_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -78,15 +78,15 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     optimizer_tensors, optimizer_meta = optimizer_state_to_tensors(optimizer, parameter_names)
     rng_tensors, rng_meta = capture_rng(generators or {})
     plain = {n: t.detach().to("cpu").contiguous() for n, t in weights.items()}
-    hf.write_safetensors_atomic(plain, tmp / "weights.safetensors", metadata={"step": str(step)})
-    hf.write_safetensors_atomic(optimizer_tensors, tmp / "optimizer.safetensors")
-    hf.write_safetensors_atomic(rng_tensors, tmp / "rng.safetensors")
-    hf.write_json_atomic({**state, "step": step, "optimizer": optimizer_meta, "rng": rng_meta}, tmp / "state.json")
+    write_safetensors_atomic(plain, tmp / "weights.safetensors", metadata={"step": str(step)})
+    write_safetensors_atomic(optimizer_tensors, tmp / "optimizer.safetensors")
+    write_safetensors_atomic(rng_tensors, tmp / "rng.safetensors")
+    write_json_atomic({**state, "step": step, "optimizer": optimizer_meta, "rng": rng_meta}, tmp / "state.json")
 
     if final.exists():  # the same step written again (e.g. the end of a resumed run): replace it
         shutil.rmtree(final)
     tmp.rename(final)
-    hf.write_json_atomic({"directory": name, "step": step}, root / LATEST)
+    write_json_atomic({"directory": name, "step": step}, root / LATEST)
     prune_checkpoints(root, keep)
     return final
 
@@ -181,7 +181,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         with safe_open(file, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
-    state = hf.read_json_file(files["state.json"])
+    state = read_json_file(files["state.json"])
     return Checkpoint(path=path, step=int(state["step"]), weights=read(files["weights.safetensors"]),
                       optimizer_tensors=read(files["optimizer.safetensors"]),
                       rng_tensors=read(files["rng.safetensors"]), state=state)

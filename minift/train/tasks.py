@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.io.hf import read_json_file
+from minift.io.files import read_json_file
 from minift.losses import IGNORE_INDEX, ClassificationHead, mask_tokens
 
 TASK_KINDS = ("causal_lm", "masked_lm", "classification")
@@ -194,7 +194,7 @@ def summarize(kind: str, loss_sum: float, n_targets: int, n_correct: int, prefix
 
 def save_head(model: TaskModel, directory: Path, labels: list[str] | None = None) -> None:
     """Write task.json (kind, labels, pooling) and the head's own weights (head.safetensors) into `directory`."""
-    from minift.io.hf import write_json_atomic, write_safetensors_atomic
+    from minift.io.files import write_json_atomic, write_safetensors_atomic
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
