@@ -29,7 +29,8 @@ from minift.peft import LoRALinear, save_adapter
 from minift.peft.qlora import export_merged, merge_qlora, merge_qlora_into_nf4
 from minift.quant import NF4Linear
 from minift.train.methods import METHODS, parse_method_options, prepare_method
-from tests.train_helpers import save_tiny_decoder, single_thread  # noqa: F401  (autouse: one torch thread)
+from tests.train_helpers import bitsandbytes_in_float32, save_tiny_decoder
+from tests.train_helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "qlora_tweets_lm.toml"
 VOCAB = 64
@@ -173,7 +174,7 @@ def test_outputs_equal_peft_lora_over_bitsandbytes_linear4bit(trained, tmp_path)
                 layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                                  compress_statistics=True, module=layer)
                 reference.set_submodule(name, layer.to("cpu"))  # quantized here, on the CPU
-        peft_model = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+        peft_model = bitsandbytes_in_float32(peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval())
         theirs = peft_model(ids).logits
     torch.testing.assert_close(model(ids), theirs, atol=1e-5, rtol=1e-5)
 
