@@ -300,10 +300,16 @@ PEFT_TARGETS = {  # the same layers in each library's names
 }
 
 
-# float32: outputs to 1e-5; gradients to 1e-5 + 1e-4 relative, because the libraries add the same products in a
+# float32: outputs to 1e-5; gradients to 5e-5 + 1e-4 relative, because the libraries add the same products in a
 # different order (minift accumulates scaling * h B^T into the base output with one addmm). float64 shows that
-# the math itself is identical.
-TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-12, rtol=1e-10)}
+# the math itself is identical. Why 5e-5 absolute: a gradient element here is a sum of hundreds of products that
+# can cancel. Worst case measured (rsLoRA, Llama, lora_A of blocks.0 v_proj, element (3, 19)): 288 products whose
+# absolute values sum to 59.3 add up to -0.0933, so one float32 unit roundoff (6e-8) at that scale is 3.5e-6, and
+# the upstream gradient already carries float32 error (up to 1e-5 at the v_proj output, against float64). Ours vs
+# PEFT there: 2.4e-5 with torch's AVX-512 kernels, 1.9e-5 with ATEN_CPU_CAPABILITY=avx2; merely swapping the two
+# sequences of the batch moves minift's own value by 1.1e-5 (and its gradients by up to 4.6e-5 elsewhere). Over all
+# variants the worst float32 difference uses 40% of this tolerance; the batch swap alone used 55% of the old 1e-5.
+TOLERANCES = {torch.float32: dict(atol=5e-5, rtol=1e-4), torch.float64: dict(atol=1e-12, rtol=1e-10)}
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
