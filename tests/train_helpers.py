@@ -84,10 +84,10 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def save_tiny_decoder(directory: Path, extra_texts: list[str] = (), seed: int = 0) -> Path:
+def save_tiny_decoder(directory: Path, extra_texts: list[str] = (), seed: int = 0, dim: int = 32) -> Path:
     """A Hugging Face directory holding a tiny random decoder and a word tokenizer covering the test data."""
     tokenizer = word_tokenizer(alpaca_texts() + SENTENCES + list(extra_texts))
-    minift.save(tiny_decoder(tokenizer.vocab_size, seed), tokenizer, directory)
+    minift.save(tiny_decoder(tokenizer.vocab_size, seed, dim=dim), tokenizer, directory)
     return directory
 
 
