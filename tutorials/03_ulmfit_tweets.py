@@ -1,5 +1,8 @@
 # %% [markdown]
-# # Lesson 02 — ULMFiT on tweets: general LM, target-domain LM, classifier
+# # Lesson 03 — ULMFiT on tweets: general LM, target-domain LM, classifier
+#
+# Prerequisites: lesson 02 (a `RunConfig` through `setup` and `fit`, full fine-tuning of MiniLM on tweets, reading
+# accuracy with its interval); what a masked language model and a learning-rate schedule are; the `make test` `.venv`.
 #
 # Howard & Ruder (2018, "Universal Language Model Fine-tuning for Text Classification") turned transfer
 # learning for text into a recipe of three stages, each starting from the weights of the one before:
@@ -26,9 +29,9 @@
 # Then we take them away one at a time — and stage 2 as well — with the same seed, the same training tweets
 # and the same number of steps, and score every variant on the same fixed sample of the test split.
 #
-# Run it as a script (`python tutorials/02_ulmfit_tweets.py`) or cell by cell. `MINIFT_FAST=1` runs every
+# Run it as a script (`python tutorials/03_ulmfit_tweets.py`) or cell by cell. `MINIFT_FAST=1` runs every
 # stage on a few dozen tweets (under a minute) and writes only under `$MINIFT_TUTORIAL_OUT`; the full run
-# (~13 min on 2 CPU cores) records its figures in `tutorials/results/02_ulmfit.md`.
+# (~13 min on 2 CPU cores) records its figures in `tutorials/results/03_ulmfit_tweets.md`.
 
 # %%
 import copy
@@ -44,13 +47,14 @@ import torch
 import torch.nn.functional as F
 
 import minift
-from minift.machine import describe_machine
 from minift.data import collate, read_records, tokenize_records
 from minift.datasets import TWEET_LABELS, load_tweet_sentiment
 from minift.icl import classification_report
 from minift.train.run_config import RunConfig, to_toml
 from minift.schedules import layer_groups
 from minift.train import eval_batches, evaluate, fit, read_metrics, setup
+
+from _results import results_header, scratch_dir, write_results
 
 FAST = os.environ.get("MINIFT_FAST") == "1"
 N_LM = 32 if FAST else 2560  # unlabelled train tweets for stage 2 (texts only)
@@ -67,10 +71,7 @@ MAX_LENGTH = 64  # tokens per tweet ([CLS] and [SEP] included); 99% of tweets fi
 HEAD_LR, LM_LR, CLS_LR = 2e-3, 3e-3, 1e-3  # peak rates (of the top layer group); how we chose them: below
 FACTOR, CUT_FRAC, RATIO = 2.6, 0.1, 32.0  # the paper's values
 LABELS = list(TWEET_LABELS)  # negative, neutral, positive
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path("tutorials")
-RESULTS = HERE / "results"
-OUT = Path(os.environ.get("MINIFT_TUTORIAL_OUT", "runs")) / "02_ulmfit"
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = scratch_dir(__file__)  # sampled tweets, training runs, the stage-2 encoder
 torch.set_num_threads(1)  # comparable timings on a shared 2-core machine; remove on your own computer
 started = time.perf_counter()
 
@@ -213,7 +214,7 @@ for label, steps, loss in STAGE2_ROWS:
 # %% [markdown]
 # The product of stage 2 is an ordinary encoder: `minift.save` writes it as a Hugging Face directory (the
 # MLM head is dropped; stage 3 brings its own head), and any `minift finetune` config can start from it with
-# `--set model.source=runs/02_ulmfit/stage2_encoder`.
+# `--set model.source=runs/03_ulmfit_tweets/stage2_encoder`.
 
 # %%
 stage2_encoder = lm_run.model.backbone
@@ -222,7 +223,7 @@ stage2_dir = minift.save(stage2_encoder, tokenizer, OUT / "stage2_encoder")
 # %% [markdown]
 # ## 4. Stage 3: the classifier, and its ablations as config fields
 # Every variant is a `RunConfig` that differs from full ULMFiT in one place. "Without STLR" uses
-# warmup-cosine (the schedule lesson 08 used), warming up over the same cut = T/10 steps to the same peak —
+# warmup-cosine (the schedule lesson 02 used), warming up over the same cut = T/10 steps to the same peak —
 # the paper compares STLR with cosine annealing in the same way. The peak rate of the top group, 1e-3, beat
 # 3e-4 and 3e-3 for the full recipe on 500 *validation* tweets (0.718 vs 0.696 and 0.712 accuracy, starting
 # from the bundled MiniLM; differences within that sample's noise); every variant keeps it. All use AdamW
@@ -448,7 +449,7 @@ print("\n".join(verdicts))
 
 # %% [markdown]
 # ## 9. What to look for
-# (The figures of the full run are in `tutorials/results/02_ulmfit.md`; the verdict lines there are computed
+# (The figures of the full run are in `tutorials/results/03_ulmfit_tweets.md`; the verdict lines there are computed
 # from the paired intervals, not written by hand.)
 #
 # * **Stage 2 works as a language model.** On held-out validation tweets the masked-LM loss falls from the
@@ -474,12 +475,8 @@ stage2_table = "\n".join(f"| {label} | {steps} | {loss:.3f} | {math.exp(loss):,.
                          for label, steps, loss in STAGE2_ROWS)
 details = "\n".join(f"| {row['label']} | {row['steps']} | {row['final_train_loss']:.3f} | {row['test_loss']:.3f} |"
                     for row in rows)
-command = f"{'MINIFT_FAST=1 ' if FAST else ''}python tutorials/02_ulmfit_tweets.py"
-result = f"""# Lesson 02 results: ULMFiT on tweets (MiniLM-L6, masked-LM domain adaptation, ablations)
-
-Produced by `{command}` in {time.perf_counter() - started:.0f} s.
-Machine: {describe_machine()}; shared with other jobs, so seconds are indicative only (compare within this run).
-
+title = "ULMFiT on tweets (MiniLM-L6, masked-LM domain adaptation, ablations)"
+result = results_header(__file__, title, started) + f"""
 Model: all-MiniLM-L6-v2 (bundled, `minift.load("minilm-l6")`, {sum(p.numel() for p in base.parameters()):,}
 parameters), max {MAX_LENGTH} tokens per tweet, dropout 0.1, AdamW with weight decay 0.01, seed 0 everywhere.
 
@@ -525,11 +522,4 @@ ULMFiT right); mean ± 1.96 standard errors. One seed, one training sample.
 
 {chr(10).join(schedule_table)}
 """
-if FAST:
-    (OUT / "02_ulmfit.md").write_text(result)
-    print("wrote", OUT / "02_ulmfit.md")
-else:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "02_ulmfit.md").write_text(result)
-    print("wrote", RESULTS / "02_ulmfit.md")
-print(f"done in {time.perf_counter() - started:.0f} s")
+write_results(__file__, result, started)

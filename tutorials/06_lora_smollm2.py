@@ -1,5 +1,8 @@
 # %% [markdown]
-# # Lesson 09 — LoRA on SmolLM2: what r and the targets cost, merging, and what the rank changes
+# # Lesson 06 — LoRA on SmolLM2: what r and the targets cost, merging, and what the rank changes
+#
+# Prerequisites: lesson 01 (SmolLM2's linear layers), lesson 02 (LoRA as one strategy among six) and lesson 04
+# (Alpaca SFT through `setup` and `fit`); matrix rank and the SVD; the `.venv` that `make test` builds.
 #
 # LoRA (Hu et al. 2021) freezes every weight W (out x in) of the model and learns each update as a
 # product of two thin matrices:
@@ -16,9 +19,11 @@
 # 3. **How do you get a normal model back?** Merge s·BA into W (the outputs must not change), save the
 #    merged model with `minift.save`, load it back; or keep the adapter alone in PEFT's file format.
 #
-# Run it as a script (`python tutorials/09_lora_smollm2.py`) or cell by cell. `MINIFT_FAST=1` trains a
+# Lesson 09 then trains these same adapters on a base frozen in 4 bits (QLoRA).
+#
+# Run it as a script (`python tutorials/06_lora_smollm2.py`) or cell by cell. `MINIFT_FAST=1` trains a
 # 2-block slice of the model for 2 steps per run (every code path, under a minute) and writes its report
-# under `$MINIFT_TUTORIAL_OUT`; the full run records its figures in `tutorials/results/09_lora_smollm2.md`.
+# under `$MINIFT_TUTORIAL_OUT`; the full run records its figures in `tutorials/results/06_lora_smollm2.md`.
 
 # %%
 import copy
@@ -32,12 +37,13 @@ import torch
 from safetensors import safe_open
 
 import minift
-from minift.machine import describe_machine
 from minift.train.batches import split_records
 from minift.data import alpaca_prompt, read_records
 from minift.peft import LoRAConfig, add_lora, find_targets, load_adapter, lora_layers, merge_lora, save_adapter
 from minift.train.run_config import RunConfig
 from minift.train import fit, read_metrics, setup
+
+from _results import results_header, scratch_dir, write_results
 
 FAST = os.environ.get("MINIFT_FAST") == "1"
 BLOCKS = 2 if FAST else 0  # keep only the first BLOCKS transformer blocks (0 = all 30)
@@ -46,9 +52,7 @@ BATCH = 4
 LR = 5e-4
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path("tutorials")
 DATA = HERE / "data" / "alpaca_mini.jsonl"
-RESULTS = HERE / "results"
-OUT = Path(os.environ.get("MINIFT_TUTORIAL_OUT", "runs")) / "09_lora_smollm2"
-OUT.mkdir(parents=True, exist_ok=True)
+OUT = scratch_dir(__file__)  # training runs, the merged model, the adapter files
 torch.set_num_threads(1)  # comparable timings on a shared 2-core machine; remove on your own computer
 torch.manual_seed(0)
 started = time.perf_counter()
@@ -383,7 +387,7 @@ else:
 
 # %% [markdown]
 # ## 7. What to look for
-# (The figures of the full run are in `tutorials/results/09_lora_smollm2.md`.)
+# (The figures of the full run are in `tutorials/results/06_lora_smollm2.md`.)
 #
 # * **Cost.** Trainable parameters grow linearly in r and with the width of the targeted layers: all-linear
 #   at r = 64 trains 19.5M numbers, 14.5% of the base model's 134.5M; at r = 8, 2.4M (under 2%).
@@ -426,12 +430,7 @@ merge_table = ["| compared with the trained adapter model | max abs logit differ
                f"| fresh base + `load_adapter` (PEFT-format files) | {merge_errors['load_adapter']:.2e} |"]
 merge_table += [f"| {name} | {error:.2e} |" for name, error in reference.items()]
 scope = f"the first {BLOCKS} blocks (fast mode)" if BLOCKS else "all 30 blocks"
-result = f"""# Lesson 09 results: LoRA on SmolLM2-135M
-
-Produced by `python tutorials/09_lora_smollm2.py`{' (MINIFT_FAST=1)' if FAST else ''} in \
-{time.perf_counter() - started:.0f} s.
-Machine: {describe_machine()}; shared with other jobs, so seconds are indicative only.
-
+result = results_header(__file__, "LoRA on SmolLM2-135M", started) + f"""
 ## Trainable parameters (30 blocks; count from `add_lora`, % of all parameters as PEFT prints it)
 
 Each count equals the formula: sum over the target layers of r * (in + out) (checked with an assert).
@@ -470,11 +469,4 @@ Merged directory: {", ".join(f"{n} ({s / 1e6:.1f} MB)" for n, s in merged_files.
 Adapter directory (PEFT format): {", ".join(f"{n} ({s / 1e6:.2f} MB)" for n, s in adapter_files.items())};
 {len(tensor_names)} tensors, {adapter_numbers:,} numbers; target_modules {adapter_config['target_modules']}.
 """
-if FAST:
-    (OUT / "09_lora_smollm2.md").write_text(result)
-    print("wrote", OUT / "09_lora_smollm2.md")
-else:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "09_lora_smollm2.md").write_text(result)
-    print("wrote", RESULTS / "09_lora_smollm2.md")
-print(f"done in {time.perf_counter() - started:.0f} s")
+write_results(__file__, result, started)

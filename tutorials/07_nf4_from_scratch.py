@@ -1,5 +1,8 @@
 # %% [markdown]
-# # Lesson 04 — NF4 from scratch, measured on real SmolLM2 weights
+# # Lesson 07 — NF4 from scratch, measured on real SmolLM2 weights
+#
+# Prerequisites: lesson 01 (SmolLM2's linear layers and perplexity); floating-point formats, quantiles of the
+# normal distribution, bits and bytes; no training lesson is needed; the `.venv` that `make test` builds.
 #
 # QLoRA (Dettmers et al. 2023, §3) stores a frozen model in 4 bits with three ideas: a code table built
 # from normal quantiles (NormalFloat, NF4), one absmax scale per block of 64 weights, and "double
@@ -8,27 +11,25 @@
 # quantization error against two other 4-bit formats with the same block size (symmetric int4 and
 # bitsandbytes' FP4), bytes per parameter, and the perplexity of the quantized model on an English paragraph.
 #
-# Run it as a script (`python tutorials/04_nf4_from_scratch.py`) or cell by cell. `MINIFT_FAST=1` measures
+# Run it as a script (`python tutorials/07_nf4_from_scratch.py`) or cell by cell. `MINIFT_FAST=1` measures
 # 2 of the 30 transformer blocks (< 60 s on a 2-core CPU) and writes its table only under
 # `$MINIFT_TUTORIAL_OUT`; the full run measures all 210 linear layers and records the figures in
-# `tutorials/results/04_nf4.md`.
+# `tutorials/results/07_nf4_from_scratch.md`.
 
 # %%
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import minift
-from minift.machine import describe_machine
 from minift.quant import NF4_CODE, build_nf4_code, nf4_nbytes, quantize_model, quantize_nf4
 
+from _results import results_header, write_results
+
 FAST = os.environ.get("MINIFT_FAST") == "1"
-RESULTS = Path(__file__).resolve().parent / "results"
-OUT = Path(os.environ["MINIFT_TUTORIAL_OUT"]) if os.environ.get("MINIFT_TUTORIAL_OUT") else None
 BLOCKSIZE = 64
 torch.manual_seed(0)
 started = time.perf_counter()
@@ -296,15 +297,15 @@ for fmt, value in ppl.items():
 #   storage from 4.5 to 4.127 bits per weight for a barely visible increase in error.
 # * With the same blocks, the three 4-bit tables differ only in where they put their 16 levels, and NF4,
 #   which puts them where a normal distribution puts its mass, has the lowest error. On all 210 layers
-#   (tutorials/results/04_nf4.md) the perplexity ranking follows the weight error: NF4 < int4 < FP4.
+#   (tutorials/results/07_nf4_from_scratch.md) the perplexity ranking follows the weight error: NF4 < int4 < FP4.
 #   One paragraph of 170 tokens is a noisy yardstick, though: on the two blocks of the fast mode FP4 and
 #   int4 can swap places in perplexity while keeping their order in weight error.
 # * Expect the gap between NF4 and int4 to differ on the original bfloat16 checkpoint (which we cannot
 #   load here): the GGUF weights already sit on Q4_1's evenly spaced 16-level grid (per 32 weights), which
 #   may suit int4's evenly spaced levels better than raw weights would.
 #
-# Next: lesson 05 writes the Triton kernel that multiplies by an NF4 matrix without ever materialising it
-# in 16 bits, and lesson 07 trains LoRA adapters on top of this frozen 4-bit model (QLoRA).
+# Next: lesson 08 writes the Triton kernel that multiplies by an NF4 matrix without ever materialising it
+# in 16 bits, and lesson 09 trains lesson 06's LoRA adapters on top of this frozen 4-bit model (QLoRA).
 
 # %%
 by_error = [fmt for fmt, *_ in sorted(error_rows, key=lambda row: row[2]) if fmt != "NF4 + double quant"]
@@ -324,12 +325,7 @@ size_table += [f"| {fmt} | {b:.4f} | {8 * b:.3f} | {b * n_params / 1e6:.2f} | {2
 ppl_table = ["| weights of the measured layers | perplexity |", "| --- | --- |"]
 ppl_table += [f"| {fmt} | {value:.3f} |" for fmt, value in ppl.items()]
 scope = (f"blocks {BLOCKS} only (fast mode)" if FAST else f"all {n_layers} blocks")
-result = f"""# Lesson 04 results: NF4 vs int4 vs FP4 on SmolLM2-135M
-
-Produced by `python tutorials/04_nf4_from_scratch.py`{' (MINIFT_FAST=1)' if FAST else ''} in \
-{time.perf_counter() - started:.0f} s.
-Machine: {describe_machine()}.
-
+result = results_header(__file__, "NF4 vs int4 vs FP4 on SmolLM2-135M", started) + f"""
 Weights: the {len(linears)} linear layers of {scope} of SmolLM2-135M-Instruct ({n_params:,} weights), from
 the bundled GGUF (stored there as Q4_1, dequantized to float32; see the lesson's caveat). Every format uses
 blocks of {BLOCKSIZE} consecutive weights with one absmax each; nearest-code rounding.
@@ -351,13 +347,4 @@ their dequantized round trip; the NF4 row runs the real `NF4Linear` layers made 
 
 {chr(10).join(ppl_table)}
 """
-if FAST:
-    if OUT is not None:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "04_nf4.md").write_text(result)
-        print("wrote", OUT / "04_nf4.md")
-else:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "04_nf4.md").write_text(result)
-    print("wrote", RESULTS / "04_nf4.md")
-print(f"done in {time.perf_counter() - started:.0f} s")
+write_results(__file__, result, started)

@@ -1,5 +1,9 @@
 # %% [markdown]
-# # Lesson 05 — A fused NF4 dequantize-matmul kernel in Triton
+# # Lesson 08 — A fused NF4 dequantize-matmul kernel in Triton
+#
+# Prerequisites: lesson 07 (the NF4 code table, blockwise absmax, double quantization); matrix multiplication
+# in tiles, and GPU memory bandwidth vs compute; no GPU (the kernels also run in Triton's interpreter); the
+# `.venv` that `make test` builds (Triton comes with torch on Linux).
 #
 # In the style of the Triton tutorials: motivation with memory-traffic arithmetic, the naive reference,
 # then three kernels of growing ambition — dequantize, matrix-vector (decoding, batch 1) and the fused
@@ -12,7 +16,7 @@
 # correctness, but it says nothing about speed. Every timing quoted below is arithmetic from the hardware
 # numbers, or comes from `benchmarks/bench_nf4.py`, which must be run on a GPU.
 #
-# Run it as a script (`python tutorials/05_triton_nf4_matmul.py`) or cell by cell. `MINIFT_FAST=1` uses the
+# Run it as a script (`python tutorials/08_triton_nf4_matmul.py`) or cell by cell. `MINIFT_FAST=1` uses the
 # smallest shapes (for the test suite); this lesson writes no files.
 
 # %%
@@ -55,7 +59,7 @@ def show_source(function, start: str, stop: str) -> None:
 # ## 1. Motivation: the bytes are the time
 # A QLoRA model keeps a 4096 x 4096 projection as NF4: half a byte per weight for the codes, one uint8
 # absmax code per 64 weights, one float32 per 256 of those, and a float32 offset (double quantization,
-# lesson 04). Generating one token multiplies that matrix by one vector: 2 * 4096^2 = 33.6 MFLOP, which
+# lesson 07). Generating one token multiplies that matrix by one vector: 2 * 4096^2 = 33.6 MFLOP, which
 # an H100 does in about 0.04 us at 800 TFLOP/s — but the weights must first be read from HBM at about
 # 3.35 TB/s. So the time is bytes / bandwidth, and the format decides it:
 

