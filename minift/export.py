@@ -9,9 +9,9 @@ the tensors that trained). Other tools want one of two standard directories, and
     ---------------   ------------------------------------------   -------------------------------------------
     minift quantize   a dense model (any source)                   4-bit directory: NF4 bytes in bitsandbytes'
                                                                    layout (minift/io/nf4dir.py)
-    minift merge      a base model + a PEFT LoRA adapter dir       dense Hugging Face directory, W' = W + s B A
+    minift merge      a base model + a PEFT LoRA / IA3 adapter dir dense Hugging Face directory, W' = W + s B A
     minift export     a run dir (its latest checkpoint), or any    dense Hugging Face directory (--format hf),
-                      source minift loads (+ an adapter)           or a run's LoRA adapter alone (--format peft)
+                      source minift loads (+ an adapter)           or a run's LoRA / IA3 adapter (--format peft)
 
 merge vs export: `merge` is one operation on files you already have: fold a PEFT adapter into its base.
 `export` is a conversion: whatever minift can load — a fine-tuning run directory of any method, a GGUF
@@ -21,6 +21,7 @@ Face ecosystem reads. `export --model M --adapter A` does exactly what `merge` d
 What folding does to each kind of layer (the math lives where the layer does):
 
     LoRALinear over nn.Linear     W' = W + scaling * B A                      minift/peft/lora.py
+    IA3Linear over nn.Linear      W' = diag(l) W (rows) or W diag(l) (cols)   minift/peft/ia3.py
     LoRALinear over NF4Linear     W' = dequantize(W_nf4) + scaling * B A      minift/peft/qlora.py (never
                                                                               re-quantized: see its lesson)
     NF4Linear without adapter     W' = dequantize(W_nf4)
@@ -43,11 +44,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minift.adapter_interface import adapter_layers
+from minift.dtypes import parse_dtype
 from minift.io import load, save
 from minift.io.nf4dir import load_quantized, nf4_layers, save_quantized
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Fine-tuning adapts a pretrained model to a new task."
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ("hf", "peft")
 
 
@@ -139,35 +141,25 @@ def check_output_directory(out: str | Path, *inputs: str | Path | None) -> Path:
     return out
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Folding everything into plain nn.Linear layers
 # ----------------------------------------------------------------------------------------------------
 
 
 def unfoldable_modules(model: nn.Module) -> list[str]:
-    """Modules that add computation a Hugging Face architecture does not have (bottleneck adapters, soft prompts)."""
-    from minift.peft.bottleneck import BottleneckAdapter
-    from minift.peft.prompt_tuning import SoftPrompt
-
-    return [name for name, module in model.named_modules() if isinstance(module, (BottleneckAdapter, SoftPrompt))]
+    """Adapter layers that add computation a Hugging Face architecture does not have (the adapter interface says
+    which: bottleneck adapters, soft prompts)."""
+    return [name for name, layer in adapter_layers(model).items() if not layer.foldable]
 
 
 def fold_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """In place: active LoRA adapters merged, NF4 weights dequantized, every linear layer a plain nn.Linear,
+    """In place: every foldable adapter merged (minift.adapter_interface.merge_adapters), NF4 weights dequantized, every linear layer a plain nn.Linear,
     the model cast to `dtype` (default: its dense dtype). Afterwards minift.save writes it."""
     from minift.peft.qlora import merge_qlora
 
     extra = unfoldable_modules(model)
     if extra:
-        raise ValueError(f"the model has {extra[0]} (bottleneck adapters or a soft prompt), which cannot be folded "
+        raise ValueError(f"the model has {extra[0]} ({adapter_layers(model)[extra[0]].adapter_kind}), which cannot be folded "
                          "into a Hugging Face model; keep it as minift files (a run's final/ directory) instead")
     return merge_qlora(model, dtype)
 
@@ -202,7 +194,7 @@ def quantize(source: str | Path, out: str | Path, blocksize: int = 64, double_qu
     from minift.quant.linear import quantize_model
 
     out = check_output_directory(out, source)
-    model, tokenizer = load_source(source, dtype=parse_dtype(dtype))
+    model, tokenizer = load_source(source, dtype=parse_dtype(dtype, "--dtype"))
     if nf4_layers(model):
         raise ValueError(f"{source} is already quantized (it has NF4 layers); quantize the dense model instead")
     report = Report(out, [f"quantize {source} -> {out} (NF4, blocksize {blocksize}, "
@@ -236,7 +228,7 @@ def quantize(source: str | Path, out: str | Path, blocksize: int = 64, double_qu
 
 
 def merge(source: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None) -> Report:
-    """Load `source`, add the PEFT LoRA adapter in `adapter`, fold it in, write a dense Hugging Face directory."""
+    """Load `source`, add the PEFT LoRA or IA3 adapter in `adapter`, fold it in, write a dense Hugging Face directory."""
     from minift.peft import load_adapter
 
     out = check_output_directory(out, source, adapter)
@@ -246,7 +238,7 @@ def merge(source: str | Path, adapter: str | Path, out: str | Path, dtype: str |
     model, tokenizer = load_source(source)
     load_adapter(model, adapter)
     report = Report(out, [f"merge {adapter} into {source} -> {out}"])
-    write_dense(model, tokenizer, out, parse_dtype(dtype), report)
+    write_dense(model, tokenizer, out, parse_dtype(dtype, "--dtype"), report)
     return report
 
 
@@ -262,14 +254,13 @@ def export_model(source: str | Path, out: str | Path, adapter: str | Path | None
     out = check_output_directory(out, source)
     model, tokenizer = load_source(source)
     report = Report(out, [f"export {source} -> {out} (Hugging Face directory)"])
-    write_dense(model, tokenizer, out, parse_dtype(dtype), report)
+    write_dense(model, tokenizer, out, parse_dtype(dtype, "--dtype"), report)
     return report
 
 
 def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str | None = None) -> Report:
     """A fine-tuning run's latest checkpoint as a dense Hugging Face directory (any foldable method) with the
-    task head beside it, or (--format peft) its LoRA adapter as a PEFT adapter directory."""
-    from minift.peft import lora_layers
+    task head beside it, or (--format peft) its LoRA or (IA)^3 adapter as a PEFT adapter directory."""
     from minift.train.tasks import save_head
     from minift.train import load_trained
 
@@ -282,16 +273,17 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: 
     backbone, method = task_model.backbone, config.method.name
     report = Report(out, [f"export run {run_dir} (method {method}, task {task_model.kind}) -> {out} ({format})"])
     if format == "peft":
-        if not any(True for _ in lora_layers(backbone)):
-            raise ValueError(f"--format peft: run {run_dir} used method {method!r}, which has no LoRA adapter; "
-                             "use --format hf")
+        kinds = {layer.adapter_kind for layer in adapter_layers(backbone).values()}
+        if not kinds or not kinds <= {"lora", "ia3"}:
+            raise ValueError(f"--format peft: run {run_dir} used method {method!r}, which has no LoRA or (IA)^3 "
+                             "adapter (PEFT's file formats); use --format hf")
         export_adapter(backbone, tokenizer, out, config.model.source, report)
         return report
     if unfoldable_modules(backbone):
         raise ValueError(f"run {run_dir} used method {method!r} (bottleneck adapters or a soft prompt), which has "
                          f"no Hugging Face equivalent; its trained tensors are in {run_dir / 'final'} for minift "
-                         "(minift.peft.bottleneck.load_adapters / prompt_tuning.load_prompt)")
-    chosen = parse_dtype(dtype) or parse_dtype(config.method.options.get("export_dtype"))
+                         "(minift.peft.load_adapter reads them)")
+    chosen = parse_dtype(dtype, "--dtype") or parse_dtype(config.method.options.get("export_dtype"), "method.export_dtype")
     write_dense(backbone, tokenizer, out, chosen, report)
     if task_model.kind != "causal_lm":
         save_head(task_model, out, labels)
@@ -301,16 +293,20 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: 
 
 
 def export_adapter(backbone: nn.Module, tokenizer, out: Path, base: str, report: Report) -> None:
-    """Write the active LoRA adapter in PEFT's format, then load the files onto a copy and compare outputs."""
+    """Write the active LoRA (or (IA)^3) adapter in PEFT's format, then load the files onto a copy and compare."""
     from minift.peft import load_adapter, save_adapter, set_adapter
+    from minift.peft.ia3 import remove_ia3
 
     save_adapter(backbone, out, base_model_name_or_path=str(base))
     report.lines.append(f"wrote {out} (adapter_config.json + adapter_model.safetensors, "
                         f"{megabytes(file_bytes(out))}); peft.PeftModel.from_pretrained(base, dir) reads it")
     ids = probe_ids(tokenizer, backbone.config.vocab_size)
-    check = copy.deepcopy(backbone)  # the run's adapter stays as "default"; the file's is added beside it
-    load_adapter(check, out, adapter_name="from_file")
-    set_adapter(check, "from_file", trainable=False)
+    check = copy.deepcopy(backbone)
+    if any(layer.adapter_kind == "ia3" for layer in adapter_layers(check).values()):
+        load_adapter(remove_ia3(check), out)  # the file's vectors on the bare base
+    else:  # the run's adapter stays as "default"; the file's is added beside it
+        load_adapter(check, out, adapter_name="from_file")
+        set_adapter(check, "from_file", trainable=False)
     compare(f"{out} read back vs the run", outputs(backbone, ids), outputs(check, ids), report, has_logits(backbone))
 
 

@@ -18,7 +18,7 @@ from minift.peft import (
     LoRALinear,
     add_lora,
     count_parameters,
-    disable_adapters,
+    disabled_adapters,
     lora_layers,
     merge_lora,
     set_adapter,
@@ -161,7 +161,7 @@ def test_adapter_switching_and_disabling():
         second = model(IDS)  # add_lora activates what it adds
         set_adapter(model, "first")
         first = model(IDS)
-        with disable_adapters(model):
+        with disabled_adapters(model):
             torch.testing.assert_close(model(IDS), reference, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(model(IDS), first)
     assert not torch.allclose(first, second, atol=1e-3) and not torch.allclose(first, reference, atol=1e-3)
@@ -169,10 +169,10 @@ def test_adapter_switching_and_disabling():
     assert trainable and all(".first." in n for n in trainable)
     # only the q/v layers have "first": the others run as their base layer
     assert model.blocks[0].mlp.up_proj.active == [] and model.blocks[0].attn.q_proj.active == ["first"]
-    # a merged model still gives base outputs under disable_adapters (layers unmerge first), like PEFT
+    # a merged model still gives base outputs under disabled_adapters (layers unmerge first), like PEFT
     for _, layer in lora_layers(model):
         layer.merge()
-    with torch.no_grad(), disable_adapters(model):
+    with torch.no_grad(), disabled_adapters(model):
         torch.testing.assert_close(model(IDS), reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no adapter named 'third'"):
         set_adapter(model, "third")

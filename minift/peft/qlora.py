@@ -24,15 +24,10 @@ adapters on every linear layer are what it takes to match 16-bit fine-tuning, so
 "all-linear" here. (The paper's third idea, paged optimizers that spill Adam state to CPU memory under
 pressure, is a CUDA unified-memory feature that minift does not reproduce.)
 
-`prepare_qlora` is the `[method] name = "qlora"` entry of the trainer (minift/train/methods.py): quantize_model,
-then add_lora on the NF4Linear layers (LoRALinear keeps an NF4Linear whole as its `base`). Options:
-
-    r, alpha, dropout, targets, use_rslora, use_dora, init    as LoRAConfig (targets default "all-linear")
-    blocksize (64), double_quant (true)                       as quantize_model
-    compute_dtype                                             dtype of the base matmul: float32 | bfloat16 |
-                                                              float16; default: the activations' dtype
-    export_dtype                                              dtype of the merged export: float32 | bfloat16 |
-                                                              float16; default: the model's dense dtype
+Preparing a model is two calls, quantize_model(model) then add_lora(model, config) on the NF4Linear layers
+(LoRALinear keeps an NF4Linear whole as its `base`). The trainer's `[method] name = "qlora"` entry does exactly
+that, with its options (LoRA's, plus blocksize, double_quant, compute_dtype, export_dtype) declared in
+minift/train/methods.py's QLoRAOptions; this file holds what only QLoRA needs: getting a dense model back out.
 
 Getting a model out: merge into 16 (or 32) bits, never back into 4
 ------------------------------------------------------------------
@@ -67,76 +62,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minift.peft import LoRAConfig, LoRALinear, add_lora, merge_lora
+from minift.adapter_interface import adapter_parameter_names, merge_adapters
+from minift.peft.lora import LoRALinear
 from minift.quant.linear import NF4Linear, QuantizationReport, quantize_model
-
-LORA_OPTIONS = ("r", "alpha", "dropout", "targets", "use_rslora", "use_dora", "init")
-QUANT_OPTIONS = ("blocksize", "double_quant", "compute_dtype", "export_dtype")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(value, option: str) -> torch.dtype | None:
-    """A dtype option given as a name ("bfloat16") or a torch.dtype; None stays None."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"[method] 'qlora': {option} = {value!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[value]
-
-
-def lora_config_from_options(options: dict) -> LoRAConfig:
-    """LoRAConfig from the [method] table; QLoRA's default targets are all linear layers (paper, §4)."""
-    chosen = {key: options[key] for key in LORA_OPTIONS if key in options}
-    chosen.setdefault("targets", "all-linear")
-    try:
-        return LoRAConfig(**chosen)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"[method] 'qlora': {error}") from None
 
 
 def dense_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's dense (non-adapter) floating-point parameters, e.g. the embedding's."""
+    adapters = adapter_parameter_names(model)
     for name, p in model.named_parameters():
-        if p.is_floating_point() and "lora_" not in name:
+        if p.is_floating_point() and name not in adapters:
             return p.dtype
     return torch.float32
-
-
-# ----------------------------------------------------------------------------------------------------
-# Preparing a model for training
-# ----------------------------------------------------------------------------------------------------
-
-
-def prepare_qlora(model: nn.Module, options: dict):
-    """Quantize the backbone's linear layers to NF4, add LoRA adapters, freeze everything else.
-
-    Returns the trainer's MethodPlan: checkpoints hold only the adapter tensors, and the export is a
-    merged Hugging Face directory (merge_qlora into `export_dtype`).
-    """
-    from minift.train.methods import MethodPlan, reject_unknown_options, trainable_names
-
-    reject_unknown_options("qlora", options, LORA_OPTIONS + QUANT_OPTIONS)
-    lora = lora_config_from_options(options)
-    double_quant = options.get("double_quant", True)
-    if not isinstance(double_quant, bool):
-        raise ValueError(f"[method] 'qlora': double_quant must be true or false, got {double_quant!r}")
-    compute_dtype = parse_dtype(options.get("compute_dtype"), "compute_dtype")
-    export_dtype = parse_dtype(options.get("export_dtype"), "export_dtype") or dense_dtype(model)
-
-    report = quantize_model(model, blocksize=options.get("blocksize", 64), double_quant=double_quant,
-                            compute_dtype=compute_dtype)
-    if not report.quantized:
-        raise ValueError("[method] 'qlora': the model has no nn.Linear layer to quantize")
-    count = add_lora(model, lora)
-
-    def export(backbone: nn.Module, tokenizer, directory: Path) -> None:
-        export_merged(backbone, tokenizer, directory, export_dtype)
-
-    targets = lora.targets if isinstance(lora.targets, str) else ", ".join(lora.targets)
-    description = (f"QLoRA: {len(report.quantized)} linear layers in NF4 "
-                   f"({8 * report.bytes_per_param_quantized:.3f} bits/weight), LoRA r={lora.r} alpha={lora.alpha:g} "
-                   f"on {targets}; {count.trainable:,} trainable of {count.total:,} parameters")
-    return MethodPlan(checkpoint_names=trainable_names(model), export=export, description=description)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,7 +99,7 @@ def merge_qlora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     a Hugging Face directory.
     """
     dtype = dtype or dense_dtype(model)
-    merge_lora(model)  # LoRALinear -> nn.Linear; an NF4 base is dequantized first (minift/peft/lora.py)
+    merge_adapters(model)  # LoRALinear, IA3Linear -> nn.Linear; an NF4 base is dequantized first
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):  # quantized layers that carried no adapter
             model.set_submodule(name, dequantized_linear(module))

@@ -27,8 +27,3 @@ from minift.train.loop import (
     resolve_device,
     setup,
 )
-
-__all__ = [
-    "NonFiniteLossError", "Run", "accumulate_gradients", "build_optimizer", "eval_batches", "evaluate", "fit",
-    "load_trained", "optimizer_step", "read_metrics", "resolve_device", "setup",
-]
