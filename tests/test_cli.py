@@ -26,3 +26,13 @@ def test_icl_bad_input_exits_nonzero_with_a_clear_message(tmp_path, capsys):
     status = main(["icl", "--model", "smollm2-135m", "--train", str(train), "--test", str(train), "--shots", "1"])
     assert status != 0
     assert "train.jsonl:2" in capsys.readouterr().err
+
+
+def test_python_dash_m_minift_is_the_command():
+    """`python -m minift` (how torchrun starts a program) runs the same CLI; a fresh interpreter is the point."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "minift", "finetune", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "usage: minift finetune" in done.stdout and "qlora" in done.stdout
