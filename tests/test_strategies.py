@@ -1,4 +1,4 @@
-"""Non-LoRA strategies (minift/peft: adapters, prompt_tuning, freezing, features, strategies).
+"""Non-LoRA strategies (minift/peft: adapters, prompt_tuning, freezing) and the features method, through the trainer.
 
 What must hold, each checked on tiny random models built here:
 - bottleneck adapters start as the base model, sit where Houlsby et al. put them (before the residual add
@@ -8,7 +8,8 @@ What must hold, each checked on tiny random models built here:
 - every strategy trains exactly the parameters it names: the trainable set is asserted exactly, frozen
   tensors are bit-identical after optimizer steps, the loss goes down, and a checkpoint holds only the
   strategy's tensors (plus the task head);
-- feature-based classification reaches high accuracy on a separable toy task and caches features once.
+- feature-based classification ([method] name = "features", through the trainer) learns a separable toy
+  task with the backbone frozen and its features fixed (dropout off).
 """
 
 import copy
@@ -23,11 +24,10 @@ from minift.train import checkpoint as ckpt
 from minift.losses import token_loss_sum
 from minift.train.methods import METHODS, prepare_method
 from minift.model import KVCache
-from minift.peft.bottleneck import (AdapterConfig, add_adapters, adapter_modules, adapters_disabled, load_adapters,
-                                  remove_adapters, save_adapters)
-from minift.peft.features import FeatureClassifier, extract_features, train_head
+from minift.peft import disabled_adapters, load_adapter, save_adapter
+from minift.peft.bottleneck import AdapterConfig, add_adapters, adapter_modules, remove_adapters
 from minift.peft.freezing import freeze_bottom, train_output_only, trainable_report
-from minift.peft.prompt_tuning import add_prompt_tuning, extend_labels, load_prompt, remove_prompt_tuning, save_prompt
+from minift.peft.prompt_tuning import add_prompt_tuning, extend_labels, remove_prompt_tuning
 from minift.train.tasks import build_task_model
 from minift.train import fit, read_metrics, setup
 from tests.train_helpers import (SENTENCES, SENTIMENT, run_config, save_tiny_encoder,
@@ -141,17 +141,17 @@ def test_adapters_train_only_themselves_and_round_trip_through_files(tmp_path):
     torch.nn.init.zeros_(copied.blocks[0].attn_adapter.up.weight)
     assert not torch.equal(copied(ids[0]), model(ids[0]))
 
-    save_adapters(model, tmp_path / "adapters")
+    save_adapter(model, tmp_path / "adapters")
     fresh = confident_decoder()
     base = fresh(ids[0])
-    load_adapters(fresh, tmp_path / "adapters")
+    load_adapter(fresh, tmp_path / "adapters")
     torch.testing.assert_close(fresh(ids[0]), model(ids[0]), rtol=0, atol=0)
-    with adapters_disabled(fresh):
+    with disabled_adapters(fresh):
         assert torch.equal(fresh(ids[0]), base)
     remove_adapters(fresh)
     assert not adapter_modules(fresh) and torch.equal(fresh(ids[0]), base)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        load_adapters(fresh, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere: not a directory"):
+        load_adapter(fresh, tmp_path / "nowhere")
     with pytest.raises(ValueError, match="placement"):
         AdapterConfig(placement="middle")
 
@@ -284,9 +284,9 @@ def test_prompt_matches_peft_prompt_tuning(tmp_path):
 
     with torch.no_grad():
         ours.soft_prompt.weight.mul_(3.0)
-    save_prompt(ours, tmp_path / "prompt")
+    save_adapter(ours, tmp_path / "prompt")
     fresh, _ = minift.load(tmp_path)
-    load_prompt(fresh, tmp_path / "prompt")
+    load_adapter(fresh, tmp_path / "prompt")
     assert torch.equal(fresh(ids), ours(ids))
 
 
@@ -360,39 +360,31 @@ def toy_texts(seed: int, count: int) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
-@pytest.mark.parametrize("head", [dict(kind="logistic", optimizer="lbfgs"),
-                                  dict(kind="mlp", optimizer="adam", epochs=30, hidden=32)])
-def test_feature_classifier_separates_a_toy_task_and_caches_features(tmp_path, head):
+def test_feature_based_classification_goes_through_the_trainer(tmp_path):
+    """[method] name = "features": the frozen encoder's pooled states feed a new linear head, trained by fit().
+
+    The toy task is separable by its words, so a linear probe on frozen random features learns it; the
+    backbone does not move, and with dropout off it maps a text to the same features on every pass.
+    """
     texts, labels = toy_texts(0, 80)
     test_texts, test_labels = toy_texts(1, 40)
     tokenizer = word_tokenizer(texts + test_texts, encoder=True)
-    model = tiny_encoder(tokenizer.vocab_size)
-    cache = tmp_path / "features.safetensors"
-    classifier = FeatureClassifier.fit(model, tokenizer, texts, labels, cache_path=cache, progress=False, **head)
-    assert classifier.labels == ["negative", "positive"] and classifier.pooling == "mean"
-    assert classifier.score(test_texts, test_labels) >= 0.95
-
-    calls = []
-    model.embed.register_forward_hook(lambda *args: calls.append(1))
-    cached = extract_features(model, tokenizer, texts, cache_path=cache, progress=False)
-    assert not calls and cached.shape == (80, 32)  # read back, no forward pass
-    extract_features(model, tokenizer, texts[:10], cache_path=cache, progress=False)
-    assert calls  # other texts: a stale cache is recomputed, not reused
-
-
-def test_logistic_head_is_the_l2_regularised_optimum():
-    """L-BFGS reaches the minimum: the gradient of mean CE + l2/2 ||W||^2 vanishes; Adam gets close to it."""
-    torch.manual_seed(0)
-    features = torch.randn(60, 5)
-    labels = (features[:, 0] + 0.5 * torch.randn(60) > 0).long()
-    head = train_head(features, labels, l2=0.1, optimizer="lbfgs", max_iter=200)
-    head.zero_grad()
-    (F.cross_entropy(head(features), labels) + 0.05 * head.weight_penalty()).backward()
-    assert max(float(p.grad.abs().max()) for p in head.parameters()) < 1e-4
-    adam = train_head(features, labels, l2=0.1, optimizer="adam", epochs=300, lr=1e-2, batch_size=60)
-    torch.testing.assert_close(adam.net.weight, head.net.weight, atol=2e-2, rtol=0)
-    with pytest.raises(ValueError, match="L-BFGS"):
-        train_head(features, labels, kind="mlp", optimizer="lbfgs")
+    model_dir = tmp_path / "model"
+    minift.save(tiny_encoder(tokenizer.vocab_size), tokenizer, model_dir)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels)])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": t, "label": y} for t, y in zip(test_texts, test_labels)])
+    run = setup(run_config(model_dir, train, tmp_path / "run", "method.name=features", "task.kind=classification",
+                           "model.dropout=0.1", "train.epochs=4", "train.batch_size=8", "train.lr=3e-2",
+                           f"data.validation={test}"))
+    backbone = run.model.backbone
+    assert run.checkpoint_names == ["head.linear.weight", "head.linear.bias"]
+    assert not any(p.requires_grad for p in backbone.parameters())
+    batch = next(run.train_stream.in_order())
+    torch.testing.assert_close(run.model.hidden_states(batch), run.model.hidden_states(batch), atol=0, rtol=0)
+    before = snapshot(backbone)
+    last = fit(run)
+    assert last["eval_accuracy"] >= 0.95
+    assert_only_these_moved(before, backbone, set())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,7 +436,7 @@ def test_a_toml_method_table_selects_the_strategy_and_its_options(tmp_path):
 
 
 def test_method_options_are_checked():
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match=r"unknown field method\.rank"):
         prepare_method("adapters", tiny_decoder(V), {"bottleneck": 8, "rank": 4})
     with pytest.raises(ValueError, match="frozen_blocks"):
         prepare_method("partial", tiny_decoder(V), {})
