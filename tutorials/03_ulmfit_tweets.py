@@ -51,8 +51,10 @@ from minift.data import collate, read_records, tokenize_records
 from minift.datasets import TWEET_LABELS, load_tweet_sentiment
 from minift.icl import classification_report
 from minift.train.run_config import RunConfig, to_toml
-from minift.schedules import layer_groups
+from minift.schedules import layer_group_names
 from minift.train import eval_batches, evaluate, fit, read_metrics, setup
+from minift.train.loop import build_layer_groups
+from minift.train.tasks import build_task_model
 
 from _results import results_header, scratch_dir, write_results
 
@@ -116,18 +118,20 @@ print(f"test: {N_TEST} tweets {dict(Counter(test_gold))}; always answering '{maj
 # without a masked-LM head: its weights know English well, but nothing in the checkpoint can predict a
 # masked word. Stage 2 will have to give it one.
 #
-# ULMFiT's techniques work on *layer groups*. `minift.schedules.layer_groups` cuts a minift Transformer
-# bottom-up into embeddings, one group per block, and the top; BERT is post-norm and has no final norm or
-# lm_head, so for MiniLM the top is block 5, and the trainer puts the new task head in that group.
+# ULMFiT's techniques work on *layer groups*. As in fastai, the task's head is a group of its own at the
+# top (stage 0 of gradual unfreezing trains it alone, and the group below learns at lr / 2.6); the encoder
+# below it is cut bottom-up into `[train] layer_groups - 1` groups: the embeddings, then runs of blocks
+# (`minift.schedules.layer_groups`; the trainer calls it through `build_layer_groups`). With the default 5
+# groups MiniLM's 6 blocks go two by two.
 
 # %%
 base, tokenizer = minift.load("minilm-l6")
-groups = layer_groups(base)
-GROUP_NAMES = ["embeddings"] + [f"block {i}" for i in range(len(groups) - 1)]
-GROUP_NAMES[-1] += " + head"
+classifier = build_task_model(copy.deepcopy(base), "classification", num_labels=len(LABELS))
+groups = build_layer_groups(classifier, RunConfig().train.layer_groups)
+GROUP_NAMES = layer_group_names(classifier, groups)
 for index, (name, params) in enumerate(zip(GROUP_NAMES, groups)):
     rate = CLS_LR / FACTOR ** (len(groups) - 1 - index)
-    print(f"group {index}  {name:<16} {sum(p.numel() for p in params):>11,} parameters   "
+    print(f"group {index}  {name:<42} {sum(p.numel() for p in params):>11,} parameters   "
           f"discriminative peak lr {rate:.2e}")
 
 # %% [markdown]

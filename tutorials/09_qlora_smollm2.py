@@ -34,7 +34,8 @@ from minift.config import ModelConfig
 from minift.io.bundled import resolve_bundled
 from minift.io.gguf import config_from_gguf, read_gguf
 from minift.peft import disabled_adapters
-from minift.peft.qlora import merge_qlora, merge_qlora_into_nf4, prepare_qlora
+from minift.peft.qlora import merge_qlora, merge_qlora_into_nf4
+from minift.train.methods import prepare_method
 from minift.quant import NF4Linear, nf4_nbytes
 
 from _results import results_header, write_results
@@ -107,7 +108,7 @@ def tiny_qlora(seed: int, lr: float, steps: int):
     config = ModelConfig(model_type="llama", vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                          hidden_dim=128, max_seq_len=64, tie_embeddings=True)
     tiny = minift.Transformer(config)
-    prepare_qlora(tiny, {"r": 8, "alpha": 16})
+    prepare_method("qlora", tiny, {"r": 8, "alpha": 16})
     ids = torch.randint(0, 64, (4, 16))  # (B, T): one fixed batch to fit
     optimizer = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
@@ -178,7 +179,8 @@ import minift
 from minift.datasets import load_tweet_sentiment
 from minift.losses import next_token_loss
 from minift.peft import LoRAConfig, add_lora
-from minift.peft.qlora import merge_qlora, merge_qlora_into_nf4, prepare_qlora
+from minift.peft.qlora import merge_qlora, merge_qlora_into_nf4
+from minift.train.methods import prepare_method
 from minift.quant.linear import model_storage
 
 settings = json.loads(sys.argv[1])
@@ -199,7 +201,7 @@ if settings["blocks"]:
     model.config.n_layers = settings["blocks"]
 torch.manual_seed(0)  # same A initialisation for both methods
 if method == "qlora":
-    prepare_qlora(model, {"r": settings["r"], "alpha": settings["alpha"]})
+    prepare_method("qlora", model, {"r": settings["r"], "alpha": settings["alpha"]})
 else:
     add_lora(model, LoRAConfig(r=settings["r"], alpha=settings["alpha"], targets="all-linear"))
 params, weight_bytes = model_storage(model)
