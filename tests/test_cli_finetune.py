@@ -20,7 +20,6 @@ from tests.train_helpers import (COMMON_WORDS, SENTENCES, SENTIMENT, save_tiny_d
 from tests.train_helpers import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
-FORTUNES = Path("/usr/share/games/fortunes")
 # Settings that must shrink with the 2-block test model (the configs are written for the real ones).
 TINY_MODEL_OVERRIDES = {"partial": ["method.frozen_blocks=1"]}
 
@@ -39,8 +38,6 @@ def finetune(*args) -> int:
 @pytest.mark.parametrize("config_path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_example_config_runs(config_path, tiny_models, tmp_path, capsys):
     config = load_run_config(config_path)
-    if config.data.train == "fortunes" and not FORTUNES.is_dir():
-        pytest.skip("the fortunes corpus is not installed (apt-get install fortunes)")
     model = tiny_models["decoder" if config.task.kind == "causal_lm" else "encoder"]
     out = tmp_path / "run"
     sets = [f"model.source={model}", f"train.output_dir={out}", "train.max_steps=2", "train.batch_size=4",

