@@ -52,7 +52,7 @@ def test_example_config_runs(config_path, tiny_models, tmp_path, capsys):
     assert (out / "final" / "task.json").is_file() and (out / "checkpoints" / "step-000002").is_dir()
     saved = load_run_config(out / "config.toml")  # the resolved config, written into the run
     assert saved.train.max_steps == 2 and saved.model.source == str(model)
-    if config.method.name == "lora":  # the export is a PEFT adapter directory, adapter tensors only
+    if config.method.name in ("lora", "ia3"):  # the export is a PEFT adapter directory, adapter tensors only
         assert (out / "final" / "adapter_config.json").is_file()
 
 
