@@ -127,7 +127,9 @@ def cmd_finetune(args) -> int:
     last = fit(run)
     shown = {k: v for k, v in last.items() if k.startswith("eval_") or k in ("step", "loss")}
     print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
-    print(f"metrics: {run.run_dir / 'metrics.jsonl'}; checkpoints: {run.run_dir / 'checkpoints'}"
+    chart = run.run_dir / "training.svg"
+    print(f"metrics: {run.run_dir / 'metrics.jsonl'}" + (f" (chart: {chart})" if chart.exists() else "")
+          + f"; checkpoints: {run.run_dir / 'checkpoints'}"
           + (f"; model: {run.run_dir / 'final'}" if (run.run_dir / "final").exists() else ""))
     return EXIT_OK
 

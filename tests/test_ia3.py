@@ -16,12 +16,11 @@ import minift
 from minift.adapter_interface import adapter_parameter_names, disabled_adapters, merge_adapters
 from minift.peft import IA3Config, IA3Linear, LoRAConfig, add_ia3, add_lora, load_adapter, save_adapter
 from minift.peft.ia3 import ia3_layers, remove_ia3
+from tests.test_peft_files import IDS, build, output  # the tiny transformers models LoRA's parity tests use
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-V = 61
-IDS = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
 # The same layers in each library's names. Llama: PEFT's own default for the architecture (the paper's k, v, ff).
 # BERT: keys, values and the FFN output layer; "dense" is ambiguous in Hugging Face BERT, so full paths.
 TARGETS = {
@@ -31,30 +30,6 @@ TARGETS = {
              dict(target_modules=["key", "value"] + [f"encoder.layer.{i}.output.dense" for i in range(2)],
                   feedforward_modules=[f"encoder.layer.{i}.output.dense" for i in range(2)])),
 }
-
-
-def build(arch, tmp_path):
-    """Save a tiny random transformers model; return (fresh transformers model, minift model of the same weights)."""
-    torch.manual_seed(0)
-    if arch == "llama":
-        config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        ref = transformers.AutoModelForCausalLM.from_config(config)
-    else:
-        config = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                         attention_probs_dropout_prob=0.0)
-        ref = transformers.BertModel(config)
-    directory = tmp_path / arch
-    ref.save_pretrained(directory)
-    model, _ = minift.load(directory)
-    fresh = (transformers.AutoModel if arch == "bert" else transformers.AutoModelForCausalLM).from_pretrained(directory)
-    return fresh.eval(), model.eval()
-
-
-def output(hf_model, ids=IDS):
-    out = hf_model(input_ids=ids)
-    return out.logits if "logits" in out else out.last_hidden_state
 
 
 def randomize(vectors, seed=1):

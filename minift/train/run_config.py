@@ -80,7 +80,7 @@ class DataSection:
 class TrainConfig:
     """[train]: the loop in minift/train/loop.py. Steps count optimizer updates, not micro-batches."""
 
-    output_dir: str = "runs/finetune"  # run directory: config.toml, metrics.jsonl, checkpoints/, final/
+    output_dir: str = "runs/finetune"  # config.toml, metrics.jsonl, training.svg, checkpoints/, final/
     seed: int = 0  # fixes everything: weight init of new heads, data order, dropout, masking
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:1 ...
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU only)
