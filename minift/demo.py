@@ -396,6 +396,8 @@ def report_markdown(options: DemoOptions, rows: list[Row], table: str) -> str:
             f"labels {', '.join(LABELS)} (chance {1 / len(LABELS):.3f}). Every accuracy comes from the ICL "
             f"engine's label scorer; LoRA and QLoRA trained through minift.train (their run directories are "
             f"lora/ and qlora/). Perplexity: {paragraphs} general-English paragraphs (general_english.txt); "
-            f"a rise after fine-tuning is forgetting. Peak RSS is the process peak so far (cumulative).\n\n"
+            f"a rise after fine-tuning is forgetting (part of it is the EOS the trainer teaches after each label "
+            f"word: the tuned model expects text to stop sooner). Peak RSS is the process peak so far "
+            f"(cumulative).\n\n"
             f"{table}\n\n## Accuracy\n\n```\n{ascii_bars(rows)}\n```\n\n"
             f"![accuracy and perplexity of each method](results.svg)\n")
