@@ -52,8 +52,13 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from minift.dtypes import parse_dtype
-from minift.peft import IA3Config, LoRAConfig
-from minift.peft.bottleneck import AdapterConfig
+from minift.io import save
+from minift.peft import IA3Config, LoRAConfig, add_ia3, add_lora, save_adapter
+from minift.peft.bottleneck import AdapterConfig, add_adapters
+from minift.peft.freezing import freeze_all, freeze_bottom, train_output_only
+from minift.peft.prompt_tuning import add_prompt_tuning
+from minift.peft.qlora import dense_dtype, export_merged
+from minift.quant import quantize_model
 from minift.quant.nf4 import check_blocksize
 from minift.train.fields import suggest, table_to_dataclass
 
@@ -125,15 +130,11 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def export_full(model: nn.Module, tokenizer, directory: Path) -> None:
     """A Hugging Face directory (config.json, model.safetensors, tokenizer) that transformers loads."""
-    from minift.io import save
-
     save(model, tokenizer, directory)
 
 
 def export_adapter(model: nn.Module, tokenizer, directory: Path) -> None:
     """The adapter alone, in its file format (PEFT's for LoRA and (IA)^3), via the one adapter interface."""
-    from minift.peft import save_adapter
-
     save_adapter(model, directory)
 
 
@@ -169,8 +170,6 @@ def prepare_full(model: nn.Module, options: FullOptions) -> MethodPlan:
 
 
 def prepare_lora(model: nn.Module, options: LoRAConfig) -> MethodPlan:
-    from minift.peft import add_lora
-
     add_lora(model, options)
     return _plan(model, f"LoRA r={options.r} alpha={options.alpha:g} on {_targets(options.targets)}; {_count(model)}",
                  export_adapter)
@@ -203,10 +202,6 @@ def _optional_dtype(name: str | None, option: str):
 
 def prepare_qlora(model: nn.Module, options: QLoRAOptions) -> MethodPlan:
     """Quantize the backbone's linear layers to NF4, add LoRA; the export is a merged Hugging Face directory."""
-    from minift.peft import add_lora
-    from minift.peft.qlora import dense_dtype, export_merged
-    from minift.quant import quantize_model
-
     export_dtype = _optional_dtype(options.export_dtype, "export_dtype") or dense_dtype(model)
     report = quantize_model(model, blocksize=options.blocksize, double_quant=options.double_quant,
                             compute_dtype=_optional_dtype(options.compute_dtype, "compute_dtype"))
@@ -229,8 +224,6 @@ def prepare_qlora(model: nn.Module, options: QLoRAOptions) -> MethodPlan:
 
 
 def prepare_ia3(model: nn.Module, options: IA3Config) -> MethodPlan:
-    from minift.peft import add_ia3
-
     add_ia3(model, options)
     return _plan(model, f"(IA)^3 on {_targets(options.targets)} (feed-forward: "
                         f"{_targets(options.feedforward_targets)}); {_count(model)}", export_adapter)
@@ -243,8 +236,6 @@ def prepare_ia3(model: nn.Module, options: IA3Config) -> MethodPlan:
 
 def prepare_adapters(model: nn.Module, options: AdapterConfig) -> MethodPlan:
     """Houlsby bottleneck adapters in every block; the base model frozen."""
-    from minift.peft.bottleneck import add_adapters
-
     report = add_adapters(model, options)
     return _plan(model, f"bottleneck adapters m={options.bottleneck} ({options.placement}); {report}", export_adapter)
 
@@ -266,8 +257,6 @@ class PromptTuningOptions:
 
 
 def prepare_prompt_tuning(model: nn.Module, options: PromptTuningOptions) -> MethodPlan:
-    from minift.peft.prompt_tuning import add_prompt_tuning
-
     try:
         report = add_prompt_tuning(model, options.n_tokens, init=options.init, token_ids=options.init_token_ids)
     except ValueError as e:
@@ -296,8 +285,6 @@ class PartialOptions:
 
 
 def prepare_partial(model: nn.Module, options: PartialOptions) -> MethodPlan:
-    from minift.peft.freezing import freeze_bottom
-
     try:
         report = freeze_bottom(model, options.frozen_blocks, options.freeze_embeddings)
     except ValueError as e:
@@ -318,8 +305,6 @@ class OutputOnlyOptions:
 
 
 def prepare_output_only(model: nn.Module, options: OutputOnlyOptions) -> MethodPlan:
-    from minift.peft.freezing import train_output_only
-
     if getattr(model, "lm_head", None) is None:
         raise ValueError("[method] 'output_only': this model has no lm_head (an encoder); its output layer is the "
                          "task head, so use name = \"features\" to train only the head")
@@ -333,8 +318,6 @@ class FeaturesOptions:
 
 
 def prepare_features(model: nn.Module, options: FeaturesOptions) -> MethodPlan:
-    from minift.peft.freezing import freeze_all
-
     report = freeze_all(model)
     model.config.dropout = 0.0  # the features are fixed: attention dropout reads the config
     for module in model.modules():
