@@ -169,7 +169,19 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 def label_names(records: Sequence[dict], field: str = "label") -> list[str]:
     """The sorted distinct labels of a classification dataset; a label's id is its index here."""
-    return sorted({str(record[field]) for record in records})
+    return sorted({label_text(record[field], getattr(record, "where", "record"), field) for record in records})
+
+
+def label_text(value, where: str, field: str = "label") -> str:
+    """A record's label as the name it is known by: a string, or a number or true/false written as text.
+    A list, an object or null is an error naming the record (file:line): it names no single class."""
+    if value is None or isinstance(value, (list, dict)):
+        shown = "null" if value is None else f"a {'list' if isinstance(value, list) else 'JSON object'} " \
+                                             f"({json.dumps(value)[:60]})"
+        raise ValueError(f"{where}: field {field!r} is {shown}; a label must be one class name, a string or a number")
+    return str(value)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +262,7 @@ def tokenize_example(record: dict, tokenizer, fmt: str | None = None, max_length
             raise ValueError(f"{where}: missing field 'label'")
         if classes is None:
             raise ValueError("tokenize_example: classification needs classes=[...] (see data.label_names)")
-        name = str(record["label"])
+        name = label_text(record["label"], where)
         if name not in classes:
             raise ValueError(f"{where}: label {name!r} is not one of {list(classes)}")
         return {"input_ids": ids, "label": list(classes).index(name), "n_truncated": n_cut}

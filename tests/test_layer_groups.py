@@ -140,5 +140,5 @@ def test_layer_groups_setting(tmp_path):
     rates = {n: g["lr"] for n, g in applied(run).items()}
     assert {n for n, r in rates.items() if r == LR} == {n for n in rates if n.startswith("head.")}
     assert all(r == pytest.approx(LR / FACTOR) for n, r in rates.items() if not n.startswith("head."))
-    with pytest.raises(ValueError, match="train.layer_groups must be >= 1"):
+    with pytest.raises(ValueError, match=r"train\.layer_groups = 0; must be >= 1"):
         make_run(tmp_path / "bad", "classifier", "train.layer_groups=0")

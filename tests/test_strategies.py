@@ -426,7 +426,8 @@ def test_a_toml_method_table_selects_the_strategy_and_its_options(tmp_path):
     from minift.train.run_config import load_run_config
 
     path = tmp_path / "run.toml"
-    path.write_text('[method]\nname = "adapters"\nbottleneck = 4\nplacement = "pfeiffer"\ntrain_norms = false\n')
+    path.write_text('[data]\ntrain = "tweet-sentiment"\n'
+                    '[method]\nname = "adapters"\nbottleneck = 4\nplacement = "pfeiffer"\ntrain_norms = false\n')
     config = load_run_config(path)
     model = tiny_decoder(V)
     plan = prepare_method(config.method.name, model, config.method.options)

@@ -25,7 +25,10 @@ Atomic writing, so a crash (or a full disk) never destroys the last good checkpo
     3. rewrite latest.json    (temporary file, then rename)
     4. delete checkpoints beyond `keep`
 
-If step 1 fails halfway, latest.json still names the previous checkpoint, which is untouched.
+If step 1 fails halfway, latest.json still names the previous checkpoint, which is untouched. A failed
+write (a full disk) removes the half-written folder and raises one line that names the checkpoint and the
+previous one to resume from; a `.tmp` folder left by a killed process is removed when the run next starts
+(clean_interrupted_writes).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from minift.io.files import read_json_file, write_json_atomic, write_safetensors_atomic
+from minift.io.files import WriteError, read_json_file, write_json_atomic, write_safetensors_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -68,20 +71,24 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
                     generators: dict[str, torch.Generator] | None = None, keep: int = 2) -> Path:
     """Write checkpoint `step` of a run; returns its folder. `state` holds the loop's scalars (JSON-able)."""
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     final, tmp = root / name, root / (name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over from an interrupted write
-    tmp.mkdir()
-
     optimizer_tensors, optimizer_meta = optimizer_state_to_tensors(optimizer, parameter_names)
     rng_tensors, rng_meta = capture_rng(generators or {})
     plain = {n: t.detach().to("cpu").contiguous() for n, t in weights.items()}
-    write_safetensors_atomic(plain, tmp / "weights.safetensors", metadata={"step": str(step)})
-    write_safetensors_atomic(optimizer_tensors, tmp / "optimizer.safetensors")
-    write_safetensors_atomic(rng_tensors, tmp / "rng.safetensors")
-    write_json_atomic({**state, "step": step, "optimizer": optimizer_meta, "rng": rng_meta}, tmp / "state.json")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from an interrupted write
+        tmp.mkdir()
+        write_safetensors_atomic(plain, tmp / "weights.safetensors", metadata={"step": str(step)})
+        write_safetensors_atomic(optimizer_tensors, tmp / "optimizer.safetensors")
+        write_safetensors_atomic(rng_tensors, tmp / "rng.safetensors")
+        write_json_atomic({**state, "step": step, "optimizer": optimizer_meta, "rng": rng_meta}, tmp / "state.json")
+    except OSError as error:  # a full disk, a folder turned read-only: the half-written copy goes, the last stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(f"{final}: could not write the checkpoint ({error.strerror or error}); "
+                         f"{previous_checkpoint_note(run_dir, final)}") from error
 
     if final.exists():  # the same step written again (e.g. the end of a resumed run): replace it
         shutil.rmtree(final)
@@ -89,6 +96,35 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     write_json_atomic({"directory": name, "step": step}, root / LATEST)
     prune_checkpoints(root, keep)
     return final
+
+
+def previous_checkpoint_note(run_dir: str | Path, failed: Path | None = None) -> str:
+    """What is still safe after a failed write: the last complete checkpoint, said in one clause."""
+    try:
+        previous = latest_checkpoint(run_dir)
+    except ValueError:  # an unreadable latest.json: say nothing we cannot vouch for
+        previous = None
+    if previous is None or previous == failed:
+        return "there is no earlier checkpoint to resume from; free some space and start again"
+    return f"the previous checkpoint {previous} is intact; free some space and resume with --resume {run_dir}"
+
+
+def clean_interrupted_writes(run_dir: str | Path) -> list[Path]:
+    """Delete what an interrupted write left in a run folder, and return it: `*.tmp` checkpoint folders and
+    temporary files (checkpoints/, the run folder itself, the final/ export). A complete checkpoint never
+    ends in .tmp, so nothing a resume needs is touched."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / CHECKPOINTS, run_dir / "final"):
+        if not folder.is_dir():
+            continue
+        for leftover in sorted(folder.glob("*.tmp")):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+            removed.append(leftover)
+    return removed
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

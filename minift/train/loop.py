@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,10 +44,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from minift.dtypes import parse_dtype
+from minift.io.files import WriteError, check_output_dir
 from minift.train import checkpoint as ckpt
 from minift.train.batches import BatchStream, load_datasets
 from minift.train.methods import MethodPlan, prepare_method
-from minift.train.run_config import RunConfig, TrainConfig, to_toml, validate_method
+from minift.train.run_config import RunConfig, TrainConfig, to_toml, validate_run_config
 from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
 from minift.svg_chart import write_training_chart
 from minift.train.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head, summarize,
@@ -127,15 +129,16 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     `model`/`tokenizer` may be passed already loaded (tests, notebooks); otherwise config.model.source is loaded.
     """
     train = config.train
-    validate_train_config(train)
-    validate_method(config.method)  # before anything loads: an unknown option or a bad value fails here
-    run_dir = Path(train.output_dir)
+    validate_run_config(config)  # before anything loads: every field's type and range, and the method's options
+    run_dir = check_output_dir(train.output_dir)  # a file, or a place that refuses new files, fails here too
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (looked in {run_dir / ckpt.CHECKPOINTS})")
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; resume it with --resume {run_dir}, "
                          f"or set train.output_dir to a new folder")
+    for leftover in ckpt.clean_interrupted_writes(run_dir):
+        print(f"minift: note: removed {leftover}, left over from an interrupted write", file=sys.stderr)
     device = resolve_device(train.device)
     if train.precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision = fp16 needs a CUDA device (fp16 gradients need a grad scaler on a GPU); "
@@ -191,23 +194,6 @@ def build_trainable_model(config: RunConfig, model: nn.Module, labels: list[str]
     if not names:  # a method may freeze the whole backbone ("features"), but something must train
         raise ValueError(f"[method] {config.method.name!r} left nothing trainable (no backbone tensor, no task head)")
     return task_model, plan, names
-
-
-def validate_train_config(train: TrainConfig) -> None:
-    checks = [
-        (train.precision in PRECISIONS, f"train.precision = {train.precision!r}; expected fp32, bf16 or fp16"),
-        (train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}"),
-        (train.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {train.grad_accum_steps}"),
-        (train.max_steps is None or train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}"),
-        (train.lr > 0, f"train.lr must be positive, got {train.lr}"),
-        (train.layer_groups >= 1, f"train.layer_groups must be >= 1, got {train.layer_groups}"),
-        (train.early_stopping_metric in ("eval_loss", "eval_perplexity", "eval_accuracy"),
-         f"train.early_stopping_metric = {train.early_stopping_metric!r}; expected eval_loss, eval_perplexity "
-         f"or eval_accuracy"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
 
 
 def set_dropout(model: nn.Module, rate: float) -> None:
@@ -465,8 +451,15 @@ def export(run: Run) -> Path | None:
     if run.plan.export is None:
         return None
     final = run.run_dir / "final"
-    run.plan.export(run.model.backbone, run.tokenizer, final)
-    save_head(run.model, final, run.labels)
+    try:
+        run.plan.export(run.model.backbone, run.tokenizer, final)
+        save_head(run.model, final, run.labels)
+    except OSError as error:  # a full disk: the checkpoints are complete, so the export can be redone from them
+        checkpoint = ckpt.latest_checkpoint(run.run_dir)
+        kept = (f"the last checkpoint {checkpoint} is intact; free some space and export it with "
+                f"`minift export --run {run.run_dir} --out DIR`" if checkpoint is not None else
+                "no checkpoint was kept (train.save_checkpoints = false)")
+        raise WriteError(f"{final}: could not write the exported model ({error.strerror or error}); {kept}") from error
     return final
 
 

@@ -13,10 +13,12 @@ where they are declared (so `help(TrainConfig)` is the manual):
 
 A TOML file fills these in; `--set section.field=value` changes one field from the command line,
 converted to the field's declared type (int, float, bool, str, a list, or None), and an unknown section
-or field is an error that lists what exists (minift/train/fields.py). `[method]` works the same way, except
-that its fields depend on `name`: every key other than `name` is an option of that method, declared by the
-method's own options dataclass in the registry (minift/train/methods.py) and checked when the file is read,
-before any model is loaded.
+or field is an error that lists what exists (minift/train/fields.py). Then every field is checked against
+its range, in the small table of rules that follows each section (`validate_run_config`, run again by
+setup() for configs built in code): `train.log_every = 0; must be >= 1`, naming the file or `--set`.
+`[method]` works the same way, except that its fields depend on `name`: every key other than `name` is an
+option of that method, declared by the method's own options dataclass in the registry
+(minift/train/methods.py) and checked when the file is read, before any model is loaded.
 
     [train]                                  --set train.lr=3e-4 --set train.max_steps=100
     lr = 1e-4                                --set data.train=my.jsonl --set method.r=16
@@ -30,13 +32,75 @@ current directory. The resolved configuration (absolute paths) is written to the
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minift.dtypes import DTYPES
+from minift.schedules import SCHEDULES
 from minift.train.fields import check_field, coerce, field_names, field_type, suggest
 from minift.train.methods import METHODS, parse_method_options
+from minift.train.tasks import TASK_KINDS
+
+# ----------------------------------------------------------------------------------------------------
+# Range rules: each section's table follows its dataclass; validate_run_config applies them all
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Which values a field accepts: test(value) is True for those, `text` says which they are ("must be ...").
+    None passes without a test wherever the field's type allows it (None = "off" / "not set")."""
+
+    test: Callable[[Any], bool]
+    text: str
+    choices: tuple = ()  # for one_of: a misspelt value gets "did you mean ...?"
+
+
+def at_least(low, note: str = "") -> Rule:
+    return Rule(lambda v: v >= low, f">= {low}{note}")
+
+
+def above(low, note: str = "") -> Rule:
+    return Rule(lambda v: v > low, f"> {low}{note}")
+
+
+def interval(low, high, closed: str = "[)", note: str = "") -> Rule:
+    """low..high with "[" / "]" closed ends and "(" / ")" open ones, as written in maths."""
+    lower = (lambda v: v >= low) if closed[0] == "[" else (lambda v: v > low)
+    upper = (lambda v: v <= high) if closed[1] == "]" else (lambda v: v < high)
+    return Rule(lambda v: lower(v) and upper(v), f"in {closed[0]}{low}, {high}{closed[1]}{note}")
+
+
+def one_of(choices) -> Rule:
+    choices = tuple(choices)
+    return Rule(lambda v: v in choices, f"one of {', '.join(choices)}", choices)
+
+
+def torch_device(name: str) -> bool:
+    """"auto", or a device string torch can parse ("cpu", "cuda", "cuda:1", "mps"); present or not is setup's job."""
+    import torch
+
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+NOT_EMPTY = Rule(lambda v: bool(v.strip()), "a non-empty string")
+DROPOUT = interval(0, 1, "[)")  # a rate of 1 would drop everything
+LABEL_NAMES = Rule(lambda v: len(v) >= 2 and len(set(v)) == len(v) and all(name.strip() for name in v),
+                   "at least 2 distinct, non-empty label names")
+CAUSAL_LM_FORMATS = ("text", "prompt_completion", "alpaca", "chat")  # masked_lm and classification have one each
+PRECISIONS = ("fp32", "bf16", "fp16")
+POOLINGS = ("mean", "cls", "last")  # as minift/losses.py pool()
+EARLY_STOPPING_METRICS = ("eval_loss", "eval_perplexity", "eval_accuracy")
 
 
 @dataclass
@@ -48,6 +112,9 @@ class ModelSection:
     dropout: float | None = None  # replaces the checkpoint's dropout rate (BERT fine-tuning uses 0.1); None keeps it
 
 
+MODEL_RULES = {"source": NOT_EMPTY, "dtype": one_of(DTYPES), "dropout": DROPOUT}
+
+
 @dataclass
 class TaskSection:
     """[task]: what the model learns, which decides the head and the loss."""
@@ -55,8 +122,12 @@ class TaskSection:
     kind: str = "causal_lm"  # causal_lm (next token) | masked_lm (BERT's cloze) | classification (one label per text)
     labels: list[str] | None = None  # classification: label names in order; None = the sorted labels of the train set
     pooling: str | None = None  # classification: mean | cls | last; None = mean for encoders, last for decoders
-    head_dropout: float = 0.0  # classification: dropout before the classifier
-    mlm_probability: float = 0.15  # masked_lm: share of (non-special) tokens selected for prediction
+    head_dropout: float = 0.0  # classification: dropout before the classifier, in [0, 1)
+    mlm_probability: float = 0.15  # masked_lm: share of (non-special) tokens selected for prediction, in (0, 1)
+
+
+TASK_RULES = {"kind": one_of(TASK_KINDS), "labels": LABEL_NAMES, "pooling": one_of(POOLINGS), "head_dropout": DROPOUT,
+              "mlm_probability": interval(0, 1, "()")}
 
 
 @dataclass
@@ -65,15 +136,20 @@ class DataSection:
 
     train: str = ""  # .jsonl or .csv file, or a bundled dataset: "tweet-sentiment", "fortunes"
     validation: str | None = None  # same kinds; None = hold out `validation_fraction` of the train records
-    validation_fraction: float = 0.1  # used only without a validation file; 0 = no validation
+    validation_fraction: float = 0.1  # used only without a validation file; in [0, 1), 0 = no validation
     format: str = "text"  # causal_lm records: text | prompt_completion | alpaca | chat
     text_field: str = "text"  # field holding the text (text format, masked_lm, classification)
     label_field: str = "label"  # classification: field holding the label
     max_length: int = 256  # tokens per example; longer examples are truncated
     max_examples: int | None = None  # use a seeded random N of the train records (kept in file order)
-    max_eval_examples: int | None = None  # use a seeded random N of the validation records
+    max_eval_examples: int | None = None  # use a seeded random N of the validation records (0 = no validation)
     group_by_length: bool = False  # batch examples of similar length together (less padding)
     packing: bool = False  # causal_lm: concatenate examples into rows of max_length, attention kept per example
+
+
+DATA_RULES = {"train": NOT_EMPTY, "validation": NOT_EMPTY, "validation_fraction": interval(0, 1, "[)"),
+              "format": one_of(CAUSAL_LM_FORMATS), "text_field": NOT_EMPTY, "label_field": NOT_EMPTY,
+              "max_length": at_least(1), "max_examples": at_least(1), "max_eval_examples": at_least(0)}
 
 
 @dataclass
@@ -81,7 +157,7 @@ class TrainConfig:
     """[train]: the loop in minift/train/loop.py. Steps count optimizer updates, not micro-batches."""
 
     output_dir: str = "runs/finetune"  # config.toml, metrics.jsonl, training.svg, checkpoints/, final/
-    seed: int = 0  # fixes everything: weight init of new heads, data order, dropout, masking
+    seed: int = 0  # fixes everything: weight init of new heads, data order, dropout, masking; 0 <= seed < 2**63
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:1 ...
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or GPU) | fp16 (autocast + grad scaler, GPU only)
     batch_size: int = 8  # examples per micro-batch
@@ -90,18 +166,18 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the train set, when max_steps is None
     lr: float = 2e-5  # peak learning rate (of the top layer group with discriminative LRs)
     weight_decay: float = 0.0  # AdamW decoupled weight decay; never applied to biases and norm weights
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # decay of the first moment, in [0, 1)
+    adam_beta2: float = 0.999  # decay of the second moment, in [0, 1)
+    adam_eps: float = 1e-8  # > 0: added to the root of the second moment
     schedule: str = "constant"  # constant | warmup_cosine | slanted_triangular (ULMFiT), see minift/schedules.py
     warmup_steps: int = 0  # warmup_cosine: linear warm-up steps before the cosine decay
-    cut_frac: float = 0.1  # slanted_triangular: fraction of steps spent increasing the LR
-    stlr_ratio: float = 32.0  # slanted_triangular: how much smaller the lowest LR is than the peak
+    cut_frac: float = 0.1  # slanted_triangular: fraction of steps spent increasing the LR, in (0, 1)
+    stlr_ratio: float = 32.0  # slanted_triangular: how much smaller the lowest LR is than the peak, >= 1
     discriminative_factor: float = 1.0  # ULMFiT: each lower layer group gets lr / factor (2.6 in the paper); 1 = off
     layer_groups: int = 5  # ULMFiT: layer groups in all: the task head alone on top, embeddings + blocks cut into
     #                        N - 1 runs below it; the bottom group learns at lr / factor^(N-1) (minift/schedules.py)
     gradual_unfreezing: int = 0  # ULMFiT: unfreeze one more layer group (top down) every N steps; 0 = off
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None = no clipping
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this (> 0); None = no clipping
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
     eval_every: int = 0  # evaluate every N steps (and at the end); 0 = only at the end
     early_stopping_metric: str = "eval_loss"  # eval_loss | eval_perplexity | eval_accuracy
@@ -112,6 +188,21 @@ class TrainConfig:
     save_checkpoints: bool = True  # false: write no checkpoint at all (quick experiments; such a run cannot resume)
     export: bool = True  # at the end, write the fine-tuned model to output_dir/final (full: a Hugging Face dir)
     progress_bar: bool = True  # tqdm bar with loss, learning rate and tokens/s
+
+
+TRAIN_RULES = {
+    "output_dir": NOT_EMPTY, "seed": Rule(lambda v: 0 <= v < 2**63, ">= 0 and < 2**63"),
+    "device": Rule(torch_device, "auto or a device torch knows (cpu, cuda, cuda:1, mps)"),
+    "precision": one_of(PRECISIONS), "batch_size": at_least(1), "grad_accum_steps": at_least(1),
+    "max_steps": at_least(1, " (none = epochs x steps per epoch)"), "epochs": above(0), "lr": above(0),
+    "weight_decay": at_least(0), "adam_beta1": interval(0, 1, "[)"), "adam_beta2": interval(0, 1, "[)"),
+    "adam_eps": above(0), "schedule": one_of(SCHEDULES), "warmup_steps": at_least(0),
+    "cut_frac": interval(0, 1, "()"), "stlr_ratio": at_least(1), "discriminative_factor": above(0),
+    "layer_groups": at_least(1), "gradual_unfreezing": at_least(0, " (0 = off)"),
+    "max_grad_norm": above(0, " (none turns clipping off)"), "eval_every": at_least(0, " (0 = only at the end)"),
+    "early_stopping_metric": one_of(EARLY_STOPPING_METRICS), "early_stopping_patience": at_least(0),
+    "log_every": at_least(1), "save_every": at_least(0, " (0 = only at the end)"), "keep_checkpoints": at_least(1),
+}
 
 
 @dataclass
@@ -133,6 +224,7 @@ class RunConfig:
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+RULES = {"model": MODEL_RULES, "task": TASK_RULES, "data": DATA_RULES, "train": TRAIN_RULES}  # [method]: the registry
 PATH_FIELDS = {("model", "source"), ("data", "train"), ("data", "validation"), ("train", "output_dir")}
 BUNDLED_DATASETS = ("tweet-sentiment", "fortunes")  # names minift/train/batches.py reads (not file paths)
 
@@ -153,10 +245,44 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML ({e})") from None
         config = from_dict(raw, where=str(path), base_dir=path.parent)
+    given_by = {}  # section.field -> "--set": a bad value given on the command line is reported as such
     for item in overrides:
         apply_override(config, item)
-    validate_method(config.method, where=str(path) if path is not None else "--set")
+        given_by[item.split("=", 1)[0].strip()] = "--set"
+    validate_run_config(config, where=str(path) if path is not None else "--set", given_by=given_by)
     return config
+
+
+def validate_run_config(config: RunConfig, where: str = "config", given_by: dict[str, str] | None = None):
+    """Check every field of every section, before anything is loaded; the first problem is a ValueError.
+
+    Each value is converted to its declared type (a config built in code may hold "3" or 3 for a float), must be
+    finite if it is a float, and must pass its section's rule (RULES); then the fields that depend on each
+    other, then [method] against the registry. Errors read "<where>: section.field = value; must be ...",
+    where `where` is the file, or `given_by[section.field]` ("--set") for a value given on the command line.
+    Returns the method's typed options (validate_method).
+    """
+    given_by = given_by or {}
+    for section, rules in RULES.items():
+        target = getattr(config, section)
+        for name in field_names(target):
+            key = f"{section}.{name}"
+            origin = given_by.get(key, where)
+            value = coerce(getattr(target, name), field_type(target, name), f"{origin}: {key}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{origin}: {key} = {value}; must be a finite number")
+            rule = rules.get(name)
+            if value is not None and rule is not None and not rule.test(value):
+                hint = suggest(value, rule.choices) if rule.choices and isinstance(value, str) else ""
+                raise ValueError(f"{origin}: {key} = {value!r}; must be {rule.text}{hint}")
+            setattr(target, name, value)
+    kind, metric = config.task.kind, config.train.early_stopping_metric
+    reported = "eval_accuracy" if kind == "classification" else "eval_perplexity"
+    if metric not in ("eval_loss", reported):
+        origin = given_by.get("train.early_stopping_metric", where)
+        raise ValueError(f"{origin}: train.early_stopping_metric = {metric!r}, but a {kind} task reports eval_loss "
+                         f"and {reported}; use one of those")
+    return validate_method(config.method, where=given_by.get("method.name", where))
 
 
 def validate_method(method: MethodSection, where: str = "[method]"):
