@@ -41,11 +41,30 @@ class StreamPrinter:
 
 def generate_text(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int, temperature: float = 0.0,
                   top_k=None, top_p=None, seed: int = 0, stream=None) -> str:
-    """Encode a prompt (optionally as a chat turn), generate, and return the new text only."""
+    """Encode a prompt (optionally as a chat turn), generate, and return the new text only.
+
+    Errors name the command's flags: an empty prompt, one that encodes to no token, or (learned positions)
+    one whose tokens plus --max-new-tokens exceed the model's positions; the sampling ranges are
+    model.check_generation_options'.
+    """
     import torch
 
+    from minift.model import check_generation_options
+
+    check_generation_options(max_new_tokens, temperature, top_k, top_p, cli=True)
+    if not prompt:
+        raise ValueError("--prompt is empty; give the text to continue (or the question, with --chat)")
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-    ids = torch.tensor([tokenizer.encode(text)])
+    ids = torch.tensor([tokenizer.encode(text)], dtype=torch.long)
+    if ids.size(1) == 0:
+        raise ValueError(f"--prompt {prompt!r} encodes to no tokens; give some text the tokenizer knows")
+    config = model.config
+    if not (config.causal and config.lm_head):
+        raise ValueError(f"generate() needs a causal LM with an lm_head; this {config.model_type} model is an encoder")
+    if config.positions == "learned" and ids.size(1) + max_new_tokens > config.max_seq_len:
+        raise ValueError(f"--prompt is {ids.size(1)} tokens and --max-new-tokens is {max_new_tokens}: "
+                         f"{ids.size(1) + max_new_tokens} positions, but this model has {config.max_seq_len} "
+                         f"(max_seq_len); shorten the prompt or lower --max-new-tokens")
     out = model.generate(
         ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         eos_token_id=tokenizer.eos_token_id, generator=torch.Generator().manual_seed(seed), on_token=stream,
@@ -55,7 +74,11 @@ def generate_text(model, tokenizer, prompt: str, chat: bool, max_new_tokens: int
 
 def cmd_generate(args) -> int:
     from minift.export import load_source
+    from minift.model import check_generation_options
 
+    check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, cli=True)  # before loading
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give the text to continue (or the question, with --chat)")
     model, tokenizer = load_source(args.model)  # any source, 4-bit directories from `minift quantize` included
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer found (tokenizer.json) — cannot generate text")
@@ -142,10 +165,17 @@ def cmd_eval(args) -> int:
     import torch
 
     from minift.train.batches import rename_fields
-    from minift.data import collate, read_records, tokenize_records
+    from minift.data import TASK_FORMATS, collate, detect_format, read_records, tokenize_records
     from minift.train.tasks import load_task_model, prepare_batch, text_windows, to_device
     from minift.train import evaluate, load_trained, resolve_device
 
+    if args.max_length < 1 or args.batch_size < 1:
+        raise ValueError(f"--max-length and --batch-size must be >= 1, got {args.max_length} and {args.batch_size}")
+    causal_formats = TASK_FORMATS["causal_lm"]
+    if args.format is not None and args.format not in causal_formats:
+        raise ValueError(f"--format {args.format!r}: expected one of {', '.join(causal_formats)} (causal LM records; "
+                         "masked-LM and classification models read text and label fields, named by --text-field "
+                         "and --label-field)")
     device = resolve_device(args.device)
     if args.run:
         model, tokenizer, _, labels = load_trained(args.run, device=str(device))
@@ -161,13 +191,18 @@ def cmd_eval(args) -> int:
             raise FileNotFoundError(f"{path}: no such text file")
         examples = text_windows(tokenizer.encode(path.read_text(encoding="utf-8")), args.max_length, args.stride)
     else:
-        fmt = {"masked_lm": "mlm", "classification": "classification"}.get(model.kind, args.format)
+        if args.format is not None and model.kind != "causal_lm":
+            raise ValueError(f"--format is for causal LM records; this {model.kind} model reads a text field"
+                             f"{' and a label field' if model.kind == 'classification' else ''} (drop --format)")
         fields = {"text": args.text_field, **({"label": args.label_field} if model.kind == "classification" else {})}
         records = read_records(args.data)
-        if fmt in ("text", "mlm", "classification"):
+        if args.format in (None, "text"):
             records = rename_fields(records, fields)
+        # The model's task decides what a record means: text + label is a causal LM's text (label unused).
+        fmt = args.format or detect_format(records[0], model.kind)
+        unused = " (the label field is not used)" if fmt in ("text", "mlm") and args.label_field in records[0] else ""
         examples, report = tokenize_records(records, tokenizer, fmt, args.max_length, labels)
-        print(f"{args.data}: {report}")
+        print(f"{args.data}: format {fmt}{unused}; {report}")
         if not examples:
             raise ValueError(f"{args.data}: no example left to evaluate ({report})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -282,12 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a prompt, streaming to stdout",
                        epilog='example: minift generate --model smollm2-135m --prompt "What is 2+2?" --chat')
     p.add_argument("--model", required=True, help="bundled name (smollm2-135m), .gguf file or Hugging Face dir")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (not empty)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="at most this many new tokens, >= 0 (0 prints nothing); prompt + new tokens must fit a "
+                        "GPT-2-style model's learned positions, while RoPE models may run past their max_seq_len")
+    p.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default), > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens; 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens holding probability p, 0 < p <= 1; 1 = off (default)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 

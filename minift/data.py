@@ -145,8 +145,27 @@ def require_fields(record: dict, fields: Sequence[str], where: str | None = None
             raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
 
 
-def detect_format(record: dict) -> str:
-    """Guess the format from the fields present (see the table in the module docstring)."""
+TASK_FORMATS = {  # the formats each task kind reads; classification and mlm are the only ones of their tasks
+    "causal_lm": ("text", "prompt_completion", "alpaca", "chat"),
+    "masked_lm": ("mlm",),
+    "classification": ("classification",),
+}
+
+
+def detect_format(record: dict, task: str | None = None) -> str:
+    """Guess the format from the fields present (see the table in the module docstring).
+
+    `task` (a task kind) narrows the guess to the formats that task reads: a text + label record is
+    "classification" for a classifier (or with no task), but plain "text" for a causal LM, whose perplexity
+    ignores the label, and "mlm" for a masked LM. A record the task cannot read is a ValueError naming
+    what is missing, e.g. "a classification model needs a label field".
+    """
+    if task is not None and task not in TASK_FORMATS:
+        raise ValueError(f"unknown task kind {task!r}; expected one of {', '.join(TASK_FORMATS)}")
+    where = getattr(record, "where", "record")
+    if task in ("masked_lm", "classification"):
+        check_task_fields(record, "mlm" if task == "masked_lm" else "classification", where)
+        return TASK_FORMATS[task][0]
     if "messages" in record:
         return "chat"
     if "instruction" in record:
@@ -154,10 +173,41 @@ def detect_format(record: dict) -> str:
     if "prompt" in record and "completion" in record:
         return "prompt_completion"
     if "text" in record:
-        return "classification" if "label" in record else "text"
-    where = getattr(record, "where", "record")
+        return "classification" if "label" in record and task is None else "text"
     raise ValueError(f"{where}: cannot tell the format from fields {sorted(record)}; expected one of: text; "
-                     "prompt + completion; instruction + input + output; messages; text + label")
+                     "prompt + completion; instruction + input + output; messages"
+                     + ("" if task == "causal_lm" else "; text + label"))
+
+
+def check_task_fields(record: dict, fmt: str, where: str | None = None) -> None:
+    """Raise a ValueError saying which field a format needs and what the record looks like instead.
+
+    Only presence is checked here (tokenize_example checks types): a missing 'text' for mlm or
+    classification, a missing 'label' for classification, a missing field of a causal LM format, each with
+    a hint when the fields fit another format (say alpaca records read with format text).
+    """
+    where = where or getattr(record, "where", "record")
+    needed = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "alpaca": ["instruction", "output"],
+              "chat": ["messages"], "classification": ["text", "label"], "mlm": ["text"]}.get(fmt, [])
+    missing = [name for name in needed if name not in record]
+    if not missing:
+        return
+    try:
+        looks_like = detect_format(record, "causal_lm")
+    except ValueError:
+        looks_like = None
+    hint = f"; the fields look like {looks_like} records" if looks_like and looks_like != fmt else ""
+    has = f"(record has {sorted(record)})"
+    if fmt == "classification":
+        what = " and ".join({"text": "a text field 'text'", "label": "a label field 'label'"}[name] for name in missing)
+        raise ValueError(f"{where}: a classification model needs {what} {has}{hint}; name the fields with "
+                         "--text-field / --label-field (data.text_field / data.label_field in a config)")
+    if fmt == "mlm":
+        raise ValueError(f"{where}: a masked-LM model reads plain text from a field 'text' {has}{hint}; name the "
+                         "field with --text-field (data.text_field in a config)")
+    fix = f": set the format to {looks_like} (--format, or data.format in a config)" if hint else ""
+    raise ValueError(f"{where}: missing field {missing[0]!r} (format {fmt} needs {needed}; record has "
+                     f"{sorted(record)}){hint}{fix}")
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -169,19 +219,14 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 def label_names(records: Sequence[dict], field: str = "label") -> list[str]:
     """The sorted distinct labels of a classification dataset; a label's id is its index here."""
-    return sorted({label_text(record[field], getattr(record, "where", "record"), field) for record in records})
-
-
-def label_text(value, where: str, field: str = "label") -> str:
-    """A record's label as the name it is known by: a string, or a number or true/false written as text.
-    A list, an object or null is an error naming the record (file:line): it names no single class."""
-    if value is None or isinstance(value, (list, dict)):
-        shown = "null" if value is None else f"a {'list' if isinstance(value, list) else 'JSON object'} " \
-                                             f"({json.dumps(value)[:60]})"
-        raise ValueError(f"{where}: field {field!r} is {shown}; a label must be one class name, a string or a number")
-    return str(value)
-
-
+    for record in records:
+        if field not in record:
+            if field == "label":
+                check_task_fields(record, "classification")  # the same message tokenize_example gives
+            raise ValueError(f"{getattr(record, 'where', 'record')}: a classification model needs a label field "
+                             f"{field!r} (record has {sorted(record)}); name it with --label-field "
+                             "(data.label_field in a config)")
+    return sorted({str(record[field]) for record in records})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,6 +242,9 @@ def _chat_segments(record: dict, tokenizer, where: str) -> list[tuple[list[int],
     Each piece is encoded on its own, so the prompt tokens equal the inference-time ones.
     """
     messages = record["messages"]
+    if isinstance(messages, str):
+        raise ValueError(f"{where}: field 'messages' is a string, not a list of {{role, content}} objects; a CSV "
+                         "cell holds only text, so write chat records as JSONL")
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     for index, message in enumerate(messages):
@@ -247,6 +295,7 @@ def tokenize_example(record: dict, tokenizer, fmt: str | None = None, max_length
     fmt = fmt or detect_format(record)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    check_task_fields(record, fmt, where)
 
     def cut(ids: list[int]) -> tuple[list[int], int]:
         if max_length is None or len(ids) <= max_length:
@@ -262,7 +311,7 @@ def tokenize_example(record: dict, tokenizer, fmt: str | None = None, max_length
             raise ValueError(f"{where}: missing field 'label'")
         if classes is None:
             raise ValueError("tokenize_example: classification needs classes=[...] (see data.label_names)")
-        name = label_text(record["label"], where)
+        name = str(record["label"])
         if name not in classes:
             raise ValueError(f"{where}: label {name!r} is not one of {list(classes)}")
         return {"input_ids": ids, "label": list(classes).index(name), "n_truncated": n_cut}

@@ -34,6 +34,7 @@ checkpoint readers in `minift/io/` translate Hugging Face and GGUF names into th
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -363,13 +364,46 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Append up to `max_new_tokens` tokens to each row of `input_ids` (B, T); returns (B, T + n).
 
-        temperature 0 is greedy decoding. Batches are left-padded (`attention_mask` marks real tokens) so that
-        every row's next token sits in the same last column. Rows that produced EOS keep emitting EOS; the
-        loop stops when all rows are done. `on_token(token_ids (B,))` is called after each step (streaming).
+        Batches are left-padded (`attention_mask` marks real tokens) so that every row's next token sits in
+        the same last column. Rows that produced EOS keep emitting EOS; the loop stops when all rows are done.
+        `on_token(token_ids (B,))` is called after each step (streaming).
+
+        The options and their ranges (anything else is a ValueError naming the option and its range,
+        checked before any work; see `check_generation_options`):
+
+            max_new_tokens  int >= 0      0 returns input_ids unchanged (transformers rejects 0)
+            temperature     finite >= 0   0 = greedy (argmax), as transformers' do_sample=False; > 0 samples
+                                          from softmax(logits / temperature)
+            top_k           int >= 0      None or 0 = off (as transformers' top_k=0); k >= vocab keeps all
+            top_p           0 < p <= 1    None or 1 = off; p = 0 would keep nothing, so it is an error
+            input_ids       (B, T >= 1)   every row needs at least one real token: there is nothing to
+                                          condition on otherwise (start from the BOS id to generate freely)
+
+        top_k and top_p filter the sampling distribution; at temperature 0 they change nothing, since every
+        filter keeps the most likely token. Length: a model with learned positions (GPT-2) has exactly
+        `config.max_seq_len` of them, so T + max_new_tokens beyond that is an error naming both numbers.
+        A RoPE model (Llama family) has no position table: it may generate past max_seq_len, as transformers
+        lets it, but max_seq_len is the context it was trained on, and quality usually degrades beyond it.
         """
         if not self.config.lm_head or not self.config.causal:
             raise ValueError("generate() needs a causal LM with an lm_head")
+        check_generation_options(max_new_tokens, temperature, top_k, top_p)
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"generate: input_ids must be a (batch, tokens) tensor of token ids, got {shape}")
         B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"generate: the prompt is empty (input_ids has shape {(B, T)}); give at least one "
+                             "token (the BOS id, to generate from nothing)")
+        if attention_mask is not None and (tuple(attention_mask.shape) != (B, T) or not attention_mask.any(-1).all()):
+            raise ValueError(f"generate: attention_mask must have the shape of input_ids {(B, T)} and at least one "
+                             f"real token (1) per row (an all-padding row is an empty prompt); got shape "
+                             f"{tuple(attention_mask.shape)}")
+        limit = self.config.max_seq_len
+        if self.config.positions == "learned" and T + max_new_tokens > limit:
+            raise ValueError(f"generate: a prompt of {T} tokens + max_new_tokens={max_new_tokens} needs "
+                             f"{T + max_new_tokens} positions, but this model has {limit} learned positions "
+                             f"(config.max_seq_len); shorten the prompt or set max_new_tokens <= {max(limit - T, 0)}")
         device = input_ids.device
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
         mask = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=device)
@@ -400,16 +434,42 @@ class Transformer(nn.Module):
         return ids
 
 
+def check_generation_options(max_new_tokens=0, temperature=0.0, top_k=None, top_p=None, cli: bool = False) -> None:
+    """Raise a ValueError naming the first option outside its range (the table in `Transformer.generate`).
+
+    cli=True spells the names as the command's flags (--max-new-tokens) instead of the keywords.
+    """
+    def name(option: str) -> str:
+        return "--" + option.replace("_", "-") if cli else option
+
+    def is_int(value) -> bool:  # Python or NumPy integers; True and False are not counts
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def is_number(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"{name('max_new_tokens')} must be an integer >= 0 (0 returns the prompt), "
+                         f"got {max_new_tokens!r}")
+    if not is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 0):
+        raise ValueError(f"{name('top_k')} must be an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"{name('top_p')} must be in (0, 1] (1 = off), got {top_p!r}")
+
+
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """Pick one token per row from logits (B, V): argmax at temperature 0, else sample from the filtered softmax.
 
-    top_k keeps the k most likely tokens; top_p (nucleus sampling, Holtzman et al. 2020) keeps the smallest
-    set of most likely tokens whose probabilities sum to at least p.
+    top_k keeps the k most likely tokens (None or 0: all); top_p (nucleus sampling, Holtzman et al. 2020) keeps
+    the smallest set of most likely tokens whose probabilities sum to at least p (None or 1: all).
     """
-    if temperature <= 0:
+    check_generation_options(0, temperature, top_k, top_p)
+    if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # max at 0: a tiny temperature cannot overflow
+    if top_k and top_k < logits.size(-1):  # None or 0: off
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
