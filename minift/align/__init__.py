@@ -1,0 +1,52 @@
+"""Preference learning: preference data, reward models, DPO, and the arithmetic of PPO and GRPO.
+
+Lesson
+------
+After supervised fine-tuning, a model is taught what people *prefer* rather than what they wrote:
+
+    preference pairs (x, y_w ≻ y_l) --preference.py--> [prompt+chosen ; prompt+rejected] ids, completion masks
+        |                                   |
+        +--reward.py: r(x, y), Bradley–Terry loss      +--dpo.py: the policy is its own reward model
+        |   (InstructGPT §3.5)                         |   (Rafailov et al. 2023), reference = adapters off
+        v
+    rl.py: GAE advantages + whitening for PPO (Ouyang et al. 2022), group-relative advantages and the k3 KL for
+           GRPO (Shao et al. 2024), PPO's clipped losses
+
+Every formula is checked against TRL 1.16 in tests/test_align.py. This package sits above the training engine
+(layer 8): it may import minift.train, minift.peft, minift.data and minift.losses; nothing below imports it.
+"""
+
+from minift.align.dpo import (
+    LOSS_TYPES,
+    dpo_batch_loss,
+    dpo_loss,
+    dpo_metrics,
+    reference_logprobs,
+    sequence_logprobs,
+    sequence_logprobs_from_logits,
+)
+from minift.align.preference import (
+    check_preference,
+    collate_preferences,
+    read_preferences,
+    tokenize_preference,
+    tokenize_preferences,
+)
+from minift.align.reward import RewardModel, bradley_terry_loss, reward_batch_loss, reward_loss, reward_metrics
+from minift.align.rl import (
+    gae,
+    grpo_advantages,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    whiten,
+)
+
+__all__ = [
+    "LOSS_TYPES", "RewardModel", "bradley_terry_loss", "check_preference", "collate_preferences", "dpo_batch_loss",
+    "dpo_loss", "dpo_metrics", "gae", "grpo_advantages", "kl_k1", "kl_k3", "masked_mean", "ppo_policy_loss",
+    "ppo_value_loss", "read_preferences", "reference_logprobs", "reward_batch_loss", "reward_loss", "reward_metrics",
+    "sequence_logprobs", "sequence_logprobs_from_logits", "tokenize_preference", "tokenize_preferences", "whiten",
+]
