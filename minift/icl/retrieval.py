@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from minift.icl.templates import CHATML_END, chatml_turn
-from minift.io.files import write_safetensors_atomic
+from minift.io.files import read_safetensors_with_metadata, write_safetensors_atomic
 
 INDEX_FORMAT, INDEX_VERSION = "minift-index", "1"
 
@@ -125,14 +124,12 @@ class VectorIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such index file (build one with VectorIndex.build(...).save(path))")
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != INDEX_FORMAT:
-                raise ValueError(f"{path}: not a minift index (metadata format={metadata.get('format')!r})")
-            missing = {"embeddings", "text_bytes", "text_offsets", "source_bytes", "source_offsets"} - set(f.keys())
-            if missing:
-                raise ValueError(f"{path}: index is missing tensors {sorted(missing)}")
-            t = {name: f.get_tensor(name) for name in f.keys()}
+        t, metadata = read_safetensors_with_metadata(path)
+        if metadata.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{path}: not a minift index (metadata format={metadata.get('format')!r})")
+        missing = {"embeddings", "text_bytes", "text_offsets", "source_bytes", "source_offsets"} - set(t)
+        if missing:
+            raise ValueError(f"{path}: index is missing tensors {sorted(missing)}")
         texts = _unpack_strings(t["text_bytes"], t["text_offsets"])
         sources = _unpack_strings(t["source_bytes"], t["source_offsets"])
         meta = {k: v for k, v in metadata.items() if k not in ("format", "version")}

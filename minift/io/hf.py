@@ -18,7 +18,9 @@ is a table of (Hugging Face pattern, minift pattern) pairs per family, read in b
     encoder.layer.{i}.attention.self.query.weight   <->  blocks.{i}.attn.q_proj.weight       (BERT)
 
 Writing goes the other way and produces a directory `transformers` loads with identical outputs. Every
-file is read with safetensors (no pickle), and every mismatch names the file and tensor.
+file is read with safetensors (no pickle), and every mismatch names the file and tensor: a corrupt file, an
+integer tensor where a weight belongs, a config value of the wrong type ("hidden_size": "32") or a shard
+name that leaves the directory ("../x.safetensors") is one error naming the file and the tensor or key.
 
 Reading is four steps, and the 4-bit reader (nf4dir.py) uses the same four, so both formats accept the
 same checkpoints, skip the same tensors and find the same tokenizer:
@@ -35,10 +37,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from minift.config import ModelConfig
-from minift.io.files import read_json_file
+from minift.io.files import check_floating, json_field, path_inside, read_json_file, read_safetensors
 from minift.tokenizer import Tokenizer
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm2", "qwen3")
@@ -116,52 +117,65 @@ def rename(name: str, model_type: str, to_hf: bool) -> str | None:
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """Translate a Hugging Face config dict (any of the supported model types) into a ModelConfig."""
-    model_type = hf.get("model_type")
-    if model_type is None:
-        raise ValueError(f"{where}: no 'model_type' key")
-    fam = family(model_type)
+    """Translate a Hugging Face config dict (any of the supported model types) into a ModelConfig.
 
-    def need(key):
-        if key not in hf:
-            raise ValueError(f"{where}: missing key {key!r} for model_type {model_type!r}")
-        return hf[key]
+    Every value is checked for type and range first ("hidden_size": "32" is an error naming the file and key)."""
+    model_type = json_field(hf, "model_type", where, "str")
+    try:
+        fam = family(model_type)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
-    special = dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-                   pad_token_id=hf.get("pad_token_id"))
+    def need(key, kind="positive int"):
+        return json_field(hf, key, where, kind)
+
+    def get(key, default, kind):
+        return json_field(hf, key, where, kind, default=default)
+
+    special = {key: get(key, None, "token id") for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if fam == "llama":
-        # Newer transformers write rope_parameters = {"rope_type", "rope_theta", ...}; older ones rope_theta + rope_scaling.
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        return ModelConfig(
+        # Newer transformers write rope_parameters = {"rope_type", "rope_theta", ...}; older ones rope_theta +
+        # rope_scaling.
+        rope = get("rope_parameters", {}, "object")
+        scaling = get("rope_scaling", None, "object")
+        scaling = scaling or (rope if rope.get("rope_type", "default") != "default" else None)
+        theta = json_field(rope, "rope_theta", where, "positive number", section="rope_parameters",
+                           default=get("rope_theta", 10000.0, "positive number"))
+        bias = get("attention_bias", None, "bool")
+        fields = dict(
             model_type=model_type, vocab_size=need("vocab_size"), dim=need("hidden_size"),
             n_layers=need("num_hidden_layers"), n_heads=need("num_attention_heads"),
-            n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
-            hidden_dim=need("intermediate_size"), max_seq_len=hf.get("max_position_embeddings", 2048),
-            norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), positions="rope",
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
-            mlp="swiglu", activation="silu",
-            qkv_bias=hf.get("attention_bias", model_type == "qwen2"), out_bias=hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False), **special,
+            n_kv_heads=get("num_key_value_heads", None, "positive int"), head_dim=get("head_dim", None, "positive int"),
+            hidden_dim=need("intermediate_size"), max_seq_len=get("max_position_embeddings", 2048, "positive int"),
+            norm="rms", norm_eps=get("rms_norm_eps", 1e-6, "positive number"), positions="rope",
+            rope_theta=theta, rope_scaling=scaling, mlp="swiglu", activation="silu",
+            qkv_bias=model_type == "qwen2" if bias is None else bias, out_bias=bool(bias),
+            mlp_bias=get("mlp_bias", False, "bool"), tie_embeddings=get("tie_word_embeddings", False, "bool"),
         )
-    if fam == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        return ModelConfig(
+    elif fam == "gpt2":
+        act = get("activation_function", "gelu_new", "str")
+        fields = dict(
             model_type="gpt2", vocab_size=need("vocab_size"), dim=need("n_embd"), n_layers=need("n_layer"),
-            n_heads=need("n_head"), hidden_dim=hf.get("n_inner") or 4 * hf["n_embd"],
-            max_seq_len=need("n_positions"), norm="layer", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            positions="learned", mlp="gelu", activation="gelu_tanh" if act in ("gelu_new", "gelu_pytorch_tanh") else "gelu",
-            qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), **special,
+            n_heads=need("n_head"), hidden_dim=get("n_inner", None, "positive int") or 4 * need("n_embd"),
+            max_seq_len=need("n_positions"), norm="layer",
+            norm_eps=get("layer_norm_epsilon", 1e-5, "positive number"), positions="learned", mlp="gelu",
+            activation="gelu_tanh" if act in ("gelu_new", "gelu_pytorch_tanh") else "gelu",
+            qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=get("tie_word_embeddings", True, "bool"),
         )
-    return ModelConfig(  # bert
-        model_type="bert", vocab_size=need("vocab_size"), dim=need("hidden_size"), n_layers=need("num_hidden_layers"),
-        n_heads=need("num_attention_heads"), hidden_dim=need("intermediate_size"),
-        max_seq_len=hf.get("max_position_embeddings", 512), causal=False, norm="layer",
-        norm_eps=hf.get("layer_norm_eps", 1e-12), post_norm=True, positions="learned", mlp="gelu",
-        activation="gelu" if hf.get("hidden_act", "gelu") == "gelu" else "gelu_tanh",
-        qkv_bias=True, out_bias=True, mlp_bias=True, type_vocab_size=hf.get("type_vocab_size", 2),
-        lm_head=False, **special,
-    )
+    else:  # bert
+        fields = dict(
+            model_type="bert", vocab_size=need("vocab_size"), dim=need("hidden_size"),
+            n_layers=need("num_hidden_layers"), n_heads=need("num_attention_heads"),
+            hidden_dim=need("intermediate_size"), max_seq_len=get("max_position_embeddings", 512, "positive int"),
+            causal=False, norm="layer", norm_eps=get("layer_norm_eps", 1e-12, "positive number"), post_norm=True,
+            positions="learned", mlp="gelu", activation="gelu" if get("hidden_act", "gelu", "str") == "gelu" else
+            "gelu_tanh", qkv_bias=True, out_bias=True, mlp_bias=True,
+            type_vocab_size=get("type_vocab_size", 2, "int >= 0"), lm_head=False,
+        )
+    try:
+        return ModelConfig(**fields, **special)
+    except ValueError as error:  # e.g. hidden_size not divisible by num_attention_heads
+        raise ValueError(f"{where}: {error}") from None
 
 
 def config_to_hf(config: ModelConfig) -> dict:
@@ -219,29 +233,31 @@ def read_tokenizer(directory: Path) -> Tokenizer | None:
     return Tokenizer.from_file(path) if path.exists() else None
 
 
-def tensor_locations(directory: Path) -> dict[str, tuple[Path, str]]:
-    """Map every tensor name to the file that holds it: model.safetensors or the shards of an index."""
+def read_tensors(directory: Path) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Every tensor of the directory (model.safetensors, or the shards an index names) by its Hugging Face
+    name, with its file. Shard names must stay inside the directory; each file is read once."""
+    directory = Path(directory)
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json_file(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no \"weight_map\" object; expected a safetensors shard index")
-        return {name: (directory / shard, name) for name, shard in weight_map.items()}
+        shards: dict[Path, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(path_inside(directory, shard, f"{index}: weight_map[{name!r}]"), []).append(name)
+        tensors = {}
+        for path, names in shards.items():
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: shard listed in {index.name} for tensor {names[0]!r} is missing")
+            held = read_safetensors(path)
+            for name in names:
+                if name not in held:
+                    raise ValueError(f"{path}: has no tensor {name!r}, though {index.name} places it in this shard")
+                tensors[name] = (path, held[name])
+        return tensors
     if single.exists():
-        with safe_open(single, "pt") as f:
-            return {name: (single, name) for name in f.keys()}
+        return {name: (single, tensor) for name, tensor in read_safetensors(single).items()}
     raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-
-
-def read_tensors(directory: Path) -> dict[str, tuple[Path, torch.Tensor]]:
-    """Every tensor of the directory (single file or shards) by its Hugging Face name, with its file."""
-    tensors, handles = {}, {}
-    for name, (path, key) in tensor_locations(directory).items():
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: shard listed in the index for tensor {name!r} is missing")
-        handle = handles.get(path) or handles.setdefault(path, safe_open(path, "pt"))
-        tensors[name] = (path, handle.get_tensor(key))
-    return tensors
 
 
 def checkpoint_name(hf_name: str, model_type: str) -> str:
@@ -278,6 +294,7 @@ def state_dict_from_tensors(tensors: dict[str, tuple[Path, torch.Tensor]],
         ours = minift_name(hf_name, config.model_type)
         if ours is None:
             raise ValueError(f"{path}: tensor {hf_name!r} has no place in a {config.model_type} model")
+        check_floating({hf_name: tensor}, path)
         state[ours] = tensor
     return _split_gpt2(state) if config.model_type == "gpt2" else state
 

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from minift.dtypes import dtype_name
 from minift.io import hf
-from minift.io.files import read_json_file, write_json_atomic, write_safetensors_atomic
+from minift.io.files import json_field, write_json_atomic, write_safetensors_atomic
 from minift.io.weights import base_model_state, build_model
 from minift.model import Transformer
 from minift.quant.linear import NF4Linear, nf4_from_state_dict, quant_state_tensors
@@ -124,6 +124,11 @@ def check_quantization_config(settings, config_file: Path) -> None:
     """Accept bitsandbytes 4-bit NF4 only; anything else gets an error naming the key and what to do."""
     if not isinstance(settings, dict):
         raise ValueError(f"{config_file}: {CONFIG_KEY} must be a JSON object")
+    for key, kind in (("quant_method", "str"), ("load_in_4bit", "bool"), ("load_in_8bit", "bool"),
+                      ("bnb_4bit_quant_type", "str"), ("bnb_4bit_use_double_quant", "bool"),
+                      ("bnb_4bit_compute_dtype", "str"), ("bnb_4bit_quant_storage", "str"),
+                      ("llm_int8_skip_modules", "str list")):
+        json_field(settings, key, config_file, kind, default=None, section=CONFIG_KEY)
     method = settings.get("quant_method", "bitsandbytes")
     if method != "bitsandbytes":
         raise ValueError(f"{config_file}: {CONFIG_KEY}.quant_method = {method!r}; minift reads bitsandbytes NF4 "
@@ -181,8 +186,12 @@ def load_quantized(directory: str | Path, device=None) -> tuple[Transformer, obj
                              f"{config.model_type} model")
         try:
             weights[module] = nf4_from_state_dict(entries, hf_weight, linear_shapes[module])
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+        except ValueError as error:  # its messages name the tensor, except json's for a broken quant_state
+            named = str(error) if hf_weight in str(error) else f"{hf_weight}.quant_state: {error}"
+            raise ValueError(f"{path}: {named}") from None
+        except (TypeError, AttributeError, KeyError) as error:  # a quant_state JSON of the wrong shape
+            raise ValueError(f"{path}: {hf_weight}.quant_state: malformed bitsandbytes quant state "
+                             f"({type(error).__name__}: {error})") from None
     dense = hf.state_dict_from_tensors(dense_tensors, config)  # the HF reader's renaming and skip lists
 
     # Dense layers load as usual; each quantized weight gets a shape-only placeholder, then its layer is swapped.

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minift.adapter_interface import AdapterLayer
-from minift.io.files import read_json_file
+from minift.io.files import json_field, read_json_file, read_safetensors
 from minift.peft.freezing import TrainableReport, set_trainable, trainable_report
 
 PLACEMENTS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}  # which sub-layers of each block get an adapter
@@ -209,8 +209,6 @@ def write_bottleneck_files(model: nn.Module, directory: str | Path) -> Path:
 def read_bottleneck_files(model: nn.Module, directory: str | Path) -> TrainableReport:
     """Insert adapters as saved in `directory` into a base model and load their tensors (names must match).
     minift.peft.load_adapter calls this."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_file, weights_file):
@@ -219,8 +217,19 @@ def read_bottleneck_files(model: nn.Module, directory: str | Path) -> TrainableR
     saved = read_json_file(config_file)
     if saved.pop("method", None) != METHOD:
         raise ValueError(f"{config_file}: not a bottleneck-adapter config (no \"method\": \"bottleneck_adapters\")")
-    tensors = load_file(str(weights_file))
-    report = add_adapters(model, AdapterConfig(**saved))
+    kinds = {"bottleneck": "positive int", "placement": "str", "activation": "str", "train_norms": "bool",
+             "init_std": "positive number"}
+    unknown = sorted(set(saved) - set(kinds))
+    if unknown:
+        raise ValueError(f"{config_file}: unknown keys {unknown}; a bottleneck-adapter config has {sorted(kinds)}")
+    for key, kind in kinds.items():
+        json_field(saved, key, config_file, kind)
+    try:
+        adapter_config = AdapterConfig(**saved)
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from None
+    tensors = read_safetensors(weights_file, floating=True)
+    report = add_adapters(model, adapter_config)
     try:
         expected = adapter_state_dict(model)
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -39,14 +39,14 @@ import torch
 import torch.nn as nn
 
 from minift.adapter_interface import KINDS, adapter_layers
-from minift.io.files import read_json_file
+from minift.io.files import REQUIRED, read_json_file
 from minift.io import save as save_model
 from minift.peft import bottleneck, ia3, prompt_tuning
 from minift.peft.inject import LoRAConfig, add_lora, linear_layers, lora_layers, merge_lora, set_adapter
 from minift.peft.lora import LoRALinear
-from minift.peft.peft_format import (CONFIG_FILE, PEFT_FORMAT_VERSION, PREFIX, check_family, group_by_module,
-                                     hf_module_path, hf_paths, read_adapter_directory, reject_unsupported,
-                                     target_modules, task_type, write_adapter_directory)
+from minift.peft.peft_format import (CONFIG_FILE, PEFT_FORMAT_VERSION, PREFIX, check_family, check_fields,
+                                     group_by_module, hf_module_path, hf_paths, read_adapter_directory,
+                                     reject_unsupported, target_modules, task_type, write_adapter_directory)
 
 __all__ = ["adapter_kind_of", "hf_module_path", "load_adapter", "save_adapter", "save_merged"]
 
@@ -97,7 +97,8 @@ def adapter_kind_of(directory: str | Path) -> str:
     config = read_json_file(config_file)
     if config.get("method") == bottleneck.METHOD:
         return "bottleneck"
-    kind = {"LORA": "lora", "IA3": "ia3"}.get(config.get("peft_type"))
+    peft_type = config.get("peft_type")
+    kind = {"LORA": "lora", "IA3": "ia3"}.get(peft_type) if isinstance(peft_type, str) else None
     if kind is None:
         raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}; minift reads LORA and IA3 "
                          "adapters in PEFT's format")
@@ -160,6 +161,12 @@ UNSUPPORTED = [
     ("trainable_token_indices", None, "trainable tokens are not supported"),
     ("use_qalora", False, "QA-LoRA is not supported"),
 ]
+# The fields read_lora_files uses: (kind, default); a wrong type ("r": "8") is an error naming the key.
+LORA_FIELDS = {
+    "r": ("positive int", REQUIRED), "lora_alpha": ("positive number", REQUIRED),
+    "target_modules": ("str or str list", REQUIRED), "lora_dropout": ("probability", 0.0),
+    "use_rslora": ("bool", False), "use_dora": ("bool", False), "base_model_name_or_path": ("str", None),
+}
 LORA_PARTS = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "lora_magnitude_vector"}
 
 
@@ -217,9 +224,7 @@ def save_merged(model: nn.Module, tokenizer, directory: str | Path) -> Path:
 def check_lora_config(config: dict, config_file: Path) -> None:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise ValueError(f"{config_file}: missing key {key!r}")
+    check_fields(config, config_file, LORA_FIELDS)
     reject_unsupported(config, config_file, UNSUPPORTED)
 
 

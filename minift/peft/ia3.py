@@ -53,9 +53,9 @@ import torch.nn.functional as F
 from minift.adapter_interface import AdapterLayer, adapter_layers
 from minift.peft.inject import ParameterCount, count_parameters, find_targets, linear_layers
 from minift.peft.lora import dense_weight, is_plain_linear
-from minift.peft.peft_format import (CONFIG_FILE, PEFT_FORMAT_VERSION, PREFIX, check_family, group_by_module, hf_paths,
-                                     read_adapter_directory, reject_unsupported, target_modules, task_type,
-                                     write_adapter_directory)
+from minift.peft.peft_format import (CONFIG_FILE, PEFT_FORMAT_VERSION, PREFIX, check_family, check_fields,
+                                     group_by_module, hf_paths, read_adapter_directory, reject_unsupported,
+                                     target_modules, task_type, write_adapter_directory)
 
 
 @dataclass
@@ -291,6 +291,8 @@ def read_ia3_files(model: nn.Module, directory: str | Path) -> nn.Module:
     config_file = Path(directory) / CONFIG_FILE
     if config.get("peft_type") != "IA3":
         raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}, expected 'IA3'")
+    check_fields(config, config_file, {"target_modules": ("str or str list", None),
+                                       "feedforward_modules": ("str or str list", None)})
     reject_unsupported(config, config_file, UNSUPPORTED)
     if ia3_layers(model):
         raise ValueError("load_adapter: the model already has (IA)^3 vectors")

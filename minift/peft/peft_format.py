@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from minift.io import hf
-from minift.io.files import read_json_file, write_json_atomic, write_safetensors_atomic
+from minift.io.files import json_field, read_json_file, read_safetensors, write_json_atomic, write_safetensors_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -117,9 +116,13 @@ def read_adapter_directory(directory: str | Path) -> tuple[dict, dict[str, torch
         hint = " (adapter_model.bin is pickle, which minift does not read: re-save with safetensors)" \
             if (directory / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{weights_file}: missing{hint}")
-    with safe_open(weights_file, "pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    return config, tensors, weights_file
+    return config, read_safetensors(weights_file, floating=True), weights_file
+
+
+def check_fields(config: dict, config_file: Path, fields: dict[str, tuple[str, object]]) -> None:
+    """`fields`: key -> (JSON_KINDS kind, default or REQUIRED); a wrong type names the file and the key."""
+    for key, (kind, default) in fields.items():
+        json_field(config, key, config_file, kind, default=default)
 
 
 def reject_unsupported(config: dict, config_file: Path, unsupported: list[tuple[str, object, str]]) -> None:

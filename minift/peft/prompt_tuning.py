@@ -258,21 +258,21 @@ def write_prompt_files(model: nn.Module, directory: str | Path) -> Path:
 
 def read_prompt_files(model: nn.Module, directory: str | Path) -> TrainableReport:
     """Add the soft prompt saved in `directory` to a base model (minift.peft.load_adapter calls this)."""
-    from safetensors import safe_open
+    from minift.io.files import read_safetensors_with_metadata
 
     path = Path(directory) / PROMPT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected a directory written by minift.peft.save_adapter")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if "soft_prompt.weight" not in f.keys():
-            raise ValueError(f"{path}: no tensor named 'soft_prompt.weight'")
-        weight = f.get_tensor("soft_prompt.weight")
-    if weight.dim() != 2 or weight.size(1) != model.config.dim:
+    tensors, metadata = read_safetensors_with_metadata(
+        path, floating=True, missing="expected a directory written by minift.peft.save_adapter")
+    if "soft_prompt.weight" not in tensors:
+        raise ValueError(f"{path}: no tensor named 'soft_prompt.weight'")
+    weight = tensors["soft_prompt.weight"]
+    if weight.dim() != 2 or weight.size(0) == 0 or weight.size(1) != model.config.dim:
         raise ValueError(f"{path}: soft prompt of shape {tuple(weight.shape)} does not fit a model of width "
                          f"{model.config.dim}")
-    report = add_prompt_tuning(model, weight.size(0), init="random",
-                               keep_virtual_outputs=json.loads(metadata.get("keep_virtual_outputs", "false")))
+    keep = metadata.get("keep_virtual_outputs", "false")
+    if keep not in ("true", "false"):
+        raise ValueError(f"{path}: metadata keep_virtual_outputs is {keep!r}; expected \"true\" or \"false\"")
+    report = add_prompt_tuning(model, weight.size(0), init="random", keep_virtual_outputs=json.loads(keep))
     with torch.no_grad():
         model.soft_prompt.weight.copy_(weight)
     return report

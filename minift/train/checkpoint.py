@@ -33,7 +33,6 @@ previous one to resume from; a `.tmp` folder left by a killed process is removed
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -41,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from minift.io.files import WriteError, read_json_file, write_json_atomic, write_safetensors_atomic
+from minift.io.files import (WriteError, json_field, path_inside, read_json_file, read_safetensors,
+                             write_json_atomic, write_safetensors_atomic)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -185,13 +184,16 @@ def capture_rng(generators: dict[str, torch.Generator]) -> tuple[dict, dict]:
 
 
 def read_latest(root: Path) -> Path | None:
+    """The folder latest.json names (None without latest.json); it must be a folder inside `root`."""
     pointer = root / LATEST
     if not pointer.exists():
         return None
     try:
-        return root / json.loads(pointer.read_text())["directory"]
-    except (json.JSONDecodeError, KeyError):
-        raise ValueError(f"{pointer}: corrupt; delete it to fall back to the newest complete checkpoint") from None
+        latest = read_json_file(pointer)
+        json_field(latest, "step", pointer, "int >= 0", default=None)
+        return path_inside(root, json_field(latest, "directory", pointer, "str"), f"{pointer}: directory")
+    except ValueError as error:
+        raise ValueError(f"{error}; delete {pointer.name} to fall back to the newest complete checkpoint") from None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -213,14 +215,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if not file.exists():
             raise FileNotFoundError(f"{file}: missing — {path} is not a complete checkpoint")
 
-    def read(file):
-        with safe_open(file, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+    state = check_state(read_json_file(files["state.json"]), files["state.json"])
+    rng = read_safetensors(files["rng.safetensors"])
+    for name in ("torch_cpu", "numpy_keys"):
+        if name not in rng:
+            raise ValueError(f"{files['rng.safetensors']}: no tensor {name!r}; the checkpoint is incomplete")
+    return Checkpoint(path=path, step=state["step"],
+                      weights=read_safetensors(files["weights.safetensors"], floating=True),
+                      optimizer_tensors=read_safetensors(files["optimizer.safetensors"], floating=True),
+                      rng_tensors=rng, state=state)
 
-    state = read_json_file(files["state.json"])
-    return Checkpoint(path=path, step=int(state["step"]), weights=read(files["weights.safetensors"]),
-                      optimizer_tensors=read(files["optimizer.safetensors"]),
-                      rng_tensors=read(files["rng.safetensors"]), state=state)
+
+def check_state(state: dict, where: Path) -> dict:
+    """The shape of state.json that resuming relies on; a wrong type names the key."""
+    json_field(state, "step", where, "int >= 0")
+    for key in ("optimizer", "rng", "loop", "scheduler"):
+        json_field(state, key, where, "object")
+    json_field(state["optimizer"], "param_groups", where, "list", section="optimizer")
+    json_field(state["optimizer"], "scalars", where, "object", section="optimizer")
+    for key, size in (("numpy", 4), ("python", 3)):
+        if len(json_field(state["rng"], key, where, "list", section="rng")) != size:
+            raise ValueError(f"{where}: rng.{key} must be a list of {size} items")
+    return state
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], expected: list[str], where: str) -> None:

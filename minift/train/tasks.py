@@ -208,26 +208,34 @@ def save_head(model: TaskModel, directory: Path, labels: list[str] | None = None
 def load_task_model(source: str | Path, device: str = "cpu") -> tuple[TaskModel, object, list[str] | None]:
     """Load a model for evaluation: a directory written by `save_head` (with task.json) gets its head back;
     any other source (bundled name, .gguf, HF directory) is a plain causal LM."""
-    from safetensors.torch import load_file
-
     from minift.io import load
+    from minift.io.files import json_field, read_safetensors
 
     backbone, tokenizer = load(source)
     task_file = Path(source) / "task.json"
     if not task_file.is_file():
         return build_task_model(backbone, "causal_lm").to(device).eval(), tokenizer, None
     task = read_json_file(task_file)
-    labels = task.get("labels")
-    model = build_task_model(backbone, task["kind"], num_labels=len(labels) if labels else None,
-                             pooling=task.get("pooling"))
+    kind, labels = json_field(task, "kind", task_file, "str"), json_field(task, "labels", task_file, "str list", None)
+    if kind not in TASK_KINDS:
+        raise ValueError(f"{task_file}: kind is {kind!r}; expected one of {', '.join(TASK_KINDS)}")
+    pooling = json_field(task, "pooling", task_file, "str", None)
+    try:
+        model = build_task_model(backbone, kind, num_labels=len(labels) if labels else None, pooling=pooling)
+    except ValueError as error:
+        raise ValueError(f"{task_file}: {error}") from None
     if model.head is not None:
         head_file = Path(source) / "head.safetensors"
         if not head_file.is_file():
-            raise FileNotFoundError(f"{head_file}: missing; {task_file} says this is a {task['kind']} model")
-        state = load_file(str(head_file))
-        own = {n.removeprefix("head.") for n in model.head_parameters()}
-        if set(state) != own:
-            raise ValueError(f"{head_file}: tensors {sorted(state)} do not match the {task['kind']} head {sorted(own)}")
+            raise FileNotFoundError(f"{head_file}: missing; {task_file} says this is a {kind} model")
+        state = read_safetensors(head_file, floating=True)
+        own = {n.removeprefix("head."): p for n, p in model.head_parameters().items()}
+        if set(state) != set(own):
+            raise ValueError(f"{head_file}: tensors {sorted(state)} do not match the {kind} head {sorted(own)}")
+        for name, tensor in state.items():
+            if tensor.shape != own[name].shape:
+                raise ValueError(f"{head_file}: tensor {name!r} has shape {tuple(tensor.shape)}, the {kind} head "
+                                 f"needs {tuple(own[name].shape)} ({len(labels or [])} labels in {task_file.name})")
         model.head.load_state_dict(state, strict=False)
     return model.to(device).eval(), tokenizer, labels
 
