@@ -243,6 +243,10 @@ CASES = {
     "config/rope-parameters-list": ("model", "config.json", set_json("rope_parameters", [1]), ["rope_parameters"]),
     "config/not-an-object": ("model", "config.json", overwrite(b"[1, 2]"), ["expected a JSON object"]),
     "config/not-utf8": ("model", "config.json", overwrite(b'{"model_type": "\xff"}'), ["invalid JSON"]),
+    "tokenizer/not-json": ("model", "tokenizer.json", overwrite(b"{not json"), ["tokenizer.json"]),
+    "tokenizer/empty": ("model", "tokenizer.json", truncate(0.0), ["tokenizer.json"]),
+    "tokenizer/config-not-utf8": ("model", "tokenizer_config.json", overwrite(b'{"eos_token": "\xff"}'),
+                                  ["invalid JSON"]),
     # the same weights in two shards
     "shards/truncated": ("shards", SHARD_1, truncate(0.5), [BROKEN]),
     "shards/garbage": ("shards", SHARD_1, overwrite(b"\x00" * 3), [BROKEN]),
@@ -442,3 +446,41 @@ def test_shard_names_inside_subfolders_and_symlinks_still_load(artifacts, tmp_pa
     reference, _ = minift.load(artifacts["model"])
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF metadata: the same type and range checks as config.json (truncated GGUF files: tests/test_gguf.py)
+# ----------------------------------------------------------------------------------------------------
+
+GGUF_METADATA = {
+    "general.architecture": "llama", "llama.context_length": 128, "llama.embedding_length": 64,
+    "llama.block_count": 2, "llama.feed_forward_length": 96, "llama.attention.head_count": 4,
+    "llama.attention.head_count_kv": 2, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+    "llama.rope.freq_base": 10000.0, "tokenizer.ggml.tokens": ["a", "b", "c"], "tokenizer.ggml.eos_token_id": 2,
+}
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("llama.embedding_length", "64", "llama.embedding_length must be a positive integer"),
+    ("llama.attention.head_count", 0, "llama.attention.head_count must be a positive integer"),
+    ("llama.block_count", -2, "llama.block_count must be a positive integer"),
+    ("llama.block_count", DELETE, "missing key 'llama.block_count'"),
+    ("llama.attention.head_count_kv", 3, "multiple"),
+    ("llama.attention.layer_norm_rms_epsilon", "1e-5", "llama.attention.layer_norm_rms_epsilon"),
+    ("llama.rope.freq_base", -1.0, "llama.rope.freq_base"),
+    ("tokenizer.ggml.eos_token_id", "2", "tokenizer.ggml.eos_token_id"),
+    ("tokenizer.ggml.tokens", 3, "tokenizer.ggml.tokens"),
+])
+def test_gguf_metadata_types(key, value, words):
+    from minift.io.gguf import config_from_gguf
+
+    assert config_from_gguf(dict(GGUF_METADATA), "m.gguf").dim == 64
+    metadata = dict(GGUF_METADATA)
+    if value is DELETE:
+        del metadata[key]
+    else:
+        metadata[key] = value
+    with pytest.raises(ValueError) as caught:
+        config_from_gguf(metadata, "m.gguf")
+    message = str(caught.value)
+    assert message.startswith("m.gguf: ") and words in message and "\n" not in message, message

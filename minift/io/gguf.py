@@ -47,6 +47,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from minift.config import ModelConfig
+from minift.io.files import json_field
 from minift.tokenizer import Tokenizer
 
 GGUF_MAGIC = b"GGUF"
@@ -320,36 +321,44 @@ def config_from_gguf(metadata: dict[str, Any], where: str = "GGUF file") -> Mode
     if arch not in ARCHITECTURES:
         raise ValueError(f"{where}: general.architecture is {arch!r}; minift reads GGUF files of {ARCHITECTURES}")
 
-    def need(key: str):
-        if f"{arch}.{key}" not in metadata:
-            raise ValueError(f"{where}: metadata key '{arch}.{key}' is missing")
-        return metadata[f"{arch}.{key}"]
+    def need(key: str, kind: str = "positive int"):  # every value checked for type and range, naming the key
+        return json_field(metadata, f"{arch}.{key}", where, kind)
+
+    def get(key: str, default, kind: str = "positive int"):
+        return json_field(metadata, f"{arch}.{key}", where, kind, default=default)
 
     n_heads, dim = need("attention.head_count"), need("embedding_length")
-    head_dim = metadata.get(f"{arch}.attention.key_length", dim // n_heads)
-    rope_dims = metadata.get(f"{arch}.rope.dimension_count", head_dim)
+    head_dim = get("attention.key_length", dim // n_heads)
+    rope_dims = get("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise ValueError(f"{where}: rope.dimension_count={rope_dims} != head_dim={head_dim}; "
                          "partial RoPE is not supported")
-    scaling_type = metadata.get(f"{arch}.rope.scaling.type", "none")
+    scaling_type = get("rope.scaling.type", "none", "str")
     if scaling_type not in ("none", "linear"):
         raise ValueError(f"{where}: rope.scaling.type {scaling_type!r} is not supported (supported: none, linear)")
     rope_scaling = None
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": metadata[f"{arch}.rope.scaling.factor"]}
+        rope_scaling = {"rope_type": "linear", "factor": need("rope.scaling.factor", "positive number")}
     if "tokenizer.ggml.tokens" not in metadata:
         raise ValueError(f"{where}: metadata key 'tokenizer.ggml.tokens' is missing (needed for the vocabulary size)")
-    return ModelConfig(
+    if isinstance(metadata["tokenizer.ggml.tokens"], (str, bytes)) or not hasattr(metadata["tokenizer.ggml.tokens"],
+                                                                                 "__len__"):
+        raise ValueError(f"{where}: tokenizer.ggml.tokens must be an array of strings")
+    special = {ours: json_field(metadata, f"tokenizer.ggml.{theirs}", where, "int >= 0", default=None)
+               for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                                    ("pad_token_id", "padding_token_id"))}
+    fields = dict(
         model_type=arch, vocab_size=len(metadata["tokenizer.ggml.tokens"]), dim=dim, n_layers=need("block_count"),
-        n_heads=n_heads, n_kv_heads=metadata.get(f"{arch}.attention.head_count_kv", n_heads), head_dim=head_dim,
+        n_heads=n_heads, n_kv_heads=get("attention.head_count_kv", n_heads), head_dim=head_dim,
         hidden_dim=need("feed_forward_length"), max_seq_len=need("context_length"),
-        norm="rms", norm_eps=need("attention.layer_norm_rms_epsilon"), positions="rope",
-        rope_theta=metadata.get(f"{arch}.rope.freq_base", 10000.0), rope_scaling=rope_scaling,
-        mlp="swiglu", activation="silu", qkv_bias=arch == "qwen2",
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
+        norm="rms", norm_eps=need("attention.layer_norm_rms_epsilon", "positive number"), positions="rope",
+        rope_theta=get("rope.freq_base", 10000.0, "positive number"), rope_scaling=rope_scaling,
+        mlp="swiglu", activation="silu", qkv_bias=arch == "qwen2", **special,
     )
+    try:
+        return ModelConfig(**fields)
+    except ValueError as error:  # e.g. head_count not a multiple of head_count_kv
+        raise ValueError(f"{where}: {error}") from None
 
 
 def load_gguf(path: str | Path):
