@@ -19,6 +19,7 @@ import time
 from minift.dtypes import DTYPES
 
 EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report for a program stopped by Ctrl-C
 
 
 class StreamPrinter:
@@ -127,27 +128,39 @@ def chat_demo(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    """Fine-tune from a TOML config (see minift/train/run_config.py), or resume a run directory."""
+    """Fine-tune from a TOML config (see minift/train/run_config.py), or resume a run directory.
+
+    Ctrl-C: fit() finishes the step in progress and writes a checkpoint (a second Ctrl-C stops at once); then one
+    line says how to resume, and the exit status is 130. Another live run in the folder, or a diverging run, is a
+    `minift: error:` line and exit status 2.
+    """
     from pathlib import Path
 
-    from minift.train.run_config import load_run_config
-    from minift.train import fit, setup
+    run_dir = None
+    try:
+        from minift.train.run_config import load_run_config
+        from minift.train import fit, setup
 
-    if args.config is None and args.resume is None:
-        raise ValueError("finetune needs a CONFIG.toml, or --resume RUN_DIR (which reads RUN_DIR/config.toml)")
-    config = load_run_config(args.config or Path(args.resume) / "config.toml", args.overrides or [])
-    if args.resume is not None:
-        config.train.output_dir = str(args.resume)
-    run = setup(config, resume=args.resume is not None)
-    print(f"minift finetune: {config.model.source} -> {run.run_dir}")
-    print(f"  task {config.task.kind}; {run.plan.description}")
-    print(f"  {run.train_stream.report}")
-    if run.eval_stream is not None:
-        print(f"  {run.eval_stream.report}")
-    action = f"resuming at step {run.state.step}" if run.state.step else "starting"
-    print(f"  {action}: {run.total_steps} optimizer steps of {config.train.grad_accum_steps} x "
-          f"{config.train.batch_size} examples, precision {config.train.precision}, device {run.device}")
-    last = fit(run)
+        if args.config is None and args.resume is None:
+            raise ValueError("finetune needs a CONFIG.toml, or --resume RUN_DIR (which reads RUN_DIR/config.toml)")
+        config = load_run_config(args.config or Path(args.resume) / "config.toml", args.overrides or [])
+        if args.resume is not None:
+            config.train.output_dir = str(args.resume)
+        run_dir = Path(config.train.output_dir)
+        run = setup(config, resume=args.resume is not None)
+        print(f"minift finetune: {config.model.source} -> {run.run_dir}")
+        print(f"  task {config.task.kind}; {run.plan.description}")
+        print(f"  {run.train_stream.report}")
+        if run.eval_stream is not None:
+            print(f"  {run.eval_stream.report}")
+        action = f"resuming at step {run.state.step}" if run.state.step else "starting"
+        print(f"  {action}: {run.total_steps} optimizer steps of {config.train.grad_accum_steps} x "
+              f"{config.train.batch_size} examples, precision {config.train.precision}, device {run.device}")
+        last = fit(run)
+    except KeyboardInterrupt:  # fit() has saved what it could (minift/train/guards.py); no traceback
+        sys.stdout.flush()
+        print(interrupted_message(run_dir, args), file=sys.stderr)
+        return EXIT_INTERRUPTED
     shown = {k: v for k, v in last.items() if k.startswith("eval_") or k in ("step", "loss")}
     print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     chart = run.run_dir / "training.svg"
@@ -155,6 +168,24 @@ def cmd_finetune(args) -> int:
           + f"; checkpoints: {run.run_dir / 'checkpoints'}"
           + (f"; model: {run.run_dir / 'final'}" if (run.run_dir / "final").exists() else ""))
     return EXIT_OK
+
+
+def interrupted_message(run_dir, args) -> str:
+    """The one line a Ctrl-C leaves: which checkpoint is complete, and the command that resumes from it."""
+    import shlex
+
+    from minift.train import checkpoint as ckpt
+
+    try:
+        latest = ckpt.latest_checkpoint(run_dir) if run_dir is not None else None
+    except (OSError, ValueError):
+        latest = None
+    if latest is None:
+        return "minift: interrupted; no checkpoint was written, so there is nothing to resume"
+    # config.toml in the run directory holds the settings the run started with; --set given with --resume is not in it
+    again = [item for override in (args.overrides or []) for item in ("--set", override)] if args.resume else []
+    command = shlex.join(["minift", "finetune", "--resume", str(run_dir), *again])
+    return f"minift: interrupted; the last complete checkpoint is {latest}; resume with: {command}"
 
 
 def cmd_eval(args) -> int:

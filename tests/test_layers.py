@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, float]] = [
     ("minift.losses", 6), ("minift.data", 6), ("minift.datasets", 6), ("minift.schedules", 6),
     ("minift.train.fields", 7.0), ("minift.train.methods", 7.1), ("minift.train.run_config", 7.2),
     ("minift.train.tasks", 7.3), ("minift.train.batches", 7.4), ("minift.train.checkpoint", 7.5),
-    ("minift.train.loop", 7.6), ("minift.train", 7.7),
+    ("minift.train.guards", 7.55), ("minift.train.loop", 7.6), ("minift.train", 7.7),
     ("minift.icl", 8), ("minift.align", 8), ("minift.export", 8),
     ("minift.demo", 9),
     ("minift.cli", 10), ("minift.__main__", 10),

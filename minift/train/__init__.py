@@ -5,6 +5,7 @@
     tasks.py        what is learned: causal LM, masked LM, classification (the head and the loss)
     batches.py      records -> token ids -> padded / packed micro-batches, in a resumable order
     checkpoint.py   atomic checkpoints: weights, optimizer, schedule, RNG, data position
+    guards.py       stopping safely: one run per folder (run.lock), Ctrl-C, divergence
     loop.py         setup -> fit -> evaluate
 
     from minift.train import setup, fit
@@ -13,6 +14,7 @@
     fit(run)
 """
 
+from minift.train.guards import DivergenceError, RunLockedError, TrainingInterrupted
 from minift.train.loop import (
     NonFiniteLossError,
     Run,

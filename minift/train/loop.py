@@ -25,6 +25,15 @@ so a resumed run reproduces the uninterrupted one bit for bit on the CPU.
 
 Run directory:  config.toml  metrics.jsonl  training.svg (loss, eval, learning rate per step; minift/svg_chart.py)
                 checkpoints/step-NNNNNN/  final/ (the exported model)
+                run.lock (pid and host of the process training here: one run per folder, minift/train/guards.py)
+
+A run stops at total_steps, or earlier (minift/train/guards.py explains the last two):
+    early stopping     eval metric has not improved for early_stopping_patience evaluations -> checkpoint, export
+    Ctrl-C             the step in progress finishes -> checkpoint -> TrainingInterrupted (a KeyboardInterrupt);
+                       `minift finetune` prints the resume command and exits 130; a second Ctrl-C stops at once
+    divergence         NaN/inf loss, gradients or weights; loss > divergence_factor x its start; or weights
+                       10 x divergence_factor x their start with no better loss -> NonFiniteLossError /
+                       DivergenceError, the step not saved, nothing exported, exit 2
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ from minift.dtypes import parse_dtype
 from minift.io.files import WriteError, check_output_dir
 from minift.train import checkpoint as ckpt
 from minift.train.batches import BatchStream, load_datasets
+from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
+                                 weight_norm)
 from minift.train.methods import MethodPlan, prepare_method
 from minift.train.run_config import RunConfig, TrainConfig, to_toml, validate_run_config
 from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
@@ -73,6 +84,11 @@ class LoopState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
+    # divergence (minift/train/guards.py): the starting values a resumed run must compare against
+    start_losses: list[float] = field(default_factory=list)  # losses of the first steps, until start_loss is set
+    start_loss: float | None = None
+    loss_ema: float | None = None
+    start_weight_norm: float | None = None
 
 
 @dataclass
@@ -96,6 +112,7 @@ class Run:
     labels: list[str] | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)  # masking draws (masked_lm)
     state: LoopState = field(default_factory=LoopState)
+    lock: RunLock | None = None  # run_dir/run.lock: taken by setup() and fit(), released when fit() ends
 
     @property
     def parameter_names(self) -> dict:
@@ -131,6 +148,7 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     train = config.train
     validate_run_config(config)  # before anything loads: every field's type and range, and the method's options
     run_dir = check_output_dir(train.output_dir)  # a file, or a place that refuses new files, fails here too
+    RunLock(run_dir).check()  # one run per folder: a live run here is refused before anything reads or cleans it
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (looked in {run_dir / ckpt.CHECKPOINTS})")
@@ -172,12 +190,18 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
               unfreezing=unfreezing, train_stream=train_data, eval_stream=eval_data, total_steps=total_steps,
               labels=labels)
     run.generator.manual_seed(train.seed)
-    if resume:
-        restore(run, ckpt.load_checkpoint(latest))
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(config))
-        (run_dir / METRICS).write_text("")
+    run.lock = RunLock(run_dir)
+    run.lock.acquire()  # atomic (O_EXCL): of two runs set up at once in this folder, one gets here
+    try:
+        if resume:
+            restore(run, ckpt.load_checkpoint(latest))
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(to_toml(config))
+            (run_dir / METRICS).write_text("")
+    except BaseException:
+        run.lock.release()
+        raise
     return run
 
 
@@ -295,8 +319,10 @@ def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None
     norm = None
     if max_grad_norm is not None:
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-        if not math.isfinite(norm) and scaler is None:
-            raise NonFiniteLossError(f"step {step}: the gradient norm is {norm}; lower train.lr or check the data")
+    elif scaler is None:  # not clipped, but watched: a NaN gradient would make every weight NaN
+        norm = weight_norm([p.grad for p in params])
+    if norm is not None and not math.isfinite(norm) and scaler is None:  # fp16: the scaler skips such steps
+        raise NonFiniteLossError(f"step {step}: the gradient norm is {norm}; lower train.lr or check the data")
     if scaler is not None:
         scaler.step(optimizer)  # skipped if fp16 gradients overflowed; the scale then shrinks
         scaler.update()
@@ -312,43 +338,79 @@ def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None
 
 
 def fit(run: Run) -> dict:
-    """Train until total_steps (or early stopping); returns the last metrics. Checkpoints along the way."""
+    """Train until total_steps (or early stopping); returns the last metrics. Checkpoints along the way.
+
+    Holds the run directory's lock while it runs (minift/train/guards.py). Two ways to stop early leave the run
+    resumable and export nothing: Ctrl-C (the step in progress finishes, a checkpoint is written, then
+    TrainingInterrupted, a KeyboardInterrupt, is raised; a second Ctrl-C raises KeyboardInterrupt at once) and
+    divergence (DivergenceError, a ValueError; the diverged step is not checkpointed).
+    """
+    train = run.config.train
+    if run.lock is None:
+        run.lock = RunLock(run.run_dir)
+    run.lock.acquire()  # again, if an earlier fit() of this run released it
+    try:
+        with StopOnInterrupt(saving=train.save_checkpoints) as interrupt:
+            last = train_steps(run, interrupt)
+        write_training_chart(run.run_dir / METRICS, run.run_dir / "training.svg")  # warns, never raises
+        if interrupt.requested:
+            checkpoint = ckpt.latest_checkpoint(run.run_dir) if train.save_checkpoints else None
+            raise TrainingInterrupted(run.run_dir, run.state.step, checkpoint)
+        if train.export:
+            export(run)
+        return last
+    except (DivergenceError, NonFiniteLossError):
+        write_training_chart(run.run_dir / METRICS, run.run_dir / "training.svg")  # shows where it went wrong
+        raise
+    finally:
+        run.lock.release()
+
+
+def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
+    """The optimizer steps of fit(), until total_steps, early stopping or a Ctrl-C (`interrupt.requested`)."""
     train, state = run.config.train, run.state
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not train.progress_bar, desc="finetune",
                dynamic_ncols=True)
     start, start_tokens, last = time.perf_counter(), state.tokens, {"step": state.step}
+    trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
+    monitor = DivergenceMonitor(train.divergence_factor, state)
+    monitor.start(trainable)
+    saved_step = state.step  # the step of the newest checkpoint (a fresh run: 0, nothing to save)
     run.model.train()
-    while state.step < run.total_steps and not state.stopped_early:
-        step = state.step + 1
-        if run.unfreezing is not None:
-            run.unfreezing.apply((step - 1) // train.gradual_unfreezing)
-        micro_batches = [prepare_batch(to_device(b, run.device), run.model.kind, run.tokenizer,
-                                       run.config.task.mlm_probability, run.generator)
-                         for b in run.train_stream.take(state.micro_batches, train.grad_accum_steps)]
-        lr = run.optimizer.param_groups[-1]["lr"]
-        stats = accumulate_gradients(run.model, micro_batches, train.precision, run.scaler, step)
-        grad_norm = optimizer_step(run.optimizer, train.max_grad_norm, run.scaler, step)
-        run.scheduler.step()
-        state.step, state.micro_batches = step, state.micro_batches + len(micro_batches)
-        state.tokens += stats["tokens"]
-        tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
-        last = {"step": step, "epoch": round(run.train_stream.epoch_of(state.micro_batches), 4),
-                "loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "targets": stats["targets"],
-                "tokens_per_s": round(tokens_per_s, 1)}
-        bar.update(1)
-        shown_loss = "-" if stats["loss"] is None else f"{stats['loss']:.4f}"  # None: no masked token drawn
-        bar.set_postfix(loss=shown_loss, lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-        if step % train.log_every == 0 or step == run.total_steps:
-            append_metrics(run.run_dir, last)
-        if (train.eval_every and step % train.eval_every == 0) or step == run.total_steps:
-            last.update(evaluate_run(run))
-        at_end = step == run.total_steps or state.stopped_early
-        if train.save_checkpoints and ((train.save_every and step % train.save_every == 0) or at_end):
-            save(run)
-    bar.close()
-    write_training_chart(run.run_dir / METRICS, run.run_dir / "training.svg")  # warns, never raises
-    if train.export:
-        export(run)
+    try:
+        while state.step < run.total_steps and not state.stopped_early and not interrupt.requested:
+            step = state.step + 1
+            if run.unfreezing is not None:
+                run.unfreezing.apply((step - 1) // train.gradual_unfreezing)
+            micro_batches = [prepare_batch(to_device(b, run.device), run.model.kind, run.tokenizer,
+                                           run.config.task.mlm_probability, run.generator)
+                             for b in run.train_stream.take(state.micro_batches, train.grad_accum_steps)]
+            lr = run.optimizer.param_groups[-1]["lr"]
+            stats = accumulate_gradients(run.model, micro_batches, train.precision, run.scaler, step)
+            grad_norm = optimizer_step(run.optimizer, train.max_grad_norm, run.scaler, step)
+            run.scheduler.step()
+            state.step, state.micro_batches = step, state.micro_batches + len(micro_batches)
+            state.tokens += stats["tokens"]
+            tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+            last = {"step": step, "epoch": round(run.train_stream.epoch_of(state.micro_batches), 4),
+                    "loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "targets": stats["targets"],
+                    "tokens_per_s": round(tokens_per_s, 1)}
+            bar.update(1)
+            shown_loss = "-" if stats["loss"] is None else f"{stats['loss']:.4f}"  # None: no masked token drawn
+            bar.set_postfix(loss=shown_loss, lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            if step % train.log_every == 0 or step == run.total_steps:
+                append_metrics(run.run_dir, last)
+            monitor.check(step, stats["loss"], trainable)  # before evaluating or saving a diverged model
+            if (train.eval_every and step % train.eval_every == 0) or step == run.total_steps:
+                last.update(evaluate_run(run))
+            at_end = step == run.total_steps or state.stopped_early
+            if train.save_checkpoints and ((train.save_every and step % train.save_every == 0) or at_end):
+                save(run)
+                saved_step = step
+        if interrupt.requested and train.save_checkpoints and saved_step != state.step:
+            save(run)  # Ctrl-C: the step in progress has finished; this is where the resumed run starts
+    finally:
+        bar.close()
     return last
 
 

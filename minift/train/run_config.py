@@ -188,6 +188,10 @@ class TrainConfig:
     save_checkpoints: bool = True  # false: write no checkpoint at all (quick experiments; such a run cannot resume)
     export: bool = True  # at the end, write the fine-tuned model to output_dir/final (full: a Hugging Face dir)
     progress_bar: bool = True  # tqdm bar with loss, learning rate and tokens/s
+    # divergence (minift/train/guards.py): stop with an error, exporting nothing, when the running mean of the loss
+    # exceeds this factor x the mean loss of the first 3 steps, or when the trainable weights' norm exceeds 10 x this
+    # factor x its start while the loss is no better than at step 1; 0 = off (NaN/inf gradients or weights always stop)
+    divergence_factor: float = 10.0
 
 
 TRAIN_RULES = {
@@ -202,6 +206,7 @@ TRAIN_RULES = {
     "max_grad_norm": above(0, " (none turns clipping off)"), "eval_every": at_least(0, " (0 = only at the end)"),
     "early_stopping_metric": one_of(EARLY_STOPPING_METRICS), "early_stopping_patience": at_least(0),
     "log_every": at_least(1), "save_every": at_least(0, " (0 = only at the end)"), "keep_checkpoints": at_least(1),
+    "divergence_factor": Rule(lambda v: v == 0 or v > 1, "0 (off) or a factor above 1"),
 }
 
 
