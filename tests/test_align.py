@@ -563,3 +563,68 @@ def test_reward_model_loss_equals_trl(trl_setup, monkeypatch):
         assert abs(metrics["accuracy"] - logged["accuracy"]) < 1e-6
         assert abs(metrics["margin"] - logged["margin"]) < 1e-5
     torch.testing.assert_close(bradley_terry_loss(chosen, rejected), -torch.nn.functional.logsigmoid(chosen - rejected))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward model export: a Hugging Face sequence-classification directory
+# ----------------------------------------------------------------------------------------------------
+
+
+def tiny_hf_backbone(arch, directory, tied):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    V = len(SPECIALS) + len(WORDS)
+    if arch == "llama":
+        config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          tie_word_embeddings=tied)
+    else:
+        config = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                         tie_word_embeddings=tied)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    model, _ = minift.load(directory)
+    return model
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("llama", True), ("gpt2", True)])
+def test_reward_model_exports_as_a_sequence_classifier(tmp_path, arch, tied):
+    transformers = pytest.importorskip("transformers")
+    from minift.align import load_reward_model, save_reward_model
+
+    tokenizer = minift_tokenizer()
+    model = RewardModel(tiny_hf_backbone(arch, tmp_path / "base", tied), init_std=0.5).eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"])
+    save_reward_model(model, tokenizer, tmp_path / "reward")
+    theirs_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward").eval()
+    assert theirs_model.config.num_labels == 1
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert ours.abs().max() > 1e-2  # the rewards are not all ~0, so equal scores mean something
+    torch.testing.assert_close(ours, theirs.squeeze(-1), rtol=0, atol=1e-5)
+    again, again_tokenizer = load_reward_model(tmp_path / "reward")
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch["input_ids"], batch["attention_mask"]), ours, rtol=0, atol=1e-6)
+    assert again_tokenizer.pad_token_id == tokenizer.pad_token_id
+
+
+def test_reward_model_export_refuses_pad_equal_to_eos(tmp_path):
+    from minift.align import save_reward_model
+
+    tokenizer = minift_tokenizer()
+    tokenizer.pad_token_id = tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="pad token .* is the EOS token"):
+        save_reward_model(RewardModel(tiny_minift_model()), tokenizer, tmp_path / "reward")
+
+
+def test_trl_reward_model_directory_loads_in_minift(trl_setup, tmp_path):
+    from minift.align import load_reward_model
+
+    trl_setup.hf_scorer.save_pretrained(tmp_path / "trl_reward")
+    model, _ = load_reward_model(tmp_path / "trl_reward")
+    batch = tiny_batch()
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"])
+        theirs = trl_setup.hf_scorer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(ours, theirs.squeeze(-1), rtol=0, atol=1e-5)

@@ -32,7 +32,15 @@ from minift.align.preference import (
     tokenize_preference,
     tokenize_preferences,
 )
-from minift.align.reward import RewardModel, bradley_terry_loss, reward_batch_loss, reward_loss, reward_metrics
+from minift.align.reward import (
+    RewardModel,
+    bradley_terry_loss,
+    load_reward_model,
+    reward_batch_loss,
+    reward_loss,
+    reward_metrics,
+    save_reward_model,
+)
 from minift.align.rl import (
     gae,
     grpo_advantages,
@@ -46,7 +54,8 @@ from minift.align.rl import (
 
 __all__ = [
     "LOSS_TYPES", "RewardModel", "bradley_terry_loss", "check_preference", "collate_preferences", "dpo_batch_loss",
-    "dpo_loss", "dpo_metrics", "gae", "grpo_advantages", "kl_k1", "kl_k3", "masked_mean", "ppo_policy_loss",
-    "ppo_value_loss", "read_preferences", "reference_logprobs", "reward_batch_loss", "reward_loss", "reward_metrics",
-    "sequence_logprobs", "sequence_logprobs_from_logits", "tokenize_preference", "tokenize_preferences", "whiten",
+    "dpo_loss", "dpo_metrics", "gae", "grpo_advantages", "kl_k1", "kl_k3", "load_reward_model", "masked_mean",
+    "ppo_policy_loss", "ppo_value_loss", "read_preferences", "reference_logprobs", "reward_batch_loss", "reward_loss",
+    "reward_metrics", "save_reward_model", "sequence_logprobs", "sequence_logprobs_from_logits", "tokenize_preference",
+    "tokenize_preferences", "whiten",
 ]

@@ -24,15 +24,33 @@ token is also a real token of the text (pad = EOS), where the mask is the right 
 
 Metrics, as TRL's RewardTrainer names them: accuracy (how often r_w > r_l), margin (mean r_w - r_l), and
 min_reward / mean_reward / max_reward over all scored sequences.
+
+Export. `save_reward_model` writes a Hugging Face sequence-classification directory (num_labels = 1): the
+backbone's tensors under transformers' names, no lm_head, plus score.weight, and config.json naming
+LlamaForSequenceClassification (or Mistral/Qwen2/Qwen3/GPT2's) with the pad token set, so
+AutoModelForSequenceClassification loads it and scores as minift does. `load_reward_model` reads such a
+directory back (from minift, transformers or TRL's RewardTrainer).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.io import hf
+from minift.io.files import write_json_atomic, write_safetensors_atomic
+from minift.io.weights import base_model_state, build_model
 from minift.losses import pool
+
+SEQUENCE_CLASSIFIERS = {"LlamaForCausalLM": "LlamaForSequenceClassification",
+                        "MistralForCausalLM": "MistralForSequenceClassification",
+                        "Qwen2ForCausalLM": "Qwen2ForSequenceClassification",
+                        "Qwen3ForCausalLM": "Qwen3ForSequenceClassification",
+                        "GPT2LMHeadModel": "GPT2ForSequenceClassification"}
 
 
 class RewardModel(nn.Module):
@@ -90,3 +108,74 @@ def reward_batch_loss(model: RewardModel, batch: dict, margin: torch.Tensor | No
     rewards = model(batch["input_ids"], batch.get("attention_mask"))  # (2B,)
     chosen, rejected = rewards.chunk(2)
     return reward_loss(chosen, rejected, margin, center_rewards_coefficient), reward_metrics(chosen, rejected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A Hugging Face sequence-classification directory (num_labels = 1)
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_reward_model(model: RewardModel, tokenizer, directory: str | Path) -> Path:
+    """Write `model` as a Hugging Face *ForSequenceClassification directory that transformers loads.
+
+    transformers finds the scored token as the last one that is not the pad id, so the tokenizer's pad token must
+    not be a token the texts end with (pad = EOS would score the token before the EOS): it is refused then.
+    """
+    directory = Path(directory)
+    config = model.backbone.config
+    hf_config = hf.config_to_hf(config)
+    architecture = SEQUENCE_CLASSIFIERS.get(hf_config["architectures"][0])
+    if architecture is None or not config.causal:
+        raise ValueError(f"save_reward_model: no Hugging Face sequence-classification layout for "
+                         f"{config.model_type} ({hf_config['architectures'][0]}); decoders of the Llama family and "
+                         "GPT-2 are supported")
+    pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else config.pad_token_id
+    if pad_id is None:
+        raise ValueError("save_reward_model: transformers needs a pad token id to find the last token; give a "
+                         "tokenizer with one")
+    if tokenizer is not None and pad_id == tokenizer.eos_token_id:
+        raise ValueError(f"save_reward_model: the pad token (id {pad_id}) is the EOS token, so transformers would "
+                         "score the token before each EOS; set a distinct pad token")
+    state = hf.state_dict_to_hf(base_model_state(model.backbone, where="save_reward_model"), config)
+    state.pop("lm_head.weight", None)
+    state["score.weight"] = model.score.weight.detach()
+    directory.mkdir(parents=True, exist_ok=True)
+    write_safetensors_atomic({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors",
+                             metadata={"format": "pt"})
+    hf_config.update(architectures=[architecture], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                     pad_token_id=pad_id)
+    write_json_atomic(hf_config, directory / "config.json")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def load_reward_model(directory: str | Path) -> tuple[RewardModel, object]:
+    """Read a sequence-classification directory with one label -> (RewardModel, tokenizer or None).
+
+    The backbone is built without an lm_head (a reward model does not need one, so nothing is tied either).
+    """
+    directory = Path(directory)
+    raw, config_file = hf.read_config(directory)
+    architectures = raw.get("architectures") or ["?"]
+    if not str(architectures[0]).endswith("ForSequenceClassification"):
+        raise ValueError(f"{config_file}: architecture {architectures[0]!r} is not a sequence classifier; a reward "
+                         "model directory has *ForSequenceClassification with one label")
+    n_labels = len(raw.get("id2label") or {"0": ""})
+    if n_labels != 1:
+        raise ValueError(f"{config_file}: {n_labels} labels; a reward model has exactly one (num_labels = 1)")
+    config = dataclasses.replace(hf.config_from_hf(raw, where=str(config_file)), lm_head=False,
+                                 tie_embeddings=False)
+    tensors = hf.read_tensors(directory)
+    if "score.weight" not in tensors:
+        raise ValueError(f"{directory}: no tensor 'score.weight' (the reward head)")
+    score_file, score = tensors.pop("score.weight")
+    if tuple(score.shape) != (1, config.dim):
+        raise ValueError(f"{score_file}: tensor 'score.weight' has shape {tuple(score.shape)}, "
+                         f"expected (1, {config.dim})")
+    tensors.pop("lm_head.weight", None)
+    backbone = build_model(config, hf.state_dict_from_tensors(tensors, config), where=str(directory))
+    model = RewardModel(backbone)
+    with torch.no_grad():
+        model.score.weight.copy_(score)
+    return model.eval(), hf.read_tokenizer(directory)
