@@ -24,8 +24,8 @@ in a cycle; tests/test_layers.py reads every import (lazy ones too) and holds th
     5  peft                  LoRA family, (IA)^3, bottleneck adapters, prompt tuning, QLoRA, PEFT files
     6  losses, data, datasets, schedules
                              what is learned from which records, and at which learning rate
-    7  train                 the engine, in its own order: fields -> methods (the registry) -> run_config
-                             -> tasks -> batches -> checkpoint -> guards -> loop -> train/__init__
+    7  train                 the engine, in its own order: fields -> methods (the registry) -> tasks
+                             -> run_config -> batches -> checkpoint -> guards -> loop -> train/__init__
     8  icl, align, export    techniques and tools built on the engine
     9  demo                  the main job, a composition of the layers below
    10  cli, __main__         the `minift` command

@@ -1,8 +1,9 @@
 """minift.train: the training engine — one loop that every method, task and tutorial goes through.
 
-    run_config.py   RunConfig: the [model] [task] [data] [train] [method] tables of a TOML file, validated
+    fields.py       TOML values and --set strings -> typed dataclass fields, with did-you-mean errors
     methods.py      the one method registry: [method] name -> typed options -> which weights train
     tasks.py        what is learned: causal LM, masked LM, classification (the head and the loss)
+    run_config.py   RunConfig: the [model] [task] [data] [train] [method] tables of a TOML file, validated
     batches.py      records -> token ids -> padded / packed micro-batches, in a resumable order
     checkpoint.py   atomic checkpoints: weights, optimizer, schedule, RNG, data position
     guards.py       stopping safely: one run per folder (run.lock), Ctrl-C, divergence
