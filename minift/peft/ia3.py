@@ -21,8 +21,8 @@ FFN's intermediate activation is the *input* of down_proj (W_2), so its vector s
 
 Each vector starts at ones, so step 0 is the base model, and only the vectors train: for SmolLM2-135M
 (30 blocks, d_kv = 192, d_ff = 1536) that is 30 * (192 + 192 + 1536) = 57,600 numbers, 0.04% of the model,
-five times fewer than LoRA with r = 1 on every linear layer (305,280). (The paper also trains with extra losses, unlikelihood and
-length normalisation, on T0; those are training recipes, not part of the layer.)
+five times fewer than LoRA with r = 1 on every linear layer (305,280). (The paper also trains with extra
+losses, unlikelihood and length normalisation, on T0; those are training recipes, not part of the layer.)
 
 Merging is exact because a diagonal scaling folds into the matrix next to it:
 
