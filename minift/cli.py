@@ -246,7 +246,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    """NF4-quantize a model's linear layers and write a 4-bit directory (minift/export.py, quant/files.py)."""
+    """NF4-quantize a model's linear layers and write a 4-bit directory (minift/export.py, io/nf4dir.py)."""
     from minift.export import quantize
 
     print(quantize(args.model, args.out, blocksize=args.block_size, double_quant=args.double_quant, dtype=args.dtype))
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:  # bad input, or the system refused (a missing file, no space, no permission)
         print(f"minift: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

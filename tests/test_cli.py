@@ -36,3 +36,19 @@ def test_python_dash_m_minift_is_the_command():
     done = subprocess.run([sys.executable, "-m", "minift", "finetune", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "usage: minift finetune" in done.stdout and "qlora" in done.stdout
+
+
+def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    """The system refusing a write (no space, no permission) ends like bad input: one line, exit 2."""
+    import errno
+
+    import minift.export as export
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.safetensors"))
+
+    monkeypatch.setattr(export, "quantize", full_disk)
+    assert main(["quantize", "--model", "smollm2-135m", "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minift: error:") and "No space left on device" in lines[0]
+    assert str(tmp_path / "out" / "model.safetensors") in lines[0]
