@@ -628,3 +628,39 @@ def test_trl_reward_model_directory_loads_in_minift(trl_setup, tmp_path):
         ours = model(batch["input_ids"], batch["attention_mask"])
         theirs = trl_setup.hf_scorer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(ours, theirs.squeeze(-1), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DPO training on minift: precomputed reference log-probs, a few LoRA steps
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_precomputed_reference_logprobs_give_the_same_loss_and_lora_dpo_learns():
+    from minift.align import precompute_reference_logprobs
+    from minift.peft import LoRAConfig, add_lora
+
+    tokenizer = minift_tokenizer()
+    examples = [tokenize_preference(record, tokenizer) for record in TEXT_RECORDS]
+    model = tiny_minift_model()
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets="all-linear"))
+    scored = precompute_reference_logprobs(model, examples, tokenizer.pad_token_id, batch_size=2)
+    batch, precomputed = collate_preferences(examples, tokenizer.pad_token_id), collate_preferences(
+        scored, tokenizer.pad_token_id)
+    assert precomputed["reference_logps"].shape == (6,)
+    with torch.no_grad():
+        torch.testing.assert_close(precomputed["reference_logps"], reference_logprobs(model, batch), rtol=0,
+                                   atol=1e-6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    history = []
+    for _ in range(15):
+        loss, metrics = dpo_batch_loss(model, precomputed, beta=0.5)
+        with torch.no_grad():
+            on_the_fly, _ = dpo_batch_loss(model, batch, beta=0.5)
+        assert abs(loss.item() - on_the_fly.item()) < 1e-5
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append((loss.item(), metrics))
+    assert history[-1][0] < history[0][0] - 0.2  # starts at log 2 = 0.693
+    assert history[-1][1]["rewards/margins"] > 0.4 and history[-1][1]["rewards/accuracies"] == 1.0

@@ -21,6 +21,7 @@ from minift.align.dpo import (
     dpo_batch_loss,
     dpo_loss,
     dpo_metrics,
+    precompute_reference_logprobs,
     reference_logprobs,
     sequence_logprobs,
     sequence_logprobs_from_logits,
@@ -55,7 +56,7 @@ from minift.align.rl import (
 __all__ = [
     "LOSS_TYPES", "RewardModel", "bradley_terry_loss", "check_preference", "collate_preferences", "dpo_batch_loss",
     "dpo_loss", "dpo_metrics", "gae", "grpo_advantages", "kl_k1", "kl_k3", "load_reward_model", "masked_mean",
-    "ppo_policy_loss", "ppo_value_loss", "read_preferences", "reference_logprobs", "reward_batch_loss", "reward_loss",
-    "reward_metrics", "save_reward_model", "sequence_logprobs", "sequence_logprobs_from_logits", "tokenize_preference",
-    "tokenize_preferences", "whiten",
+    "ppo_policy_loss", "ppo_value_loss", "precompute_reference_logprobs", "read_preferences", "reference_logprobs",
+    "reward_batch_loss", "reward_loss", "reward_metrics", "save_reward_model", "sequence_logprobs",
+    "sequence_logprobs_from_logits", "tokenize_preference", "tokenize_preferences", "whiten",
 ]

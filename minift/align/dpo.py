@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minift.adapter_interface import disabled_adapters, has_adapters
+from minift.align.preference import collate_preferences
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo")
 
@@ -107,6 +108,23 @@ def reference_logprobs(model: nn.Module, batch: dict, reference_model: nn.Module
                              "reference_model (a frozen copy of the starting model) or precomputed reference log-probs")
         with disabled_adapters(model):
             return sequence_logprobs(model, batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"])
+
+
+def precompute_reference_logprobs(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int = 8,
+                                  reference_model: nn.Module | None = None) -> list[dict]:
+    """Score every pair under the reference once, before training; returns the examples with
+    "reference_chosen_logps" and "reference_rejected_logps" added (floats), which collate_preferences carries
+    into batch["reference_logps"] (2B,) and dpo_batch_loss then uses instead of a reference forward pass."""
+    scored = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = collate_preferences(chunk, pad_id)
+        device = next(model.parameters()).device
+        batch = {key: value.to(device) for key, value in batch.items()}
+        chosen, rejected = reference_logprobs(model, batch, reference_model).cpu().chunk(2)
+        scored += [{**example, "reference_chosen_logps": c, "reference_rejected_logps": r}
+                   for example, c, r in zip(chunk, chosen.tolist(), rejected.tolist())]
+    return scored
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,10 +204,13 @@ def dpo_batch_loss(model: nn.Module, batch: dict, beta: float = 0.1, loss_type: 
                    reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean DPO loss of a preference batch (see preference.collate_preferences) and its metrics.
 
-    One forward pass of the policy over the 2B rows, then the reference: `reference_logps` (2B,) if precomputed,
-    else `reference_model`, else `model` with adapters disabled. IPO gets TRL's per-token lengths.
+    One forward pass of the policy over the 2B rows, then the reference: `reference_logps` (2B,) or
+    batch["reference_logps"] if precomputed (precompute_reference_logprobs), else `reference_model`, else `model`
+    with adapters disabled. IPO gets TRL's per-token lengths.
     """
     logps = sequence_logprobs(model, batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"])
+    if reference_logps is None:
+        reference_logps = batch.get("reference_logps")
     if reference_logps is None:
         reference_logps = reference_logprobs(model, batch, reference_model)
     policy_chosen, policy_rejected = logps.chunk(2)  # (B,), (B,)

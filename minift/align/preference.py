@@ -209,6 +209,7 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torc
     """Pairs -> input_ids, attention_mask, completion_mask, each (2B, T): the B chosen rows, then the B rejected.
 
     Padding is recognised by position (attention_mask 0, completion_mask 0), never by id, so pad_id may equal EOS.
+    Examples with precomputed reference log-probs also give reference_logps (2B,), in the same row order.
     """
     if not examples:
         raise ValueError("collate_preferences: no examples")
@@ -223,4 +224,8 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torc
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         completion_mask[row, : len(ids)] = torch.tensor(mask, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if all("reference_chosen_logps" in e for e in examples):  # precomputed (dpo.precompute_reference_logprobs)
+        batch["reference_logps"] = torch.tensor([e["reference_chosen_logps"] for e in examples]
+                                                + [e["reference_rejected_logps"] for e in examples])  # (2B,)
+    return batch
