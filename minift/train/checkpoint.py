@@ -231,7 +231,12 @@ def check_state(state: dict, where: Path) -> dict:
     json_field(state, "step", where, "int >= 0")
     for key in ("optimizer", "rng", "loop", "scheduler"):
         json_field(state, key, where, "object")
-    json_field(state["optimizer"], "param_groups", where, "list", section="optimizer")
+    for key in ("step", "micro_batches", "tokens"):  # the loop's counters: where the data order resumes
+        json_field(state["loop"], key, where, "int >= 0", section="loop")
+    for i, group in enumerate(json_field(state["optimizer"], "param_groups", where, "list", section="optimizer")):
+        if not isinstance(group, dict):
+            raise ValueError(f"{where}: optimizer.param_groups[{i}] must be a JSON object, got {group!r}")
+        json_field(group, "params", where, "str list", section=f"optimizer.param_groups[{i}]")
     json_field(state["optimizer"], "scalars", where, "object", section="optimizer")
     for key, size in (("numpy", 4), ("python", 3)):
         if len(json_field(state["rng"], key, where, "list", section="rng")) != size:
@@ -273,29 +278,45 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, parameter_names: dict
             name_to_position[name] = position
             position += 1
     state: dict[int, dict] = {}
-    for key, tensor in checkpoint.optimizer_tensors.items():
-        name, field = key.rsplit("/", 1)
-        if name not in name_to_position:
-            raise ValueError(f"{checkpoint.path}: optimizer state for unknown parameter {name!r}")
-        state.setdefault(name_to_position[name], {})[field] = tensor
-    for key, value in meta["scalars"].items():
-        name, field = key.rsplit("/", 1)
-        state.setdefault(name_to_position[name], {})[field] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    tensors_file, state_file = checkpoint.path / "optimizer.safetensors", checkpoint.path / "state.json"
+    shapes = {name: tuple(p.shape) for p, name in parameter_names.items()}
+    for where, entries in ((tensors_file, checkpoint.optimizer_tensors), (state_file, meta["scalars"])):
+        for key, value in entries.items():
+            name, _, field = key.rpartition("/")
+            if name not in name_to_position:
+                raise ValueError(f"{where}: optimizer state {key!r} is not \"<parameter>/<field>\" for a "
+                                 "parameter of this run")
+            if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shapes[name]:
+                # moments have the parameter's shape; counters such as "step" are scalars
+                raise ValueError(f"{where}: optimizer state {key!r} has shape {tuple(value.shape)}, the parameter "
+                                 f"has {shapes[name]}")
+            state.setdefault(name_to_position[name], {})[field] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{tensors_file}: the optimizer state does not load ({reason}); the checkpoint is "
+                         "corrupt or from another optimizer") from None
 
 
 def restore_rng(checkpoint: Checkpoint, generators: dict[str, torch.Generator] | None = None) -> None:
     """Put every random generator back in the state it had when the checkpoint was written."""
     tensors, meta = checkpoint.rng_tensors, checkpoint.state["rng"]
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    for name, generator in (generators or {}).items():
+    for name in generators or {}:
         if f"generator_{name}" not in tensors:
             raise ValueError(f"{checkpoint.path}: no state for random generator {name!r}")
-        generator.set_state(tensors[f"generator_{name}"])
-    kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, python_state, gauss = meta["python"]
-    random.setstate((version, tuple(python_state), gauss))
+    try:
+        torch.set_rng_state(tensors["torch_cpu"])
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        for name, generator in (generators or {}).items():
+            generator.set_state(tensors[f"generator_{name}"])
+        kind, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, python_state, gauss = meta["python"]
+        random.setstate((version, tuple(python_state), gauss))
+    except (ValueError, TypeError, RuntimeError, IndexError) as error:  # a tensor of the wrong dtype or size
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{checkpoint.path / 'rng.safetensors'}: a random generator state does not load "
+                         f"({reason}); the checkpoint is corrupt (this file or the rng entry of state.json)") from None

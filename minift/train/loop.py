@@ -500,7 +500,11 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
     run.scheduler.load_state_dict(checkpoint.state["scheduler"])
     if run.scaler is not None and checkpoint.state.get("scaler"):
         run.scaler.load_state_dict(checkpoint.state["scaler"])
-    run.state = LoopState(**checkpoint.state["loop"])
+    try:
+        run.state = LoopState(**checkpoint.state["loop"])
+    except TypeError as error:  # a key this version does not know, or one missing
+        raise ValueError(f"{checkpoint.path / 'state.json'}: loop: {error}; written by another minift "
+                         "version?") from None
     ckpt.restore_rng(checkpoint, {"masking": run.generator})
     # metrics.jsonl may hold lines the interrupted run wrote after this checkpoint: drop them.
     kept = [r for r in read_metrics(run.run_dir) if r.get("step", 0) <= run.state.step]
