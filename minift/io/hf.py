@@ -139,6 +139,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         rope = get("rope_parameters", {}, "object")
         scaling = get("rope_scaling", None, "object")
         scaling = scaling or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            check_rope_scaling(scaling, where, "rope_scaling" if hf.get("rope_scaling") else "rope_parameters")
         theta = json_field(rope, "rope_theta", where, "positive number", section="rope_parameters",
                            default=get("rope_theta", 10000.0, "positive number"))
         bias = get("attention_bias", None, "bool")
@@ -176,6 +178,22 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return ModelConfig(**fields, **special)
     except ValueError as error:  # e.g. hidden_size not divisible by num_attention_heads
         raise ValueError(f"{where}: {error}") from None
+
+
+def check_rope_scaling(scaling: dict, where: str, section: str) -> None:
+    """The rope scaling kinds minift computes (model.rope_frequencies), with numbers of the right type."""
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"{where}: {section}.rope_type = {kind!r} is not supported (supported: default, linear, "
+                         "llama3)")
+    if kind in ("linear", "llama3"):
+        json_field(scaling, "factor", where, "positive number", section=section)
+    if kind == "llama3":
+        low = json_field(scaling, "low_freq_factor", where, "positive number", 1.0, section)
+        high = json_field(scaling, "high_freq_factor", where, "positive number", 4.0, section)
+        json_field(scaling, "original_max_position_embeddings", where, "positive int", 8192, section)
+        if high <= low:
+            raise ValueError(f"{where}: {section}.high_freq_factor = {high} must be above low_freq_factor = {low}")
 
 
 def config_to_hf(config: ModelConfig) -> dict:

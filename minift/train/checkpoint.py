@@ -288,8 +288,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, parameter_names: dict
                                  "parameter of this run")
             if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != shapes[name]:
                 # moments have the parameter's shape; counters such as "step" are scalars
-                raise ValueError(f"{where}: optimizer state {key!r} has shape {tuple(value.shape)}, the parameter "
-                                 f"has {shapes[name]}")
+                raise ValueError(f"{where}: optimizer state {key!r} has shape {tuple(value.shape)}; expected the "
+                                 f"parameter's {shapes[name]} (a moment) or a scalar (a counter such as step)")
             state.setdefault(name_to_position[name], {})[field] = value
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
