@@ -517,3 +517,20 @@ def test_gguf_metadata_types(key, value, words):
         config_from_gguf(metadata, "m.gguf")
     message = str(caught.value)
     assert message.startswith("m.gguf: ") and words in message and "\n" not in message, message
+
+
+def test_integer_buffers_and_half_precision_weights_still_load(tmp_path):
+    """Only weights must be floating point: an int64 position_ids buffer (older BERT exports) is skipped as before,
+    and bfloat16 / float16 weights are weights."""
+    encoder = save_tiny_encoder(tmp_path / "encoder")
+    tensors = load_file(encoder / "model.safetensors")
+    tensors["embeddings.position_ids"] = torch.arange(128, dtype=torch.int64)[None]
+    save_file(tensors, encoder / "model.safetensors", metadata={"format": "pt"})
+    minift.load(encoder)
+
+    decoder = save_tiny_decoder(tmp_path / "decoder")
+    tensors = load_file(decoder / "model.safetensors")
+    half = {n: t.to(torch.bfloat16 if i % 2 else torch.float16) for i, (n, t) in enumerate(sorted(tensors.items()))}
+    save_file(half, decoder / "model.safetensors", metadata={"format": "pt"})
+    model, _ = minift.load(decoder)
+    assert {p.dtype for p in model.parameters()} <= {torch.bfloat16, torch.float16}
