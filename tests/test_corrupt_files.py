@@ -534,3 +534,14 @@ def test_integer_buffers_and_half_precision_weights_still_load(tmp_path):
     save_file(half, decoder / "model.safetensors", metadata={"format": "pt"})
     model, _ = minift.load(decoder)
     assert {p.dtype for p in model.parameters()} <= {torch.bfloat16, torch.float16}
+
+
+def test_truncated_retrieval_index_names_the_file(tmp_path):
+    from minift.icl.retrieval import VectorIndex
+
+    path = tmp_path / "index.safetensors"
+    save_file({"embeddings": torch.zeros(4, 8)}, path, metadata={"format": "minift-index"})
+    truncate(0.5)(path)
+    with pytest.raises(ValueError) as caught:
+        VectorIndex.load(path)
+    assert str(caught.value).startswith(f"{path}: not a readable safetensors file"), caught.value
