@@ -226,7 +226,17 @@ def label_names(records: Sequence[dict], field: str = "label") -> list[str]:
             raise ValueError(f"{getattr(record, 'where', 'record')}: a classification model needs a label field "
                              f"{field!r} (record has {sorted(record)}); name it with --label-field "
                              "(data.label_field in a config)")
-    return sorted({str(record[field]) for record in records})
+    return sorted({label_text(record[field], getattr(record, "where", "record"), field) for record in records})
+
+
+def label_text(value, where: str, field: str = "label") -> str:
+    """A record's label as the name it is known by: a string, or a number or true/false written as text.
+    A list, an object or null is an error naming the record (file:line): it names no single class."""
+    if value is None or isinstance(value, (list, dict)):
+        shown = "null" if value is None else f"a {'list' if isinstance(value, list) else 'JSON object'} " \
+                                             f"({json.dumps(value)[:60]})"
+        raise ValueError(f"{where}: field {field!r} is {shown}; a label must be one class name, a string or a number")
+    return str(value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,7 +321,7 @@ def tokenize_example(record: dict, tokenizer, fmt: str | None = None, max_length
             raise ValueError(f"{where}: missing field 'label'")
         if classes is None:
             raise ValueError("tokenize_example: classification needs classes=[...] (see data.label_names)")
-        name = str(record["label"])
+        name = label_text(record["label"], where)
         if name not in classes:
             raise ValueError(f"{where}: label {name!r} is not one of {list(classes)}")
         return {"input_ids": ids, "label": list(classes).index(name), "n_truncated": n_cut}
