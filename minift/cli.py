@@ -103,6 +103,8 @@ def cmd_demo(args) -> int:
     options = DemoOptions.fast(**chosen) if args.fast else DemoOptions(**chosen)
     if options.test_size < 1 or options.shots < 0 or options.steps < 1:
         raise ValueError("demo: --test-size and --steps must be >= 1 and --shots >= 0")
+    if options.threads is not None and options.threads < 1:
+        raise ValueError(f"demo: --threads must be >= 1 (torch CPU threads), got {options.threads}")
     start = time.perf_counter()
     result = run_demo(options)
     print()
@@ -218,9 +220,19 @@ def cmd_eval(args) -> int:
         if model.kind != "causal_lm":
             raise ValueError(f"--text computes a causal LM's perplexity; this is a {model.kind} model (use --data)")
         path = Path(args.text)
+        if not 0 < args.stride < args.max_length:
+            raise ValueError(f"--stride must be in [1, --max-length) so that windows overlap, got --stride "
+                             f"{args.stride} and --max-length {args.max_length}")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such text file")
-        examples = text_windows(tokenizer.encode(path.read_text(encoding="utf-8")), args.max_length, args.stride)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        ids = tokenizer.encode(text)
+        if len(ids) < 2:
+            raise ValueError(f"{path}: {len(ids)} token(s); perplexity needs at least 2")
+        examples = text_windows(ids, args.max_length, args.stride)
     else:
         if args.format is not None and model.kind != "causal_lm":
             raise ValueError(f"--format is for causal LM records; this {model.kind} model reads a text field"

@@ -100,7 +100,11 @@ def build_template(args, labels: list[str]):
     verbalizers = {label: words.get(label, template.verbalizers[label]) for label in labels}
     fmt = args.format.replace("\\n", "\n") if args.format else template.example_format
     instruction = args.instruction.replace("\\n", "\n") if args.instruction is not None else template.instruction
-    return Template(example_format=fmt, verbalizers=verbalizers, instruction=instruction, chat=args.chat, name="cli")
+    try:
+        return Template(example_format=fmt, verbalizers=verbalizers, instruction=instruction, chat=args.chat,
+                        name="cli")
+    except ValueError as e:
+        raise ValueError(f"--format / --instruction: {e}") from None
 
 
 def run_icl(args) -> int:
@@ -112,6 +116,9 @@ def run_icl(args) -> int:
 
     if args.shots < 0:
         raise ValueError(f"--shots must be >= 0, got {args.shots}")
+    for flag, value in (("--max-test", args.max_test), ("--max-tokens", args.max_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1 (leave it out for no limit), got {value}")
     train = read_labelled(args.train, args.text_field, args.label_field)
     test = read_labelled(args.test, args.text_field, args.label_field)
     labels = sorted({label for _, _, label in train})

@@ -417,10 +417,16 @@ def tokenizer_from_gguf(metadata: dict[str, Any], where: str = "GGUF file"):
         raise ValueError(f"{where}: tokenizer.ggml.pre {pre!r} is not supported "
                          f"(supported: {sorted(PRE_TOKENIZER_SPLITS)})")
     tokens = metadata["tokenizer.ggml.tokens"]
-    merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges", [])]
     vocab = {token: index for index, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError(f"{where}: tokenizer.ggml.tokens has duplicate entries; cannot build a vocabulary")
+    merges = []
+    for number, merge in enumerate(metadata.get("tokenizer.ggml.merges", [])):
+        pair = tuple(merge.split(" ", 1)) if isinstance(merge, str) else ()
+        if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or "".join(pair) not in vocab:
+            raise ValueError(f"{where}: tokenizer.ggml.merges[{number}] = {merge!r} is not two tokens of "
+                             "tokenizer.ggml.tokens whose join is a token too")
+        merges.append(pair)
     inner = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
     # llama.cpp's regexes, in order, each isolating its matches; then bytes -> the printable byte alphabet
     splits = [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in PRE_TOKENIZER_SPLITS[pre]]

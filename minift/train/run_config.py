@@ -246,9 +246,11 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: invalid TOML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); TOML files are UTF-8") from None
         config = from_dict(raw, where=str(path), base_dir=path.parent)
     given_by = {}  # section.field -> "--set": a bad value given on the command line is reported as such
     for item in overrides:
