@@ -250,8 +250,12 @@ def cmd_eval(args) -> int:
             raise ValueError(f"{args.data}: no example left to evaluate ({report})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator().manual_seed(args.seed)  # masked_lm: the same masks on every call
+    from tqdm import tqdm
+
+    # A bar on a terminal (silent when stderr is a file or a pipe): a large file takes minutes on a CPU.
+    starts = tqdm(range(0, len(examples), args.batch_size), desc="eval", unit="batch", disable=None)
     batches = (prepare_batch(to_device(collate(examples[i : i + args.batch_size], pad_id), device), model.kind,
-                             tokenizer, generator=generator) for i in range(0, len(examples), args.batch_size))
+                             tokenizer, generator=generator) for i in starts)
     metrics = evaluate(model, batches, args.precision)
     print(json.dumps(metrics))
     return EXIT_OK

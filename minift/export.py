@@ -164,13 +164,30 @@ def fold_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
     return merge_qlora(model, dtype)
 
 
+def phase_bar(desc: str, phases: int):
+    """A bar over a command's phases (fold, write, read back...): each can take minutes on a large model.
+    Shown on a terminal only (tqdm's disable=None), so piped output and tests see nothing of it."""
+    from tqdm import tqdm
+
+    return tqdm(total=phases, desc=desc, unit="phase", disable=None, leave=False,
+                bar_format="{desc}: {n}/{total} phases {postfix} [{elapsed}]")
+
+
 def write_dense(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | None, report: Report) -> nn.Module:
     """Fold `model` (in place), save it to `out`, read it back and compare all three outputs."""
+    bar = phase_bar("export", 3)
     ids, logits = probe_ids(tokenizer, model.config.vocab_size), has_logits(model)
     before = outputs(model, ids)
+    bar.set_postfix_str("folding adapters")
     fold_into_dense(model, dtype)
+    bar.update()
+    bar.set_postfix_str(f"writing {out}")
     save(model, tokenizer, out)
+    bar.update()
+    bar.set_postfix_str("reading back")
     reloaded, _ = load(out)
+    bar.update()
+    bar.close()
     loader = "AutoModelForCausalLM" if has_logits(model) else "AutoModel"
     report.lines.append(f"wrote {out} ({megabytes(file_bytes(out))}, {str(next(model.parameters()).dtype)[6:]}); "
                         f"transformers.{loader}.from_pretrained reads it")
@@ -194,7 +211,10 @@ def quantize(source: str | Path, out: str | Path, blocksize: int = 64, double_qu
     from minift.quant.linear import quantize_model
 
     out = check_output_directory(out, source)
+    bar = phase_bar("quantize", 5)
+    bar.set_postfix_str(f"loading {source}")
     model, tokenizer = load_source(source, dtype=parse_dtype(dtype, "--dtype"))
+    bar.update()
     if nf4_layers(model):
         raise ValueError(f"{source} is already quantized (it has NF4 layers); quantize the dense model instead")
     report = Report(out, [f"quantize {source} -> {out} (NF4, blocksize {blocksize}, "
@@ -202,15 +222,24 @@ def quantize(source: str | Path, out: str | Path, blocksize: int = 64, double_qu
     ids, logits = probe_ids(tokenizer, model.config.vocab_size), has_logits(model)
     before = outputs(model, ids)
     dense = {name: module.weight for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    bar.set_postfix_str("quantizing to NF4")
     stats = quantize_model(model, blocksize=blocksize, double_quant=double_quant)
+    bar.update()
     if not stats.quantized:
         raise ValueError(f"{source}: no linear layer could be quantized ({stats.skipped or 'none found'})")
     max_error, error_sum = 0.0, 0.0
+    bar.set_postfix_str("measuring the weight error")
     for name, layer in nf4_layers(model).items():
         error = (dense.pop(name).float() - layer.dequantize(torch.float32)).abs()  # (out, in)
         max_error, error_sum = max(max_error, error.max().item()), error_sum + error.sum().item()
+    bar.update()
+    bar.set_postfix_str(f"writing {out}")
     save_quantized(model, tokenizer, out)
+    bar.update()
+    bar.set_postfix_str("reading back")
     reloaded, _ = load_quantized(out)
+    bar.update()
+    bar.close()
 
     report.lines += [f"  {line.strip()}" for line in str(stats).splitlines()]
     rest_dtype = next(model.parameters()).dtype

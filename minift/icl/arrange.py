@@ -21,6 +21,21 @@ Budget. A prompt longer than the model's context cannot be scored; a prompt that
 It re-renders and re-counts the exact prompt after every change (the count is never an estimate), drops
 the least relevant demonstration while the prompt is too long, and as a last resort truncates the
 query's text. If even the empty template does not fit it raises: there is nothing sensible to score.
+
+Cost on a long record. Truncation searches n, the number of the query's own tokens kept: the prompt
+with decode(ids[:n]) fits, the one with n + 1 does not. Done naively the search is O(L log L) in the
+query's length L, with a large constant: every probe tokenized the whole query again to cut it, and
+bisecting [0, L] probed n = L/2, L/4, ... (a 1 MB query took 28 s, a 50 MB one never finished). Now
+
+    tokenize once     PromptEncoder remembers the ids of recent texts, so the query is tokenized once
+                      to be cut by ids (and once more as it stands in the prompt, however many numbers of
+                      demonstrations are tried: the query piece is the same text each time)
+    gallop, bisect    probe n = budget, 2 budget, 4 budget, ... until a prompt overflows, then bisect
+                      below it: every probe holds at most ~2x the budget, about log2(budget) of them
+
+so the work is O(L) (two tokenizations of the query) plus O(budget log budget), and the number of
+tokenizer calls does not depend on L. For a monotone count (more kept tokens, more prompt tokens) the
+answer is the same n as bisecting all of [0, L], so normal prompts come out exactly as before.
 """
 
 from __future__ import annotations
@@ -105,6 +120,15 @@ def fit_to_budget(template: Template, count_tokens, selections: list[Selection],
             "shorten the instruction/format or raise max_tokens"
         )
     low, high, best = 0, len(query), None  # `high` bounds the token count: a token is at least one character
+    # Gallop up from the budget before bisecting, so no probe holds much more than the budget: a probe at
+    # len(query) // 2 would tokenize half of a 50 MB query, and ~25 of them made the search O(L log L).
+    step = max_tokens
+    while step < high:
+        candidate, _, n_step = render([], truncate_query(query, step))
+        if n_step > max_tokens:
+            high = step - 1
+            break
+        best, low, step = (candidate, n_step), step + 1, 2 * step
     while low <= high:
         mid = (low + high) // 2
         candidate, _, n_mid = render([], truncate_query(query, mid))

@@ -37,6 +37,7 @@ import re
 from collections import Counter
 
 import numpy as np
+from tqdm import tqdm
 
 TOKEN = re.compile(r"\w+", re.UNICODE)
 
@@ -54,7 +55,8 @@ class BM25Index:
         index.top_k("cat", k=1)      # [(0, score)]
     """
 
-    def __init__(self, documents: list[str], k1: float = 1.5, b: float = 0.75, tokenize=bm25_terms) -> None:
+    def __init__(self, documents: list[str], k1: float = 1.5, b: float = 0.75, tokenize=bm25_terms,
+                 progress: bool | None = False) -> None:
         if k1 < 0:
             raise ValueError(f"BM25 k1 must be >= 0, got {k1}")
         if not 0.0 <= b <= 1.0:
@@ -63,7 +65,10 @@ class BM25Index:
             raise ValueError("BM25Index needs at least one document")
         self.k1, self.b, self.tokenize = k1, b, tokenize
         self.num_documents = len(documents)
-        term_counts = [Counter(tokenize(doc)) for doc in documents]
+        # progress: a bar over the documents (True, False, or None: on a terminal only) for large pools.
+        bar_off = None if progress is None else not progress
+        term_counts = [Counter(tokenize(doc)) for doc in tqdm(documents, desc="bm25 index", unit="doc",
+                                                               disable=True if len(documents) < 1000 else bar_off)]
         self.lengths = np.array([sum(c.values()) for c in term_counts], dtype=np.float64)  # (N,) |D|
         self.average_length = float(self.lengths.mean()) or 1.0  # avgdl (1.0 if every document is empty)
 
@@ -86,11 +91,13 @@ class BM25Index:
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every document for `query`: (N,) float64; terms absent from the index add 0."""
         total = np.zeros(self.num_documents, dtype=np.float64)
-        for term in self.tokenize(query):  # repeated query terms count once per occurrence
+        # A repeated query term counts once per occurrence: weight it by its count, one array update per
+        # distinct term (a 10 MB query has ~2M words but only as many distinct ones as its vocabulary).
+        for term, occurrences in Counter(self.tokenize(query)).items():
             if term not in self.postings:
                 continue
             ids, tf = self.postings[term]
-            total[ids] += self.idf(term) * tf * (self.k1 + 1.0) / (tf + self.length_norm[ids])
+            total[ids] += occurrences * (self.idf(term) * tf * (self.k1 + 1.0) / (tf + self.length_norm[ids]))
         return total
 
     def top_k(self, query: str, k: int, exclude: set[int] | None = None) -> list[tuple[int, float]]:

@@ -36,6 +36,11 @@ from minift.icl.templates import Template
 METHODS = ("score", "generate")
 
 
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's `disable` for a progress flag: True shows the bar, False hides it, None shows it on a terminal."""
+    return None if progress is None else not progress
+
+
 @dataclass
 class ICLResult:
     labels: list[str]  # the label set, in the template's order
@@ -59,7 +64,7 @@ class ICLClassifier:
                  order: str = "similarity", calibrate: bool = False, content_free=CONTENT_FREE_INPUTS,
                  normalize: str = "sum", aggregate: str = "logsumexp", use_cache: bool = True,
                  max_tokens: int | None = None, method: str = "score", max_new_tokens: int = 5, seed: int = 0,
-                 progress: bool = False) -> None:
+                 progress: bool | None = False) -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r}; choose one of {METHODS}")
         if method == "generate" and calibrate:
@@ -74,6 +79,8 @@ class ICLClassifier:
         self.scorer = LabelScorer(model, tokenizer, template, normalize=normalize, aggregate=aggregate,
                                   use_cache=use_cache)
         self.generator = AnswerGenerator(model, tokenizer, template, max_new_tokens) if method == "generate" else None
+        if self.generator is not None:
+            self.generator.progress = progress
         self.pool_texts: list[str] = []
         self.pool_labels: list[str] = []
 
@@ -106,7 +113,8 @@ class ICLClassifier:
             fit_to_budget(self.template, self.scorer.encoder.count, chosen, self.pool_texts, self.pool_labels, query,
                           max_tokens=self.max_tokens, answer_tokens=answer_tokens, order=self.order, seed=self.seed,
                           truncate_query=self.scorer.encoder.truncate)
-            for query, chosen in zip(queries, selections)
+            for query, chosen in tqdm(list(zip(queries, selections)), desc="icl prompts", unit="query",
+                                      disable=bar_disabled(self.progress))
         ]
 
     def predict(self, queries: list[str]) -> ICLResult:
@@ -117,7 +125,7 @@ class ICLClassifier:
 
         raw, final = [], []
         content_free: dict[tuple[int, ...], torch.Tensor] = {}
-        for item in tqdm(fitted, desc="icl", disable=not self.progress):
+        for item in tqdm(fitted, desc="icl", disable=bar_disabled(self.progress)):
             probs = self.scorer.score([item.prompt]).probabilities[0]  # (L,)
             raw.append(probs)
             if self.calibrate:

@@ -85,7 +85,9 @@ def add_icl_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--max-test", type=int, default=None, help="classify only the first N test records")
     parser.add_argument("--max-tokens", type=int, default=None, help="prompt budget (default: the model's context)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars for the long phases (embedding the pool, fitting prompts, scoring); "
+                             "default: shown when stderr is a terminal")
     return parser
 
 
@@ -137,7 +139,10 @@ def run_icl(args) -> int:
         embedder = None
         if args.selector in ("knn", "mmr"):
             embedder = Embedder(model, tokenizer) if args.embedder == "model" else Embedder.from_pretrained(args.embedder)
+            embedder.progress = args.progress
         selector = make_selector(args.selector, embedder=embedder, seed=args.seed)
+        if args.selector == "bm25":
+            selector.progress = args.progress
     clf = ICLClassifier(model, tokenizer, template, selector=selector, shots=args.shots, order=args.order,
                         calibrate=args.calibrate, normalize=args.normalize, max_tokens=args.max_tokens,
                         method=args.method, seed=args.seed, progress=args.progress)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 class Embedder:
@@ -32,12 +33,13 @@ class Embedder:
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int = 128, normalize: bool = True,
-                 add_special_tokens: bool = True) -> None:
+                 add_special_tokens: bool = True, progress: bool | None = False) -> None:
         if tokenizer is None:
             raise ValueError("Embedder needs the model's tokenizer (minift.load returned none for this source)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
         self.add_special_tokens = add_special_tokens
+        self.progress = progress  # a bar over the batches: True, False, or None (on a terminal only)
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
 
     @classmethod
@@ -69,7 +71,9 @@ class Embedder:
         encoded = [self._token_ids(t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths -> little padding
         out = torch.zeros(len(texts), self.dim)
-        for start in range(0, len(order), self.batch_size):
+        starts = range(0, len(order), self.batch_size)
+        bar_off = None if self.progress is None else not self.progress
+        for start in tqdm(starts, desc="embedding", unit="batch", disable=True if len(starts) < 2 else bar_off):
             rows = order[start:start + self.batch_size]
             width = max(len(encoded[i]) for i in rows)
             ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from minift.icl.scoring import PromptEncoder
 from minift.icl.templates import CHATML_END, Prompt, Template
@@ -69,6 +70,7 @@ class AnswerGenerator:
         self.encoder = PromptEncoder(tokenizer)
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         self.stop_ids = self._stop_ids()
+        self.progress: bool | None = False  # a bar over the batches: True, False, or None (on a terminal only)
 
     def _stop_ids(self) -> list[int]:
         """EOS, plus ChatML's end-of-turn token when the template is a chat template."""
@@ -84,7 +86,8 @@ class AnswerGenerator:
     def generate(self, prompts: list[Prompt]) -> GeneratedAnswers:
         texts: list[str] = []
         device = next(self.model.parameters()).device
-        for start in range(0, len(prompts), self.batch_size):
+        bar_off = None if self.progress is None else not self.progress
+        for start in tqdm(range(0, len(prompts), self.batch_size), desc="icl generate", unit="batch", disable=bar_off):
             batch = [sum(self.encoder.prompt_ids(p), []) for p in prompts[start:start + self.batch_size]]
             width = max(len(ids) for ids in batch)
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from minift.icl.templates import Prompt, Template
@@ -45,28 +46,53 @@ AGGREGATIONS = ("logsumexp", "max")
 
 
 class PromptEncoder:
-    """Token ids of a prompt, piece by piece. Leading special tokens (a Llama BOS) are found by probing."""
+    """Token ids of a prompt, piece by piece. Leading special tokens (a Llama BOS) are found by probing.
 
-    def __init__(self, tokenizer) -> None:
+    The ids of the last few texts are remembered (`remember` of them, as compact int32 arrays): fitting a
+    prompt to its budget (arrange.py) counts the same query piece once per number of demonstrations tried,
+    truncates the same query text at every step of its search, and the scorer then encodes the winner
+    again. With the memo each distinct text goes through the tokenizer once, so a 50 MB query costs two
+    tokenizations (the query piece as it stands in the prompt, and the bare text that is cut by ids), plus
+    hashing the strings at memory speed, instead of one per step of the search.
+    """
+
+    def __init__(self, tokenizer, remember: int = 8) -> None:
         self.tokenizer = tokenizer
         plain = list(tokenizer.encode("a", add_special_tokens=False))
         special = list(tokenizer.encode("a", add_special_tokens=True))
         has_leading = len(special) > len(plain) and special[len(special) - len(plain):] == plain
         self.leading = special[: len(special) - len(plain)] if has_leading else []  # e.g. [bos]
+        self.remember = remember
+        self._memo: dict[str, np.ndarray] = {}  # text -> ids, oldest first (dicts keep insertion order)
+
+    def _ids(self, text: str) -> np.ndarray:
+        ids = self._memo.pop(text, None)
+        if ids is None:
+            ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
+            if len(self._memo) >= self.remember:
+                del self._memo[next(iter(self._memo))]  # forget the least recently used text
+        self._memo[text] = ids  # (re)inserted last: most recently used
+        return ids
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+        return self._ids(text).tolist() if text else []
 
     def prompt_ids(self, prompt: Prompt) -> tuple[list[int], list[int]]:
         """(prefix ids with any leading special tokens, query ids)."""
         return self.leading + self.encode(prompt.prefix), self.encode(prompt.query)
 
     def count(self, prompt: Prompt) -> int:
-        prefix, query = self.prompt_ids(prompt)
-        return len(prefix) + len(query)
+        """len(prefix ids) + len(query ids) of `prompt_ids`, without building the lists."""
+        return len(self.leading) + self.token_count(prompt.prefix) + self.token_count(prompt.query)
+
+    def token_count(self, text: str) -> int:
+        return len(self._ids(text)) if text else 0
 
     def truncate(self, text: str, num_tokens: int) -> str:
-        return self.tokenizer.decode(self.encode(text)[:num_tokens]) if num_tokens > 0 else ""
+        """The first `num_tokens` tokens of `text`, as text: cut by token ids (the text is tokenized once)."""
+        if num_tokens <= 0 or not text:
+            return ""
+        return self.tokenizer.decode(self._ids(text)[:num_tokens].tolist())
 
 
 def _check_causal(model) -> None:

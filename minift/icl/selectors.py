@@ -126,10 +126,11 @@ class BM25Selector(Selector):
 
     def __init__(self, k1: float = 1.5, b: float = 0.75) -> None:
         self.k1, self.b = k1, b
+        self.progress: bool | None = False  # a bar while indexing a large pool (None: on a terminal only)
 
     def fit(self, texts, labels) -> "BM25Selector":
         super().fit(texts, labels)
-        self.index = BM25Index(self.texts, k1=self.k1, b=self.b)
+        self.index = BM25Index(self.texts, k1=self.k1, b=self.b, progress=self.progress)
         return self
 
     def select(self, query: str, k: int) -> list[Selection]:
