@@ -37,6 +37,7 @@ rounding of bf16; NF4 quantization moves logits by a visible amount, which is th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,30 +165,41 @@ def fold_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
     return merge_qlora(model, dtype)
 
 
-def phase_bar(desc: str, phases: int):
+class PhaseBar:
     """A bar over a command's phases (fold, write, read back...): each can take minutes on a large model.
-    Shown on a terminal only (tqdm's disable=None), so piped output and tests see nothing of it."""
-    from tqdm import tqdm
+    Shown on a terminal only (tqdm's disable=None), so piped output and tests see nothing of it.
 
-    return tqdm(total=phases, desc=desc, unit="phase", disable=None, leave=False,
-                bar_format="{desc}: {n}/{total} phases {postfix} [{elapsed}]")
+        bar = PhaseBar("export", 3)
+        with bar.phase("writing out/"):      # the label shows while the phase runs; the bar advances after it
+            save(...)
+    """
+
+    def __init__(self, desc: str, phases: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=phases, desc=desc, unit="phase", disable=None, leave=False,
+                        bar_format="{desc}: {n}/{total} phases {postfix} [{elapsed}]")
+
+    @contextlib.contextmanager
+    def phase(self, label: str):
+        self.bar.set_postfix_str(label)
+        yield
+        self.bar.update()
+        if self.bar.n >= self.bar.total:
+            self.bar.close()
 
 
 def write_dense(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | None, report: Report) -> nn.Module:
     """Fold `model` (in place), save it to `out`, read it back and compare all three outputs."""
-    bar = phase_bar("export", 3)
+    bar = PhaseBar("export", 3)
     ids, logits = probe_ids(tokenizer, model.config.vocab_size), has_logits(model)
     before = outputs(model, ids)
-    bar.set_postfix_str("folding adapters")
-    fold_into_dense(model, dtype)
-    bar.update()
-    bar.set_postfix_str(f"writing {out}")
-    save(model, tokenizer, out)
-    bar.update()
-    bar.set_postfix_str("reading back")
-    reloaded, _ = load(out)
-    bar.update()
-    bar.close()
+    with bar.phase("folding adapters"):
+        fold_into_dense(model, dtype)
+    with bar.phase(f"writing {out}"):
+        save(model, tokenizer, out)
+    with bar.phase("reading back"):
+        reloaded, _ = load(out)
     loader = "AutoModelForCausalLM" if has_logits(model) else "AutoModel"
     report.lines.append(f"wrote {out} ({megabytes(file_bytes(out))}, {str(next(model.parameters()).dtype)[6:]}); "
                         f"transformers.{loader}.from_pretrained reads it")
@@ -211,10 +223,9 @@ def quantize(source: str | Path, out: str | Path, blocksize: int = 64, double_qu
     from minift.quant.linear import quantize_model
 
     out = check_output_directory(out, source)
-    bar = phase_bar("quantize", 5)
-    bar.set_postfix_str(f"loading {source}")
-    model, tokenizer = load_source(source, dtype=parse_dtype(dtype, "--dtype"))
-    bar.update()
+    bar = PhaseBar("quantize", 5)
+    with bar.phase(f"loading {source}"):
+        model, tokenizer = load_source(source, dtype=parse_dtype(dtype, "--dtype"))
     if nf4_layers(model):
         raise ValueError(f"{source} is already quantized (it has NF4 layers); quantize the dense model instead")
     report = Report(out, [f"quantize {source} -> {out} (NF4, blocksize {blocksize}, "
@@ -222,24 +233,19 @@ def quantize(source: str | Path, out: str | Path, blocksize: int = 64, double_qu
     ids, logits = probe_ids(tokenizer, model.config.vocab_size), has_logits(model)
     before = outputs(model, ids)
     dense = {name: module.weight for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    bar.set_postfix_str("quantizing to NF4")
-    stats = quantize_model(model, blocksize=blocksize, double_quant=double_quant)
-    bar.update()
+    with bar.phase("quantizing to NF4"):
+        stats = quantize_model(model, blocksize=blocksize, double_quant=double_quant)
     if not stats.quantized:
         raise ValueError(f"{source}: no linear layer could be quantized ({stats.skipped or 'none found'})")
     max_error, error_sum = 0.0, 0.0
-    bar.set_postfix_str("measuring the weight error")
-    for name, layer in nf4_layers(model).items():
-        error = (dense.pop(name).float() - layer.dequantize(torch.float32)).abs()  # (out, in)
-        max_error, error_sum = max(max_error, error.max().item()), error_sum + error.sum().item()
-    bar.update()
-    bar.set_postfix_str(f"writing {out}")
-    save_quantized(model, tokenizer, out)
-    bar.update()
-    bar.set_postfix_str("reading back")
-    reloaded, _ = load_quantized(out)
-    bar.update()
-    bar.close()
+    with bar.phase("measuring the weight error"):
+        for name, layer in nf4_layers(model).items():
+            error = (dense.pop(name).float() - layer.dequantize(torch.float32)).abs()  # (out, in)
+            max_error, error_sum = max(max_error, error.max().item()), error_sum + error.sum().item()
+    with bar.phase(f"writing {out}"):
+        save_quantized(model, tokenizer, out)
+    with bar.phase("reading back"):
+        reloaded, _ = load_quantized(out)
 
     report.lines += [f"  {line.strip()}" for line in str(stats).splitlines()]
     rest_dtype = next(model.parameters()).dtype
