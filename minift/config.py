@@ -2,7 +2,7 @@
 
 Lesson
 ------
-GPT-2, Llama (2, 3, Mistral, Qwen2, SmolLM2) and BERT are the same machine with different switches:
+GPT-2, Llama (2, 3, Mistral, Qwen2, Qwen3, SmolLM2) and BERT are the same machine with different switches:
 
     switch          GPT-2        Llama family          BERT
     ------------    ---------    ------------------    ---------------
@@ -12,6 +12,8 @@ GPT-2, Llama (2, 3, Mistral, Qwen2, SmolLM2) and BERT are the same machine with 
     MLP             GELU         SwiGLU (gate * up)    GELU
     biases          all          none (Qwen2: q,k,v)   all
     attention       causal       causal, GQA           bidirectional
+    q/k norm        none         none (Qwen3: RMSNorm  none
+                                 per head on q and k)
     head            tied         tied or untied        none (hidden states)
 
 `minift.model.Transformer` reads only this dataclass, so adding an architecture means setting switches,
@@ -29,7 +31,8 @@ from typing import Any
 class ModelConfig:
     """Shape and switches of one transformer. Field names follow the papers (d, heads), spelled out."""
 
-    model_type: str = "llama"  # the Hugging Face model_type written back on save: llama, mistral, qwen2, gpt2, bert
+    model_type: str = "llama"  # the Hugging Face model_type written back on save: llama, mistral, qwen2, qwen3,
+    # gpt2, bert
     vocab_size: int = 32000
     dim: int = 512  # d_model, the residual-stream width
     n_layers: int = 8
@@ -51,6 +54,7 @@ class ModelConfig:
     activation: str = "silu"  # "silu" | "gelu" (erf) | "gelu_tanh" (GPT-2's gelu_new)
     qkv_bias: bool = False  # bias on q, k, v projections (GPT-2, BERT, Qwen2)
     out_bias: bool = False  # bias on the attention output projection (GPT-2, BERT)
+    qk_norm: bool = False  # RMSNorm over head_dim on each head's query and key, before RoPE (Qwen3)
     mlp_bias: bool = False  # biases in the MLP (GPT-2, BERT)
     tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
     type_vocab_size: int = 0  # BERT token types (segment A/B); 0 = none

@@ -1,4 +1,4 @@
-"""The Transformer: one readable model for GPT-2, the Llama family and BERT.
+"""The Transformer: one readable model for GPT-2, the Llama family (Mistral, Qwen2, Qwen3) and BERT.
 
 Lesson
 ------
@@ -22,7 +22,8 @@ A transformer (Vaswani et al. 2017) is a stack of identical blocks over a residu
 * MLP. GPT-2/BERT: W2 GELU(W1 x). Llama: W_down (SiLU(W_gate x) * W_up x) — SwiGLU (Shazeer 2020).
 * Norm. LayerNorm (subtract mean, divide by std, scale and shift) or RMSNorm (divide by the root mean
   square, scale only; Zhang & Sennrich 2019). GPT-2 and Llama normalise *before* each branch (pre-norm);
-  BERT normalises *after* the residual add (post-norm).
+  BERT normalises *after* the residual add (post-norm). Qwen3 also RMS-normalises every head's query and
+  key vector (width head_dim, before RoPE), which bounds q.k and keeps attention logits from growing.
 * KV cache. While generating, the keys and values of past tokens never change, so we keep them and feed
   only the new token: each step costs O(T) instead of O(T^2).
 
@@ -144,6 +145,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * hd, config.dim, bias=config.out_bias)
+        if config.qk_norm:  # Qwen3: one RMSNorm of width head_dim, shared by all heads, for q and one for k
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
 
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -151,6 +155,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.config.qk_norm:  # normalise each head's vector over hd, then rotate: the norm sees raw q, k
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -41,6 +41,16 @@ CONFIGS = {
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1,
         eos_token_id=2,
     ),
+    "qwen3_gqa_headdim": lambda: transformers.Qwen3Config(  # head_dim 24 != 64 / 4
+        vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=128, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    ),
+    "qwen3_tied_bias": lambda: transformers.Qwen3Config(  # attention_bias: q, k, v and o all get one
+        vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+        attention_bias=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    ),
     "mistral": lambda: transformers.MistralConfig(
         vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, bos_token_id=1, eos_token_id=2,

@@ -51,6 +51,7 @@ NAME_TABLES: dict[str, list[tuple[str, str]]] = {
         ("model.layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight"),
         *[(f"model.layers.{{i}}.self_attn.{p}.{w}", f"blocks.{{i}}.attn.{p}.{w}")
           for p in ("q_proj", "k_proj", "v_proj", "o_proj") for w in ("weight", "bias")],
+        *[(f"model.layers.{{i}}.self_attn.{p}.weight", f"blocks.{{i}}.attn.{p}.weight") for p in ("q_norm", "k_norm")],
         ("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
         *[(f"model.layers.{{i}}.mlp.{p}.{w}", f"blocks.{{i}}.mlp.{p}.{w}")
           for p in ("gate_proj", "up_proj", "down_proj") for w in ("weight", "bias")],
@@ -144,15 +145,19 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         theta = json_field(rope, "rope_theta", where, "positive number", section="rope_parameters",
                            default=get("rope_theta", 10000.0, "positive number"))
         bias = get("attention_bias", None, "bool")
+        if model_type == "qwen3":
+            check_no_sliding_window(hf, where, get)
         fields = dict(
             model_type=model_type, vocab_size=need("vocab_size"), dim=need("hidden_size"),
             n_layers=need("num_hidden_layers"), n_heads=need("num_attention_heads"),
-            n_kv_heads=get("num_key_value_heads", None, "positive int"), head_dim=get("head_dim", None, "positive int"),
+            n_kv_heads=get("num_key_value_heads", None, "positive int"),
+            head_dim=get("head_dim", 128 if model_type == "qwen3" else None, "positive int"),  # Qwen3Config's default
             hidden_dim=need("intermediate_size"), max_seq_len=get("max_position_embeddings", 2048, "positive int"),
             norm="rms", norm_eps=get("rms_norm_eps", 1e-6, "positive number"), positions="rope",
             rope_theta=theta, rope_scaling=scaling, mlp="swiglu", activation="silu",
             qkv_bias=model_type == "qwen2" if bias is None else bias, out_bias=bool(bias),
             mlp_bias=get("mlp_bias", False, "bool"), tie_embeddings=get("tie_word_embeddings", False, "bool"),
+            qk_norm=model_type == "qwen3",
         )
     elif fam == "gpt2":
         act = get("activation_function", "gelu_new", "str")
@@ -178,6 +183,27 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return ModelConfig(**fields, **special)
     except ValueError as error:  # e.g. hidden_size not divisible by num_attention_heads
         raise ValueError(f"{where}: {error}") from None
+
+
+def check_no_sliding_window(hf: dict, where: str, get) -> None:
+    """Qwen3 attends within a sliding window only when use_sliding_window is true, and then only on the layers
+    layer_types marks "sliding_attention" (by default those from max_window_layers on). minift has no windowed
+    mask yet, so such a config is an error rather than a model that silently attends further back."""
+    if not get("use_sliding_window", False, "bool"):
+        return
+    window = get("sliding_window", None, "positive int")
+    if window is None:
+        return
+    layers = json_field(hf, "num_hidden_layers", where, "positive int")
+    kinds = get("layer_types", None, "list")
+    if kinds is None:
+        first = get("max_window_layers", layers, "int >= 0")
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    sliding = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+    if sliding:
+        raise ValueError(f"{where}: use_sliding_window = true makes layers {sliding} attend only to the last "
+                         f"{window} tokens, which minift does not support yet; set use_sliding_window to false "
+                         "(Qwen3's released checkpoints do)")
 
 
 def check_rope_scaling(scaling: dict, where: str, section: str) -> None:
@@ -215,12 +241,17 @@ def config_to_hf(config: ModelConfig) -> dict:
         )
         if c.rope_scaling:
             out["rope_scaling"] = dict(c.rope_scaling)
-        if model_type == "llama":
+        if c.qk_norm != (model_type == "qwen3"):
+            raise ValueError(f"model_type {model_type!r} cannot express qk_norm={c.qk_norm} in config.json "
+                             "(only Qwen3 has q/k norms, and it always has them)")
+        if model_type in ("llama", "qwen3"):
             out["attention_bias"] = c.qkv_bias
             if c.qkv_bias != c.out_bias:
-                raise ValueError("a Llama config.json cannot express q/k/v biases without an o_proj bias")
+                raise ValueError(f"a {model_type} config.json cannot express q/k/v biases without an o_proj bias")
         elif model_type == "qwen2" and (not c.qkv_bias or c.out_bias):
             raise ValueError("Qwen2 always has q/k/v biases and no o_proj bias")
+        if model_type == "qwen3":
+            out["use_sliding_window"] = False
         return {**out, **special, "torch_dtype": "float32"}
     if fam == "gpt2":
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_embd=c.dim,
