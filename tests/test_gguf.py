@@ -1,7 +1,8 @@
 """GGUF reading: ours against the `gguf` package (llama.cpp's own Python reader) and against transformers.
 
 - every tensor of the bundled SmolLM2 Q4_1 file dequantizes to exactly the gguf package's values;
-- synthetic files written with gguf.GGUFWriter cover F32, F16, BF16, Q8_0, Q4_0, Q4_1 on odd shapes;
+- synthetic files written with gguf.GGUFWriter cover F32, F16, BF16, Q8_0, Q4_0, Q4_1 on odd shapes
+  (the K-quants and Q5_0 / Q5_1: tests/test_gguf_kquants.py);
 - a tiny random Llama / Qwen2, written the way llama.cpp's converter writes it (Q/K rows permuted for
   Llama), loads back into a minift model whose logits equal the transformers model it came from;
 - bad files (wrong magic, truncated, unsupported type) fail with one-line errors naming the key or tensor.
@@ -277,11 +278,11 @@ def test_truncated_files_name_the_key_or_tensor(tmp_path, reference):
 
 def test_unsupported_type_names_tensor(tmp_path):
     rng = np.random.default_rng(0)
-    path = write_gguf(tmp_path / "q5.gguf", {"blk.0.ffn_up.weight": (rng.standard_normal((4, 32)), Q.Q5_0)})
+    path = write_gguf(tmp_path / "tq2.gguf", {"blk.0.ffn_up.weight": (rng.standard_normal((4, 256)), Q.TQ2_0)})
     opened = read_gguf(path)  # the header and metadata still read
-    assert opened.tensors["blk.0.ffn_up.weight"].type_name == "Q5_0"
+    assert opened.tensors["blk.0.ffn_up.weight"].type_name == "TQ2_0"
     message = one_line_error(opened.tensor, "blk.0.ffn_up.weight", match="cannot dequantize")
-    assert "'blk.0.ffn_up.weight'" in message and "Q5_0" in message
+    assert "'blk.0.ffn_up.weight'" in message and "TQ2_0" in message
 
 
 def test_unsupported_architecture(tmp_path):

@@ -17,12 +17,49 @@ Everything is little-endian; strings are a uint64 length followed by UTF-8 bytes
 `dims` are ggml's order, fastest-varying first: a Linear weight (out, in) in PyTorch is stored with
 dims [in, out]. We reverse them, so `TensorInfo.shape` is the PyTorch shape.
 
-Quantized types cut the innermost dimension into blocks of 32 values, each with its own scale:
+Quantized types cut the innermost dimension into blocks, each with its own scale. The simple ones
+use blocks of 32 values (d, m are float16; q are the stored integers):
 
-    Q8_0  [d: f16][q: 32 x int8]                   value = d * q
-    Q4_0  [d: f16][16 bytes: 32 x 4-bit]           value = d * (q - 8)
-    Q4_1  [d: f16][m: f16][16 bytes: 32 x 4-bit]   value = d * q + m
-    4-bit packing inside one block: byte j holds element j in its low nibble, element j + 16 in its high one.
+    Q8_0  [d][q: 32 x int8]                          value = d * q
+    Q4_0  [d][16 bytes: 32 x 4-bit]                  value = d * (q - 8)
+    Q4_1  [d][m][16 bytes: 32 x 4-bit]               value = d * q + m
+    Q5_0  [d][qh: 4 bytes][16 bytes: 32 x 4-bit]     value = d * (q - 16),  q = nibble | (bit << 4)
+    Q5_1  [d][m][qh: 4 bytes][16 bytes]              value = d * q + m,     q = nibble | (bit << 4)
+
+    4-bit packing: byte j holds element j in its low nibble, element j + 16 in its high one. Q5's fifth
+    bits are one little-endian uint32: bit i belongs to element i.
+
+The K-quants ("k" for the k-means-like search llama.cpp's quantizer runs) use super-blocks of 256 values
+cut into sub-blocks of 16 or 32. Each sub-block has a small integer scale (and min); one float16 `d`
+(and `dmin`) per super-block scales those integers. Two levels of scales cost fewer bits than a float16
+per sub-block: Q4_K spends 4.5 bits per weight where Q4_1 spends 5.
+
+    Q4_K  144 bytes  [d][dmin][scales: 12 bytes][qs: 128 bytes]            8 sub-blocks of 32
+          value = (d * sc_s) * q - (dmin * m_s),  q in 0..15, sc_s and m_s 6-bit integers
+    Q5_K  176 bytes  [d][dmin][scales: 12][qh: 32][qs: 128]                as Q4_K, q = nibble | (hbit << 4)
+    Q6_K  210 bytes  [ql: 128][qh: 64][scales: 16 x int8][d]               16 sub-blocks of 16
+          value = (d * sc_s) * (q - 32),  q = ql nibble | (qh 2 bits << 4), in 0..63
+    Q3_K  110 bytes  [hmask: 32][qs: 64][scales: 12][d]                    16 sub-blocks of 16
+          value = (d * (sc_s - 32)) * (q - 4 * (1 - hbit)),  q 2 bits, sc_s 6 bits stored + 32
+    Q2_K   84 bytes  [scales: 16][qs: 64][d][dmin]                         16 sub-blocks of 16
+          value = (d * (byte_s & 15)) * q - (dmin * (byte_s >> 4)),  q 2 bits: a 4-bit scale and min per byte
+
+    The 12 scale bytes of Q4_K / Q5_K hold 8 six-bit scales and 8 six-bit mins. Bytes 0-3: scales 0-3 in
+    their low 6 bits; bytes 4-7: mins 0-3 likewise; bytes 8-11: scale 4+j in the low nibble and min 4+j in
+    the high nibble of byte 8+j, whose missing top 2 bits sit in the spare top bits of byte j (scale) and
+    byte 4+j (min). Q3_K packs 16 six-bit scales in 12 bytes: the low 4 bits as nibbles of bytes 0-7
+    (scale j and j+8 in byte j), the top 2 bits as four 2-bit fields of bytes 8-11 (scale 4f+j in field f
+    of byte 8+j).
+
+    Bit planes inside a super-block follow one pattern: a run of `width` bytes is read `8 / bits` times,
+    lowest bits first, each pass giving the next `width` values. Q4_K's 128 qs bytes are 4 runs of 32
+    (low nibbles = values 0-31, high = 32-63, next run 64-127...); Q2_K / Q3_K's 64 qs bytes are 2 runs
+    of 32 read 4 times (2 bits each); Q6_K's ql is 2 runs of 64 read twice, its qh 2 runs of 32 read 4
+    times; the 32 bytes of Q3_K's hmask and Q5_K's qh are one run read 8 times (bit b of byte j is value
+    32b + j). `_unpack` below is that one pattern; every type is a few calls to it.
+
+    The order of float32 operations matters for bit-exactness: (d * sc) first, then times q, then minus
+    (dmin * m), as ggml and the `gguf` package do; tests/test_gguf.py checks every type byte for byte.
 
 The file is memory-mapped (numpy memmap): reading the header touches only the first megabytes, and
 `tensor(name)` copies and dequantizes one tensor at a time into float32.
@@ -59,9 +96,12 @@ GGML_TYPES = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
     7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
     12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 30: ("BF16", 1, 2),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
 }
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # metadata value types: id -> struct format of a scalar (8 = string and 9 = array are handled apart)
 VALUE_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -182,8 +222,8 @@ class GGUFFile:
         if info.type_name not in SUPPORTED_TYPES:
             raise ValueError(
                 f"{self.path}: tensor {name!r} is stored as {info.type_name} (ggml type {info.ggml_type}), which "
-                f"minift cannot dequantize; supported: {', '.join(SUPPORTED_TYPES)}. Re-quantize the model to Q8_0 "
-                "or Q4_0 (llama-quantize), or load a Hugging Face directory instead")
+                f"minift cannot dequantize; supported: {', '.join(SUPPORTED_TYPES)}. Re-quantize the model to one of "
+                "them (llama-quantize), or load a Hugging Face directory instead")
         raw = np.frombuffer(self._data, dtype=np.uint8, count=info.n_bytes, offset=info.offset).copy()
         values = dequantize(torch.from_numpy(raw), info.type_name, info.numel)  # (numel,)
         return values.reshape(info.shape)
@@ -237,8 +277,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
                                  f"not a multiple of its block size {block}")
             n_bytes = numel // block * block_bytes
             if data_start + relative + n_bytes > len(data):
-                raise ValueError(f"{path}: tensor {name!r} ends at byte {data_start + relative + n_bytes}, past the "
-                                 f"end of the file ({len(data)} bytes): the file is truncated")
+                end = data_start + relative + n_bytes
+                raise ValueError(f"{path}: tensor {name!r} ({type_name}) ends at byte {end}, past the end of the "
+                                 f"file ({len(data)} bytes): the file is truncated")
         tensors[name] = TensorInfo(name, shape, ggml_type, type_name, data_start + relative, n_bytes)
     return GGUFFile(path, version, metadata, tensors, data)
 
@@ -256,21 +297,123 @@ def dequantize(raw: torch.Tensor, type_name: str, numel: int) -> torch.Tensor:
         return raw.view(torch.float16).float()
     if type_name == "BF16":
         return raw.view(torch.bfloat16).float()
-    block_bytes = GGML_TYPES[{"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}[type_name]][2]
+    block_bytes = BLOCK_BYTES[type_name]
     blocks = raw.view(-1, block_bytes)  # (n_blocks, bytes per block)
-    n_blocks = blocks.shape[0]
-    scale = blocks[:, 0:2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
-    if type_name == "Q8_0":
-        q = blocks[:, 2:].contiguous().view(torch.int8).float()  # (n_blocks, 32)
-        return q.mul_(scale).reshape(numel)
-    packed = blocks[:, 4:] if type_name == "Q4_1" else blocks[:, 2:]  # (n_blocks, 16)
-    q = torch.empty(n_blocks, 32)  # (n_blocks, 32) float32
-    q[:, :16] = packed & 0x0F  # low nibbles: elements 0..15
-    q[:, 16:] = packed >> 4  # high nibbles: elements 16..31
-    if type_name == "Q4_0":
-        return q.sub_(8).mul_(scale).reshape(numel)  # d * (q - 8)
-    minimum = blocks[:, 2:4].contiguous().view(torch.float16).float()  # (n_blocks, 1)
-    return q.mul_(scale).add_(minimum).reshape(numel)  # d * q + m
+    return DEQUANTIZERS[type_name](blocks).reshape(numel)
+
+
+BLOCK_BYTES = {name: size for name, _, size in GGML_TYPES.values()}
+
+
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 stored at byte `at` of every block, as float32: (n_blocks, 1)."""
+    return blocks[:, at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Split each byte of `packed` (n, groups, width) into 8 / bits fields, lowest bits first.
+
+    Returns (n, groups * 8/bits * width) in the order (group, field, byte): field f of byte j in group g
+    is element g * (8/bits) * width + f * width + j. Every ggml bit layout below is this pattern with some
+    (groups, width, bits): e.g. Q4_0's 16 bytes are (1 group, width 16, 4 bits): byte j's low nibble is
+    element j, its high nibble element 16 + j.
+    """
+    n, groups, width = packed.shape
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8).view(1, 1, -1, 1)  # (1, 1, fields, 1)
+    fields = (packed.unsqueeze(2) >> shifts) & ((1 << bits) - 1)  # (n, groups, fields, width)
+    return fields.reshape(n, -1)
+
+
+def _q8_0(blocks):  # [d][32 x int8]
+    return blocks[:, 2:].contiguous().view(torch.int8).float() * _f16(blocks, 0)
+
+
+def _q4_0(blocks):  # [d][16 bytes of nibbles]                        d * (q - 8)
+    q = _unpack(blocks[:, 2:18].reshape(-1, 1, 16), 4).float()
+    return (q - 8) * _f16(blocks, 0)
+
+
+def _q4_1(blocks):  # [d][m][16 bytes of nibbles]                     d * q + m
+    q = _unpack(blocks[:, 4:20].reshape(-1, 1, 16), 4).float()
+    return q * _f16(blocks, 0) + _f16(blocks, 2)
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1's 4 bytes of high bits (a little-endian uint32: bit i belongs to element i) -> (n, 32) of 0/1."""
+    return _unpack(qh.reshape(-1, 4, 1), 1)
+
+
+def _q5_0(blocks):  # [d][qh: 4 bytes][16 bytes of nibbles]          d * (q - 16), q = nibble | bit << 4
+    q = _unpack(blocks[:, 6:22].reshape(-1, 1, 16), 4) | (_fifth_bits(blocks[:, 2:6]) << 4)
+    return (q.float() - 16) * _f16(blocks, 0)
+
+
+def _q5_1(blocks):  # [d][m][qh: 4 bytes][16 bytes of nibbles]       d * q + m
+    q = _unpack(blocks[:, 8:24].reshape(-1, 1, 16), 4) | (_fifth_bits(blocks[:, 4:8]) << 4)
+    return q.float() * _f16(blocks, 0) + _f16(blocks, 2)
+
+
+def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins, each (n, 8) float32.
+
+    Bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3 the same way. Scales and mins 4-7
+    have their low 4 bits in the nibbles of bytes 8-11 (scale low, min high) and their top 2 bits in the
+    spare top 2 bits of bytes 0-3 (scales) and 4-7 (mins).
+    """
+    low, mid, high = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]  # (n, 4) each
+    scales = torch.cat([low & 63, (high & 15) | ((low >> 6) << 4)], dim=1)
+    mins = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], dim=1)
+    return scales.float(), mins.float()
+
+
+def _sub_blocks(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, size: int) -> torch.Tensor:
+    """(n, 256) quants -> values, sub-block s of `size` values getting scale[:, s] (and - offset[:, s])."""
+    n = q.shape[0]
+    values = q.float().view(n, -1, size) * scale.unsqueeze(-1)  # (n, 256/size, size)
+    if offset is not None:
+        values = values - offset.unsqueeze(-1)
+    return values.reshape(n, 256)
+
+
+def _q2_k(blocks):  # [scales: 16][qs: 64][d][dmin]        (d * sc) * q - (dmin * m), q in 0..3
+    scales = blocks[:, 0:16]
+    q = _unpack(blocks[:, 16:80].reshape(-1, 2, 32), 2)  # (n, 256)
+    return _sub_blocks(q, _f16(blocks, 80) * (scales & 15).float(), _f16(blocks, 82) * (scales >> 4).float(), 16)
+
+
+def _q3_k(blocks):  # [hmask: 32][qs: 64][scales: 12][d]   (d * (sc - 32)) * (q - 4 * (1 - hbit))
+    low = _unpack(blocks[:, 32:96].reshape(-1, 2, 32), 2).to(torch.int16)  # (n, 256) 0..3
+    high = _unpack(blocks[:, 0:32].reshape(-1, 1, 32), 1).to(torch.int16)  # (n, 256) 0/1
+    q = low - 4 * (1 - high)  # -4..3: a set bit means "no offset"
+    packed = blocks[:, 96:108]
+    scale_low = _unpack(packed[:, 0:8].reshape(-1, 1, 8), 4)  # (n, 16): nibbles of bytes 0-7
+    scale_high = _unpack(packed[:, 8:12].reshape(-1, 1, 4), 2)  # (n, 16): 2-bit fields of bytes 8-11
+    scales = (scale_low | (scale_high << 4)).float() - 32  # six bits, stored +32
+    return _sub_blocks(q, _f16(blocks, 108) * scales, None, 16)
+
+
+def _q4_k(blocks):  # [d][dmin][scales: 12][qs: 128]       (d * sc) * q - (dmin * m), q in 0..15
+    scales, mins = _k_scales_mins(blocks[:, 4:16])
+    q = _unpack(blocks[:, 16:144].reshape(-1, 4, 32), 4)  # (n, 256)
+    return _sub_blocks(q, _f16(blocks, 0) * scales, _f16(blocks, 2) * mins, 32)
+
+
+def _q5_k(blocks):  # [d][dmin][scales: 12][qh: 32][qs: 128]   q = nibble | hbit << 4, in 0..31
+    scales, mins = _k_scales_mins(blocks[:, 4:16])
+    q = _unpack(blocks[:, 48:176].reshape(-1, 4, 32), 4) | (_unpack(blocks[:, 16:48].reshape(-1, 1, 32), 1) << 4)
+    return _sub_blocks(q, _f16(blocks, 0) * scales, _f16(blocks, 2) * mins, 32)
+
+
+def _q6_k(blocks):  # [ql: 128][qh: 64][scales: 16 x int8][d]   (d * sc) * (q - 32), q in 0..63
+    low = _unpack(blocks[:, 0:128].reshape(-1, 2, 64), 4)  # (n, 256): half h uses bytes 64h..64h+63
+    high = _unpack(blocks[:, 128:192].reshape(-1, 2, 32), 2)  # (n, 256): half h uses bytes 32h..32h+31
+    q = (low | (high << 4)).to(torch.int16) - 32
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()
+    return _sub_blocks(q, _f16(blocks, 208) * scales, None, 16)
+
+
+DEQUANTIZERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+                "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
