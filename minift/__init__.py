@@ -23,10 +23,12 @@ in a cycle; tests/test_layers.py reads every import (lazy ones too) and holds th
                              (library modules import minift.io, never `minift` itself)
     5  peft                  LoRA family, (IA)^3, bottleneck adapters, prompt tuning, QLoRA, PEFT files
     6  losses, data, datasets, schedules
-                             what is learned from which records, and at which learning rate
+                             what is learned from which records, and at which learning rate;
+       align (align/)        the formulas of preference learning: reward model, DPO, PPO/GRPO arithmetic
     7  train                 the engine, in its own order: fields -> methods (the registry) -> tasks
-                             -> run_config -> batches -> checkpoint -> guards -> loop -> train/__init__
-    8  icl, align, export    techniques and tools built on the engine
+                             -> preference_tasks -> run_config -> batches -> preference_data
+                             -> checkpoint -> guards -> loop -> train/__init__
+    8  icl, export           techniques and tools built on the engine
     9  demo                  the main job, a composition of the layers below
    10  cli, __main__         the `minift` command
 """

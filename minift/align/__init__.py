@@ -12,8 +12,9 @@ After supervised fine-tuning, a model is taught what people *prefer* rather than
     rl.py: GAE advantages + whitening for PPO (Ouyang et al. 2022), group-relative advantages and the k3 KL for
            GRPO (Shao et al. 2024), PPO's clipped losses
 
-Every formula is checked against TRL 1.16 in tests/test_align.py. This package sits above the training engine
-(layer 8): it may import minift.train, minift.peft, minift.data and minift.losses; nothing below imports it.
+Every formula is checked against TRL 1.16 in tests/test_align.py. This package sits below the training engine
+(layer 6, beside losses and data): it imports only minift.io, minift.data, minift.losses and the adapter interface,
+so the engine (minift/train/preference_tasks.py) can make reward models and DPO tasks of `minift finetune`.
 """
 
 from minift.align.dpo import (

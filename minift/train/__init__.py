@@ -3,8 +3,10 @@
     fields.py       TOML values and --set strings -> typed dataclass fields, with did-you-mean errors
     methods.py      the one method registry: [method] name -> typed options -> which weights train
     tasks.py        what is learned: causal LM, masked LM, classification (the head and the loss)
+    preference_tasks.py   reward model and DPO as tasks (the pair loss, the reference, the export)
     run_config.py   RunConfig: the [model] [task] [data] [train] [method] tables of a TOML file, validated
     batches.py      records -> token ids -> padded / packed micro-batches, in a resumable order
+    preference_data.py    {prompt, chosen, rejected} records -> pair batches, precomputed reference log-probs
     checkpoint.py   atomic checkpoints: weights, optimizer, schedule, RNG, data position
     guards.py       stopping safely: one run per folder (run.lock), Ctrl-C, divergence
     loop.py         setup -> fit -> evaluate

@@ -59,6 +59,8 @@ from minift.train.batches import BatchStream, load_datasets
 from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
                                  weight_norm)
 from minift.train.methods import MethodPlan, prepare_method
+from minift.train.preference_data import load_pair_datasets, prepare_pair_run
+from minift.train.preference_tasks import PAIR_KINDS, build_pair_task_model, export_task
 from minift.train.run_config import RunConfig, TrainConfig, to_toml, validate_run_config
 from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
 from minift.svg_chart import write_training_chart
@@ -67,6 +69,7 @@ from minift.train.tasks import (TaskModel, build_task_model, count_targets, coun
 
 METRICS = "metrics.jsonl"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHOWN_METRICS = ("accuracy", "margin", "rewards/accuracies", "rewards/margins", "reward", "kl")  # on the progress bar
 
 
 class NonFiniteLossError(ValueError):
@@ -176,10 +179,13 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     if config.model.dropout is not None:
         set_dropout(model, config.model.dropout)
 
-    train_data, eval_data, labels = load_datasets(config, tokenizer)
+    pairs = config.task.kind in PAIR_KINDS  # reward / preference (DPO): minift/train/preference_tasks.py
+    train_data, eval_data, labels = (load_pair_datasets if pairs else load_datasets)(config, tokenizer)
     task_model, plan, checkpoint_names = build_trainable_model(config, model, labels)
     model.gradient_checkpointing = train.gradient_checkpointing
     task_model.to(device).train()
+    if pairs:
+        prepare_pair_run(task_model, train_data, eval_data, config)
 
     groups = build_layer_groups(task_model, train.layer_groups)  # bottom-up: body groups..., the head alone on top
     optimizer = build_optimizer(groups, train, device)
@@ -211,9 +217,14 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
 def build_trainable_model(config: RunConfig, model: nn.Module, labels: list[str] | None):
     """Backbone + task head, prepared by the method. Returns (task model, method plan, checkpoint names)."""
     task = config.task
-    task_model = build_task_model(model, task.kind, num_labels=len(labels) if labels else None,
-                                  pooling=task.pooling, head_dropout=task.head_dropout)
+    if task.kind in PAIR_KINDS:
+        task_model = build_pair_task_model(model, task)
+    else:
+        task_model = build_task_model(model, task.kind, num_labels=len(labels) if labels else None,
+                                      pooling=task.pooling, head_dropout=task.head_dropout)
     plan = prepare_method(config.method.name, model, config.method.options)
+    if hasattr(task_model, "method_prepared"):
+        task_model.method_prepared()  # e.g. DPO's frozen reference copy, made before any step
     head = task_model.head_parameters()
     for p in head.values():
         p.requires_grad_(True)  # a new head always trains, whatever the method froze
@@ -297,10 +308,12 @@ def accumulate_gradients(model: TaskModel, micro_batches: list[dict], precision:
         raise ValueError(f"step {step}: the batch has no target tokens (every label is -100); check the data "
                          f"format and max_length (a prompt longer than max_length leaves no completion)")
     device = next(model.parameters()).device
-    loss_total, tokens = 0.0, 0
+    loss_total, tokens, sums = 0.0, 0, {}
     for index, batch in enumerate(micro_batches):
         with autocast(precision, device):
             out = model(batch)
+        for key, value in (out.metric_sums or {}).items():  # task metrics (DPO rewards, ...), summed over targets
+            sums[key] = sums.get(key, 0.0) + value
         value = float(out.loss_sum.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(
@@ -310,7 +323,8 @@ def accumulate_gradients(model: TaskModel, micro_batches: list[dict], precision:
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += value
         tokens += count_tokens(batch)
-    return {"loss": loss_total / n_total, "targets": n_total, "tokens": tokens}
+    return {"loss": loss_total / n_total, "targets": n_total, "tokens": tokens,
+            "metrics": {key: value / n_total for key, value in sums.items()}}
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
@@ -397,10 +411,12 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
             tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
             last = {"step": step, "epoch": round(run.train_stream.epoch_of(state.micro_batches), 4),
                     "loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "targets": stats["targets"],
-                    "tokens_per_s": round(tokens_per_s, 1)}
+                    "tokens_per_s": round(tokens_per_s, 1), **stats.get("metrics", {})}
             bar.update(1)
             shown_loss = "-" if stats["loss"] is None else f"{stats['loss']:.4f}"  # None: no masked token drawn
-            bar.set_postfix(loss=shown_loss, lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            shown = {key.split("/")[-1]: f"{value:.3g}" for key, value in stats.get("metrics", {}).items()
+                     if key in SHOWN_METRICS}
+            bar.set_postfix(loss=shown_loss, lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", **shown)
             if step % train.log_every == 0 or step == run.total_steps:
                 append_metrics(run.run_dir, last)
             monitor.check(step, stats["loss"], trainable)  # before evaluating or saving a diverged model
@@ -456,17 +472,20 @@ def evaluate(model: TaskModel, batches, precision: str = "fp32") -> dict:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loss_sum, n_targets, n_correct = 0.0, 0, 0
+    loss_sum, n_targets, n_correct, sums = 0.0, 0, 0, {}
     for batch in batches:
         with autocast(precision, device):
             out = model(batch)
         loss_sum += float(out.loss_sum)
         n_targets += out.n_targets
         n_correct += out.n_correct or 0
+        for key, value in (out.metric_sums or {}).items():
+            sums[key] = sums.get(key, 0.0) + value
     model.train(was_training)
     if n_targets == 0:
         raise ValueError("evaluate: the evaluation data has no targets")
-    return summarize(model.kind, loss_sum, n_targets, n_correct)
+    return {**summarize(model.kind, loss_sum, n_targets, n_correct),
+            **{f"eval_{key}": value / n_targets for key, value in sums.items()}}
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -521,8 +540,11 @@ def export(run: Run) -> Path | None:
         return None
     final = run.run_dir / "final"
     try:
-        run.plan.export(run.model.backbone, run.tokenizer, final)
-        save_head(run.model, final, run.labels)
+        if run.model.kind in PAIR_KINDS:  # reward: a sequence-classification dir; DPO: the method's export
+            export_task(run.model, run.plan, run.tokenizer, final)
+        else:
+            run.plan.export(run.model.backbone, run.tokenizer, final)
+            save_head(run.model, final, run.labels)
     except OSError as error:  # a full disk: the checkpoints are complete, so the export can be redone from them
         checkpoint = ckpt.latest_checkpoint(run.run_dir)
         kept = (f"the last checkpoint {checkpoint} is intact; free some space and export it with "

@@ -43,6 +43,8 @@ from minift.dtypes import DTYPES
 from minift.schedules import SCHEDULES
 from minift.train.fields import check_field, coerce, field_names, field_type, suggest
 from minift.train.methods import METHODS, parse_method_options
+from minift.align.dpo import LOSS_TYPES
+from minift.train.preference_tasks import PAIR_KINDS, check_task_options
 from minift.train.tasks import TASK_KINDS
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,10 +126,18 @@ class TaskSection:
     pooling: str | None = None  # classification: mean | cls | last; None = mean for encoders, last for decoders
     head_dropout: float = 0.0  # classification: dropout before the classifier, in [0, 1)
     mlm_probability: float = 0.15  # masked_lm: share of (non-special) tokens selected for prediction, in (0, 1)
+    # reward and preference (DPO) tasks: data records are {prompt, chosen, rejected} (minift/train/preference_tasks.py)
+    beta: float = 0.1  # preference: DPO's beta, the strength of the pull to the reference, > 0
+    loss_type: str = "sigmoid"  # preference: sigmoid (DPO) | robust (rDPO) | ipo
+    label_smoothing: float = 0.0  # preference: cDPO's label-flip rate, in [0, 0.5)
+    precompute_reference: bool = False  # preference: score every pair under the reference once, at setup
+    center_rewards_coefficient: float | None = None  # reward: adds coef * (r_chosen + r_rejected)^2 per pair
 
 
-TASK_RULES = {"kind": one_of(TASK_KINDS), "labels": LABEL_NAMES, "pooling": one_of(POOLINGS), "head_dropout": DROPOUT,
-              "mlm_probability": interval(0, 1, "()")}
+TASK_RULES = {"kind": one_of(TASK_KINDS + PAIR_KINDS), "labels": LABEL_NAMES, "pooling": one_of(POOLINGS),
+              "head_dropout": DROPOUT, "mlm_probability": interval(0, 1, "()"), "beta": above(0),
+              "loss_type": one_of(LOSS_TYPES), "label_smoothing": interval(0, 0.5, "[)"),
+              "center_rewards_coefficient": at_least(0)}
 
 
 @dataclass
@@ -284,7 +294,10 @@ def validate_run_config(config: RunConfig, where: str = "config", given_by: dict
                 raise ValueError(f"{origin}: {key} = {value!r}; must be {rule.text}{hint}")
             setattr(target, name, value)
     kind, metric = config.task.kind, config.train.early_stopping_metric
-    reported = "eval_accuracy" if kind == "classification" else "eval_perplexity"
+    reported = "eval_accuracy" if kind in ("classification", "reward") else "eval_perplexity"
+    if kind == "preference":
+        reported = "eval_loss"  # DPO's accuracy is logged as eval_rewards/accuracies
+    check_task_options(config.task, where)
     if metric not in ("eval_loss", reported):
         origin = given_by.get("train.early_stopping_metric", where)
         raise ValueError(f"{origin}: train.early_stopping_metric = {metric!r}, but a {kind} task reports eval_loss "

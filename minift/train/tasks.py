@@ -70,6 +70,7 @@ class TaskOutput:
     loss_sum: torch.Tensor  # float32 scalar: the loss summed over all targets of the batch
     n_targets: int  # target tokens (LM tasks) or examples (classification)
     n_correct: int | None = None  # classification: examples whose argmax is the label
+    metric_sums: dict[str, float] | None = None  # other metrics, summed over targets (train/preference_tasks.py)
 
 
 class TaskModel(nn.Module):
@@ -79,9 +80,11 @@ class TaskModel(nn.Module):
     optional position_ids (B, T), and labels: (B, T) token ids with -100 (LM tasks) or (B,) class ids.
     """
 
+    KINDS = TASK_KINDS  # a subclass for other tasks names its own (minift/train/preference_tasks.py)
+
     def __init__(self, backbone: nn.Module, kind: str, head: nn.Module | None = None) -> None:
         super().__init__()
-        if kind not in TASK_KINDS:
+        if kind not in self.KINDS:
             raise ValueError(f"[task] kind = {kind!r}; expected one of {', '.join(TASK_KINDS)}")
         self.backbone, self.kind, self.head = backbone, kind, head
 
@@ -155,6 +158,8 @@ def prepare_batch(batch: dict, kind: str, tokenizer=None, mlm_probability: float
 
 def count_targets(batch: dict, kind: str) -> int:
     """Targets in a batch before the forward pass: the N of 'divide by the total number of targets'."""
+    if "n_targets" in batch:  # a batch that counts its own targets (preference pairs, rollouts)
+        return int(batch["n_targets"])
     labels = batch["labels"]
     if kind == "classification":
         return labels.numel()
@@ -181,7 +186,7 @@ def summarize(kind: str, loss_sum: float, n_targets: int, n_correct: int, prefix
     metrics = {f"{prefix}loss": loss}
     if kind == "classification":
         metrics[f"{prefix}accuracy"] = n_correct / max(n_targets, 1)
-    else:
+    elif kind in ("causal_lm", "masked_lm"):
         metrics[f"{prefix}perplexity"] = math.exp(min(loss, 80.0))
     metrics[f"{prefix}targets"] = n_targets
     return metrics
