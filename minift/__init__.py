@@ -22,13 +22,14 @@ in a cycle; tests/test_layers.py reads every import (lazy ones too) and holds th
     4  io, and this package  checkpoint formats: files, HF dirs, 4-bit dirs, GGUF, bundled names; load/save
                              (library modules import minift.io, never `minift` itself)
     5  peft                  LoRA family, (IA)^3, bottleneck adapters, prompt tuning, QLoRA, PEFT files
-    6  losses, data, datasets, schedules
-                             what is learned from which records, and at which learning rate;
+    6  losses, fused_loss, data, datasets, schedules
+                             what is learned from which records, and at which learning rate (fused_loss:
+                             the LM loss chunk by chunk, never holding the tokens x vocabulary logits);
        align (align/)        the formulas of preference learning: reward model, DPO, PPO/GRPO arithmetic
     7  train                 the engine, in its own order: fields -> methods (the registry) -> tasks
                              -> preference_tasks -> run_config -> batches -> preference_data
                              -> checkpoint -> guards -> loop -> train/__init__
-    8  icl, export           techniques and tools built on the engine
+    8  icl, export, plan     techniques and tools built on the engine (plan: bytes per GPU of a run, on paper)
     9  demo                  the main job, a composition of the layers below
    10  cli, __main__         the `minift` command
 """

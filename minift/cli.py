@@ -146,10 +146,16 @@ def cmd_finetune(args) -> int:
         if args.config is None and args.resume is None:
             raise ValueError("finetune needs a CONFIG.toml, or --resume RUN_DIR (which reads RUN_DIR/config.toml)")
         config = load_run_config(args.config or Path(args.resume) / "config.toml", args.overrides or [])
+        if args.nproc is not None:  # this process only starts torchrun, which starts N copies of `python -m minift`
+            return launch_processes(args, config)
         if args.resume is not None:
             config.train.output_dir = str(args.resume)
         run_dir = Path(config.train.output_dir)
         run = setup(config, resume=args.resume is not None)
+        if not run.world.is_main:  # distributed: rank 0 speaks for the run
+            fit(run)
+            return EXIT_OK
+        ranks = f" x {run.world.size} processes ({run.world.mode})" if run.world.active else ""
         print(f"minift finetune: {config.model.source} -> {run.run_dir}")
         print(f"  task {config.task.kind}; {run.plan.description}")
         print(f"  {run.train_stream.report}")
@@ -157,7 +163,7 @@ def cmd_finetune(args) -> int:
             print(f"  {run.eval_stream.report}")
         action = f"resuming at step {run.state.step}" if run.state.step else "starting"
         print(f"  {action}: {run.total_steps} optimizer steps of {config.train.grad_accum_steps} x "
-              f"{config.train.batch_size} examples, precision {config.train.precision}, device {run.device}")
+              f"{config.train.batch_size} examples{ranks}, precision {config.train.precision}, device {run.device}")
         last = fit(run)
     except KeyboardInterrupt:  # fit() has saved what it could (minift/train/guards.py); no traceback
         sys.stdout.flush()
@@ -170,6 +176,22 @@ def cmd_finetune(args) -> int:
           + f"; checkpoints: {run.run_dir / 'checkpoints'}"
           + (f"; model: {run.run_dir / 'final'}" if (run.run_dir / "final").exists() else ""))
     return EXIT_OK
+
+
+def launch_processes(args, config) -> int:
+    """`--nproc N`: run torchrun on this machine with N processes of the same command (minift/train/distributed.py)."""
+    from minift.train.distributed import launched_by_torchrun, relaunch
+
+    if launched_by_torchrun():
+        raise ValueError("--nproc: this process was already started by torchrun; leave --nproc out")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}; must be >= 1")
+    again = ["finetune", *([args.config] if args.config else []), *(["--resume", args.resume] if args.resume else [])]
+    again += [item for override in (args.overrides or []) for item in ("--set", override)]
+    if config.train.distributed == "none":
+        again += ["--set", "train.distributed=ddp"]
+        print("minift: note: --nproc without train.distributed: using ddp", file=sys.stderr)
+    return relaunch(args.nproc, again)
 
 
 def interrupted_message(run_dir, args) -> str:
@@ -284,9 +306,10 @@ def cmd_export(args) -> int:
     if args.adapter is not None and args.run is not None:
         raise ValueError("export: --adapter goes with --model; a run directory already holds its adapter")
     if args.run is not None:
-        print(export_run(args.run, args.out, format=args.format, dtype=args.dtype))
+        print(export_run(args.run, args.out, format=args.format, dtype=args.dtype, quant=args.quant))
     else:
-        print(export_model(args.model, args.out, adapter=args.adapter, format=args.format, dtype=args.dtype))
+        print(export_model(args.model, args.out, adapter=args.adapter, format=args.format, dtype=args.dtype,
+                           quant=args.quant))
     return EXIT_OK
 
 
@@ -341,20 +364,71 @@ def add_tool_parsers(sub) -> None:
                     "                    them); bottleneck adapters and soft prompts have no Hugging Face form.\n"
                     "  --format peft     instead, write a LoRA / QLoRA run's adapter alone, in PEFT's format.\n"
                     "  --model SOURCE    convert any source (GGUF, bundled name, 4-bit directory) to a dense\n"
-                    "                    Hugging Face directory; with --adapter this is `minift merge`.",
+                    "                    Hugging Face directory; with --adapter this is `minift merge`.\n"
+                    "  --format gguf     instead, one .gguf file llama.cpp / Ollama / LM Studio run (Llama family,\n"
+                    "                    SmolLM2 included), adapters merged first, at --quant f16|q8_0|q4_0|q4_k.",
         epilog="examples: minift export --run runs/qlora_tweets_lm --out tweets-lm\n"
                "          minift export --run runs/lora_sft_alpaca --format peft --out alpaca-adapter\n"
-               "          minift export --model smollm2-135m --out smollm2-hf --dtype bfloat16")
+               "          minift export --model smollm2-135m --out smollm2-hf --dtype bfloat16\n"
+               "          minift export --run runs/lora_sft_alpaca --format gguf --quant q4_k --out alpaca.gguf")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", metavar="RUN_DIR", help="a `minift finetune` run directory (its latest checkpoint)")
     which.add_argument("--model", metavar="SOURCE", help="bundled name, .gguf file, HF or 4-bit directory")
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="with --model: a PEFT adapter to merge in")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--format", default="hf", choices=["hf", "peft"],
-                   help="hf: dense Hugging Face directory (default); peft: a run's LoRA adapter only")
+    p.add_argument("--out", required=True, metavar="DIR|FILE.gguf")
+    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf"],
+                   help="hf: dense Hugging Face directory (default); peft: a run's LoRA adapter only; "
+                        "gguf: one llama.cpp file")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_0", "q4_k"],
+                   help="with --format gguf: how the matrices are stored (default f16)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help=dtype_help + "; a QLoRA run defaults to its method.export_dtype")
     p.set_defaults(func=cmd_export)
+
+
+def cmd_plan(args) -> int:
+    """Bytes per GPU of a fine-tuning run, from the model's config alone (minift/plan.py)."""
+    from minift import plan
+
+    print(plan.report(args.model, gpus=plan.parse_count("--gpus", args.gpus),
+                      methods=plan.parse_methods(args.method),
+                      seq_len=plan.parse_count("--seq-len", args.seq_len),
+                      batch=plan.parse_count("--batch", args.batch),
+                      gpu_memory=plan.parse_gpu_memory(args.gpu_memory),
+                      lora_r=plan.parse_count("--lora-r", args.lora_r),
+                      lora_targets=plan.parse_targets(args.lora_targets), attention=args.attention,
+                      fmt=args.format))
+    return EXIT_OK
+
+
+def add_plan_parser(sub) -> None:
+    """plan: memory per GPU on paper (numbers are read as text so that a bad one is a one-line error)."""
+    p = sub.add_parser(
+        "plan", help="bytes per GPU for weights, gradients, optimizer and activations; does it fit?",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Count, from the model's config alone (no weights are read), the bytes each GPU holds for\n"
+                    "weights, gradients, AdamW state and activations, for full fine-tuning, LoRA and QLoRA,\n"
+                    "under DDP and FSDP (full shard), with activation checkpointing off and on, and say which\n"
+                    "combinations fit --gpu-memory. The formulas and their sources are in minift/plan.py.",
+        epilog="examples: minift plan --model 70b --gpus 8 --seq-len 2048 --batch 1\n"
+               "          minift plan --model 65b --gpus 1 --method qlora --lora-r 64 --gpu-memory 48\n"
+               "          minift plan --model smollm2-135m --method full,lora --format json")
+    p.add_argument("--model", required=True, metavar="SOURCE",
+                   help="a size (7b, 13b, 33b, 65b, 70b: the published LLaMA / Llama 2 shapes), a bundled name, "
+                        ".gguf file or Hugging Face directory (its config.json only)")
+    p.add_argument("--gpus", default="1", metavar="N", help="data-parallel GPUs (default 1)")
+    p.add_argument("--method", default="full,lora,qlora", metavar="full|lora|qlora",
+                   help="one method, or several joined by commas (default all three)")
+    p.add_argument("--seq-len", default="2048", metavar="L", help="tokens per sequence (default 2048)")
+    p.add_argument("--batch", default="1", metavar="B", help="sequences per GPU per micro-batch (default 1)")
+    p.add_argument("--gpu-memory", default="80", metavar="GIB", help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--lora-r", default="16", metavar="R", help="LoRA / QLoRA rank (default 16)")
+    p.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
+                   help="all-linear (default) or layer names joined by commas, e.g. q_proj,v_proj")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+                   help="sdpa: fused/flash attention keeps no s x s matrix (default); eager keeps the softmax")
+    p.add_argument("--format", default="text", choices=["text", "markdown", "json"])
+    p.set_defaults(func=cmd_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,12 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
                               f"{methods}\n"
                               "examples: minift finetune configs/sft_alpaca.toml --set train.max_steps=50\n"
                               "          minift finetune configs/lora_sft_alpaca.toml --set method.r=16\n"
-                              "          minift finetune --resume runs/sft_alpaca",
+                              "          minift finetune --resume runs/sft_alpaca\n"
+                              "          minift finetune configs/lora_sft_alpaca.toml --nproc 2   (DDP, 2 processes)\n"
+                              "          torchrun --nproc_per_node 2 -m minift finetune CONFIG --set train.distributed=fsdp",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="TOML file with [model] [task] [data] [train] [method] tables")
     p.add_argument("--set", dest="overrides", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override one config field, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
+    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine: starts torchrun "
+                   "(train.distributed = ddp or fsdp; ddp when the config says none)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="perplexity on a text file, or loss/accuracy on a labelled file",
@@ -439,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_icl_arguments(p)
     p.set_defaults(func=run_icl)
     add_tool_parsers(sub)
+    add_plan_parser(sub)
     return parser
 
 
