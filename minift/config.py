@@ -2,19 +2,33 @@
 
 Lesson
 ------
-GPT-2, Llama (2, 3, Mistral, Qwen2, Qwen3, SmolLM2) and BERT are the same machine with different switches:
+GPT-2, Llama (2, 3, Mistral, Qwen2, Qwen3, SmolLM2), Gemma (1, 2, 3) and BERT are the same machine with
+different switches:
 
-    switch          GPT-2        Llama family          BERT
-    ------------    ---------    ------------------    ---------------
-    positions       learned      rotary (RoPE)         learned (+ token types)
-    norm            LayerNorm    RMSNorm               LayerNorm
-    norm placement  pre          pre                   post
-    MLP             GELU         SwiGLU (gate * up)    GELU
-    biases          all          none (Qwen2: q,k,v)   all
-    attention       causal       causal, GQA           bidirectional
-    q/k norm        none         none (Qwen3: RMSNorm  none
+    switch          GPT-2        Llama family          Gemma 1 / 2 / 3                 BERT
+    ------------    ---------    ------------------    ----------------------------    ---------------
+    positions       learned      rotary (RoPE)         RoPE (3: own base on local      learned (+ token
+                                                       layers, rope_local_theta)       types)
+    norm            LayerNorm    RMSNorm               RMSNorm scaling by (1 + w)      LayerNorm
+                                                       (norm_plus_one)
+    norm placement  pre          pre                   pre (2, 3: and after each       post
+                                                       branch, branch_post_norms)
+    MLP             GELU         SwiGLU (gate * up)    GeGLU: the gated MLP with       GELU
+                                                       tanh-GELU
+    biases          all          none (Qwen2: q,k,v)   none                            all
+    attention       causal       causal, GQA           causal, GQA; 2, 3: sliding      bidirectional
+                                 (Mistral, Qwen: may   window on some layers,
+                                 use a sliding window) query_pre_attn_scalar
+    q/k norm        none         none (Qwen3: RMSNorm  none (3: RMSNorm per head)      none
                                  per head on q and k)
-    head            tied         tied or untied        none (hidden states)
+    soft-capping    none         none                  2: attention and final logits   none
+                                                       3: final logits if configured
+    embeddings      as stored    as stored             times sqrt(d) (embed_scale)     as stored
+    head            tied         tied or untied        tied                            none (hidden states)
+
+A sliding window (Mistral, Qwen2/3 when asked, Gemma 2/3's local layers) lets a query see only the last
+`sliding_window` positions, itself included; `layer_types` says which layers are "sliding_attention" and
+which "full_attention" (Gemma 2 alternates, Gemma 3 has five local layers per global one).
 
 `minift.model.Transformer` reads only this dataclass, so adding an architecture means setting switches,
 not writing a new model class. Checkpoint readers (`minift.io`) translate a Hugging Face `config.json`
@@ -27,12 +41,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names for the two kinds of layer
+
+
 @dataclass
 class ModelConfig:
     """Shape and switches of one transformer. Field names follow the papers (d, heads), spelled out."""
 
     model_type: str = "llama"  # the Hugging Face model_type written back on save: llama, mistral, qwen2, qwen3,
-    # gpt2, bert
+    # gemma, gemma2, gemma3_text, gpt2, bert
     vocab_size: int = 32000
     dim: int = 512  # d_model, the residual-stream width
     n_layers: int = 8
@@ -54,7 +71,17 @@ class ModelConfig:
     activation: str = "silu"  # "silu" | "gelu" (erf) | "gelu_tanh" (GPT-2's gelu_new)
     qkv_bias: bool = False  # bias on q, k, v projections (GPT-2, BERT, Qwen2)
     out_bias: bool = False  # bias on the attention output projection (GPT-2, BERT)
-    qk_norm: bool = False  # RMSNorm over head_dim on each head's query and key, before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm over head_dim on each head's query and key, before RoPE (Qwen3, Gemma 3)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), its weight stored as the offset from 1 (Gemma)
+    embed_scale: bool = False  # token embeddings times sqrt(dim), rounded to the weights' dtype first (Gemma)
+    branch_post_norms: bool = False  # also normalise each branch's output before the residual add (Gemma 2, 3)
+    query_pre_attn_scalar: float | None = None  # softmax scale 1/sqrt(this), not 1/sqrt(head_dim) (Gemma 2, 3)
+    attn_softcap: float | None = None  # attention logits -> cap * tanh(logits / cap) before the mask (Gemma 2)
+    final_softcap: float | None = None  # output logits -> cap * tanh(logits / cap) (Gemma 2, 3)
+    sliding_window: int | None = None  # sliding layers attend to the last `sliding_window` positions, self included
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"; None: every layer
+    # slides when sliding_window is set (Mistral), none otherwise
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3); None: as the rest
     mlp_bias: bool = False  # biases in the MLP (GPT-2, BERT)
     tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
     type_vocab_size: int = 0  # BERT token types (segment A/B); 0 = none
@@ -85,6 +112,32 @@ class ModelConfig:
         ]:
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            positive = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            if value is not None and not positive:
+                raise ValueError(f"ModelConfig.{name}={value!r}; expected a positive number or None")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"ModelConfig.sliding_window={self.sliding_window!r}; expected a positive integer or None")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"ModelConfig.layer_types must list one of {LAYER_TYPES} per layer "
+                                 f"({self.n_layers}), got {self.layer_types!r}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
+
+    @property
+    def final_logit_softcapping(self) -> float | None:
+        """final_softcap under transformers' name (minift.fused_loss reads the config by that name)."""
+        return self.final_softcap
+
+    def is_sliding(self, layer: int) -> bool:
+        """Does this layer attend only within the sliding window?"""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

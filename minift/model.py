@@ -1,4 +1,4 @@
-"""The Transformer: one readable model for GPT-2, the Llama family (Mistral, Qwen2, Qwen3) and BERT.
+"""The Transformer: one readable model for GPT-2, the Llama family (Mistral, Qwen2, Qwen3), Gemma 1-3 and BERT.
 
 Lesson
 ------
@@ -24,6 +24,16 @@ A transformer (Vaswani et al. 2017) is a stack of identical blocks over a residu
   square, scale only; Zhang & Sennrich 2019). GPT-2 and Llama normalise *before* each branch (pre-norm);
   BERT normalises *after* the residual add (post-norm). Qwen3 also RMS-normalises every head's query and
   key vector (width head_dim, before RoPE), which bounds q.k and keeps attention logits from growing.
+* Gemma. The same decoder with small changes (Gemma Team 2024a, b; 2025): the embeddings are multiplied
+  by sqrt(d), so they start on the scale of the residual stream; RMSNorm multiplies by (1 + w), so a weight
+  of 0 is the identity; the MLP is GeGLU (the SwiGLU gate with tanh-GELU in place of SiLU). Gemma 2 and 3
+  normalise each branch's output as well as its input ("sandwich" norms), scale q.k by
+  1/sqrt(query_pre_attn_scalar), and bound logits with a soft cap, cap * tanh(z / cap): smooth, close to
+  z while |z| << cap, never beyond cap (Gemma 2: attention logits at 50 and output logits at 30).
+* Sliding window. A "local" layer lets a query see only the last W positions (itself included): cost and
+  KV cache grow with W instead of the whole context, while "global" (full) layers keep long-range reach.
+  Mistral slides on every layer; Gemma 2 alternates local and global; Gemma 3 has five local layers per
+  global one, and gives the local ones their own RoPE base (10k) while the global ones use 1M.
 * KV cache. While generating, the keys and values of past tokens never change, so we keep them and feed
   only the new token: each step costs O(T) instead of O(T^2).
 
@@ -50,30 +60,55 @@ from minift.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like the reference implementations."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like the reference implementations.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    plus_one (Gemma): multiply by (1 + weight) instead, all in float32 before rounding back, as Gemma does;
+    the weight starts at 0 and stores the offset from 1."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.plus_one = plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rms":
-        return RMSNorm(config.dim, config.norm_eps)
+        return RMSNorm(config.dim, config.norm_eps, config.norm_plus_one)
     return nn.LayerNorm(config.dim, eps=config.norm_eps)
 
 
-def rope_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d) for i < d/2, with Llama-3 scaling when configured. (head_dim/2,)"""
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's token embedding: the looked-up rows times sqrt(dim), a factor first rounded to the weights' dtype
+    (bfloat16 rounds sqrt(2048) = 45.25 to 45.25, sqrt(3072) = 55.43 to 55.5), exactly as transformers does.
+    The scale lives in the module, so anything that replaces its output (prompt tuning) sees scaled rows."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.embedding_dim ** 0.5, dtype=self.weight.dtype, device=self.weight.device)
+        return super().forward(input_ids) * scale
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap): about x while |x| << cap, smoothly bounded by +-cap (Gemma 2). None: x unchanged."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def rope_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) for i < d/2, with Llama-3 scaling when configured. (head_dim/2,)
+
+    local=True: the sliding layers' frequencies when they have a base of their own (Gemma 3's
+    rope_local_theta, never scaled)."""
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    scaling = config.rope_scaling or {}
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = {} if local else (config.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "llama3":
         # Llama 3.1: keep high frequencies, divide low frequencies by `factor`, blend smoothly in between.
@@ -145,9 +180,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * hd, config.dim, bias=config.out_bias)
-        if config.qk_norm:  # Qwen3: one RMSNorm of width head_dim, shared by all heads, for q and one for k
-            self.q_norm = RMSNorm(hd, config.norm_eps)
-            self.k_norm = RMSNorm(hd, config.norm_eps)
+        if config.qk_norm:  # Qwen3, Gemma 3: one RMSNorm of width head_dim, shared by all heads, for q and one for k
+            self.q_norm = RMSNorm(hd, config.norm_eps, config.norm_plus_one)
+            self.k_norm = RMSNorm(hd, config.norm_eps, config.norm_plus_one)
+        # softmax scale: 1/sqrt(head_dim), or 1/sqrt(query_pre_attn_scalar) where the config says (Gemma 2, 3)
+        self.scale = (config.query_pre_attn_scalar or hd) ** -0.5
 
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -163,10 +200,30 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd), S = cached + T
         dropout = self.config.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=Hkv != H
-        )  # (B, H, T, hd)
+        if self.config.attn_softcap is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale, enable_gqa=Hkv != H
+            )  # (B, H, T, hd)
+        else:  # the cap goes between q.k and softmax, where SDPA lets nothing in: write attention out
+            y = capped_attention(q, k, v, mask, is_causal, self.scale, self.config.attn_softcap, dropout, self.training)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, d)
+
+
+def capped_attention(q, k, v, mask, is_causal, scale, cap, dropout, training) -> torch.Tensor:
+    """softmax(mask(cap * tanh(q k^T * scale / cap))) v, written out (Gemma 2's attention logit soft-capping).
+
+    q (B, H, T, hd); k, v (B, Hkv, S, hd), each key/value head shared by H / Hkv query heads; mask: boolean
+    "may attend" (B or 1, 1, T, S) or None. The softmax runs in float32, as in transformers. -> (B, H, T, hd)"""
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+    scores = soft_cap(q @ k.transpose(-2, -1) * scale, cap)  # (B, H, T, S)
+    if mask is None and is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(scores.float().softmax(dim=-1).to(q.dtype), p=dropout, training=training)
+    return probs @ v  # (B, H, T, hd)
 
 
 class MLP(nn.Module):
@@ -194,18 +251,28 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.post_norm = config.post_norm
+        self.branch_post_norms = config.branch_post_norms
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
+        if config.branch_post_norms:  # Gemma 2, 3: each branch's output is normalised before the residual add
+            self.attn_post_norm = make_norm(config)
+            self.mlp_post_norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, mask, is_causal, cache=None, layer=0) -> torch.Tensor:
         if self.post_norm:  # BERT: add, then normalise
             x = self.attn_norm(x + self.dropout(self.attn(x, rope, mask, is_causal, cache, layer)))
             return self.mlp_norm(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer)
+        if self.branch_post_norms:
+            h = self.attn_post_norm(h)
+        x = x + self.dropout(h)
+        h = self.mlp(self.mlp_norm(x))
+        if self.branch_post_norms:
+            h = self.mlp_post_norm(h)
+        return x + self.dropout(h)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,6 +306,24 @@ def build_attention_mask(attention_mask, T: int, past: int, causal: bool, device
     return keys | ~keys.any(dim=-1, keepdim=True)
 
 
+def sliding_window_mask(mask, is_causal: bool, B: int, T: int, past: int, window: int, device):
+    """The (mask, is_causal) pair of a sliding layer, from the full layers' pair: query column q may also see
+    only key columns k with q - window < k <= q (the last `window` positions, itself included; columns, not
+    position ids, as transformers counts them, so left padding and packed rows slide the same way).
+
+    When no query is `window` columns past the first key, the window cuts nothing and the pair is unchanged."""
+    S = past + T
+    if S <= window:
+        return mask, is_causal
+    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    band = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (T, S)
+    if mask is None:
+        return band[None, None].expand(B, 1, T, S), False
+    keys = mask & band  # (B, 1, T, S)
+    return keys | ~keys.any(dim=-1, keepdim=True), False
+
+
 # ----------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +335,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.embed = (ScaledEmbedding if config.embed_scale else nn.Embedding)(config.vocab_size, config.dim)
         if config.positions == "learned":
             self.pos_embed = nn.Embedding(config.max_seq_len, config.dim)
         if config.type_vocab_size:
@@ -267,6 +352,8 @@ class Transformer(nn.Module):
                 self.lm_head.weight = self.embed.weight
         if config.positions == "rope":
             self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+            if config.rope_local_theta is not None:  # Gemma 3: the sliding layers turn at their own base
+                self.register_buffer("inv_freq_local", rope_frequencies(config, local=True), persistent=False)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
@@ -283,8 +370,16 @@ class Transformer(nn.Module):
         does: in bfloat16, theta^(-2i/d) loses digits and the angles of late positions drift visibly."""
         super()._apply(fn, recurse)
         if getattr(self, "inv_freq", None) is not None and self.inv_freq.dtype != torch.float32:
-            self.inv_freq = rope_frequencies(self.config).to(self.inv_freq.device)
+            self.reset_rope(self.inv_freq.device)
         return self
+
+    def reset_rope(self, device) -> None:
+        """Recompute the RoPE frequency buffers (float32) on `device`: they are computed, never loaded, so a model
+        built on the "meta" device gets them here."""
+        if self.config.positions == "rope":
+            self.inv_freq = rope_frequencies(self.config).to(device)
+            if self.config.rope_local_theta is not None:
+                self.inv_freq_local = rope_frequencies(self.config, local=True).to(device)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, total = set(), 0
@@ -294,9 +389,10 @@ class Transformer(nn.Module):
                 total += p.numel()
         return total
 
-    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False):
         """cos and sin of position * frequency, (B, 1, T, hd), each frequency used for both halves."""
-        freqs = position_ids[:, :, None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        inv_freq = self.inv_freq_local if local else self.inv_freq
+        freqs = position_ids[:, :, None].float() * inv_freq.float()  # (B, T, hd/2)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -336,19 +432,36 @@ class Transformer(nn.Module):
         is_causal = mask is None and self.config.causal and T > 1 and past == 0
         if mask is None and self.config.causal and T > 1 and past > 0:
             mask = build_attention_mask(torch.ones(B, past + T, device=x.device), T, past, True, x.device)
+        # Sliding layers (Mistral, Qwen2/3 when asked, Gemma 2/3's local layers): the same, cut to the window,
+        # and on Gemma 3 with RoPE at their own base.
+        local_rope, local_mask, local_causal = rope, mask, is_causal
+        if self.config.sliding_window is not None:
+            if not self.config.causal:
+                raise ValueError("a sliding window needs a causal model")
+            local_mask, local_causal = sliding_window_mask(mask, is_causal, B, T, past, self.config.sliding_window,
+                                                           x.device)
+            if self.config.rope_local_theta is not None:
+                local_rope = self.rope(position_ids, x.dtype, local=True)
 
         for i, block in enumerate(self.blocks):
+            args = (local_rope, local_mask, local_causal) if self.config.is_sliding(i) else (rope, mask, is_causal)
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, mask, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, *args, use_reentrant=False)
             else:
-                x = block(x, rope, mask, is_causal, cache, i)
+                x = block(x, *args, cache, i)
         if cache is not None:
             cache.advance(T)
         if not self.config.post_norm:
             x = self.norm(x)
         if return_hidden or not self.config.lm_head:
             return x  # (B, T, d)
-        return self.lm_head(x)  # (B, T, vocab)
+        return self.logits(x)  # (B, T, vocab)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., d) -> next-token logits (..., vocab): lm_head, then the final soft cap where the
+        config has one (Gemma 2, 3). Code that keeps hidden states to project only some rows calls this, never
+        lm_head alone."""
+        return soft_cap(self.lm_head(hidden), self.config.final_softcap)
 
     # ------------------------------------------------------------------------------------------------
     # Generation

@@ -3,7 +3,7 @@
 The logits / padding / greedy-generation / save-round-trip parity against transformers runs in
 tests/test_model_parity.py (configs "qwen3_gqa_headdim" and "qwen3_tied_bias"); this file checks what is
 Qwen3's own: where the norms sit, that they matter, that the file names and config keys survive a round trip,
-that PEFT reads a LoRA adapter trained on it, and that a sliding-window config is refused, not ignored.
+that PEFT reads a LoRA adapter trained on it, and that a sliding-window config is honoured, not ignored.
 """
 
 import json
@@ -138,20 +138,25 @@ def test_qlora_forward_backward(tmp_path):
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n or "lora_B" in n)
 
 
-def test_sliding_window_config_is_refused_not_ignored(tmp_path):
+def test_sliding_window_config_is_honoured(tmp_path):
+    """use_sliding_window = true: the layers layer_types marks (or those from max_window_layers on) attend to the
+    last sliding_window positions only, as in transformers, which reads the same edited config.json."""
     reference(tmp_path)
     config_file = tmp_path / "ref" / "config.json"
     raw = json.loads(config_file.read_text())
-    for extra in ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
-                  {"use_sliding_window": True, "sliding_window": 8,
+    for extra in ({"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1, "layer_types": None},
+                  {"use_sliding_window": True, "sliding_window": 3,
                    "layer_types": ["full_attention", "sliding_attention"]}):
         config_file.write_text(json.dumps({**raw, **extra}))
-        with pytest.raises(ValueError, match=r"config\.json: use_sliding_window = true makes layers \[1\] attend"):
-            minift.load(tmp_path / "ref")
-    # the released checkpoints' setting: window fields present, switched off -> loads
+        model, _ = minift.load(tmp_path / "ref")
+        assert (model.config.sliding_window, model.config.layer_types) == (3, ["full_attention", "sliding_attention"])
+        theirs = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "ref").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(IDS), theirs(IDS).logits, atol=1e-4, rtol=1e-4)
+    # the released checkpoints' setting: window fields present, switched off -> every layer sees everything
     config_file.write_text(json.dumps({**raw, "use_sliding_window": False, "sliding_window": None,
                                        "max_window_layers": 28}))
-    minift.load(tmp_path / "ref")
+    assert minift.load(tmp_path / "ref")[0].config.sliding_window is None
 
 
 def test_head_dim_defaults_as_transformers_does():
@@ -180,8 +185,8 @@ def test_nf4_directory_round_trip(tmp_path):
 
 def test_qk_norm_only_saves_as_qwen3():
     llama = ModelConfig(model_type="llama", vocab_size=V, dim=32, n_layers=1, n_heads=2, hidden_dim=64, qk_norm=True)
-    with pytest.raises(ValueError, match="only Qwen3 has q/k norms"):
+    with pytest.raises(ValueError, match=r"'llama' cannot express qk_norm=True .*llama always has qk_norm=False"):
         hf.config_to_hf(llama)
     qwen3 = ModelConfig(model_type="qwen3", vocab_size=V, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
-    with pytest.raises(ValueError, match="only Qwen3 has q/k norms"):
+    with pytest.raises(ValueError, match=r"'qwen3' cannot express qk_norm=False .*qwen3 always has qk_norm=True"):
         hf.config_to_hf(qwen3)

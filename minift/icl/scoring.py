@@ -102,7 +102,7 @@ def _check_causal(model) -> None:
 
 def _gather_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) from hidden states (n, d) and target ids (n,): LM head on these rows only. -> (n,)"""
-    logits = model.lm_head(hidden).float()  # (n, V)
+    logits = model.logits(hidden).float()  # (n, V): lm_head, then the final soft cap where there is one (Gemma 2)
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 

@@ -16,6 +16,14 @@ is a table of (Hugging Face pattern, minift pattern) pairs per family, read in b
                                                           and transposed, because GPT-2 used Conv1D layers
                                                           that store weights as (in, out))
     encoder.layer.{i}.attention.self.query.weight   <->  blocks.{i}.attn.q_proj.weight       (BERT)
+    model.layers.{i}.post_attention_layernorm       <->  blocks.{i}.mlp_norm (Llama: the norm before the MLP)
+                                                    <->  blocks.{i}.attn_post_norm (Gemma 2, 3: the norm
+                                                         after attention; pre_feedforward_layernorm is the
+                                                         one before the MLP), hence a table of their own
+
+The config.json keys that set each family's switches (minift/config.py) are read in config_from_hf and
+written back in config_to_hf; what a model_type always is (Gemma's (1 + w) norms, Qwen3's q/k norms) is
+the FIXED_SWITCHES table.
 
 Writing goes the other way and produces a directory `transformers` loads with identical outputs. Every
 file is read with safetensors (no pickle), and every mismatch names the file and tensor: a corrupt file, an
@@ -38,11 +46,13 @@ from pathlib import Path
 
 import torch
 
-from minift.config import ModelConfig
+from minift.config import LAYER_TYPES, ModelConfig
 from minift.io.files import check_floating, json_field, path_inside, read_json_file, read_safetensors
 from minift.tokenizer import Tokenizer
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm2", "qwen3")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm2", "qwen3", "gemma")
+GEMMA2_FAMILY = ("gemma2", "gemma3_text")  # Llama's names, plus the norms after each branch
+DECODERS = LLAMA_FAMILY + GEMMA2_FAMILY  # model types read by the same rules (config_from_hf's first branch)
 
 # (Hugging Face name, minift name); "{i}" is a layer number. Tensors not listed here are an error on load.
 NAME_TABLES: dict[str, list[tuple[str, str]]] = {
@@ -84,17 +94,43 @@ NAME_TABLES: dict[str, list[tuple[str, str]]] = {
         *[(f"encoder.layer.{{i}}.output.LayerNorm.{w}", f"blocks.{{i}}.mlp_norm.{w}") for w in ("weight", "bias")],
     ],
 }
+NAME_TABLES["gemma2"] = [pair for pair in NAME_TABLES["llama"] if "post_attention_layernorm" not in pair[0]] + [
+    ("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.attn_post_norm.weight"),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
+    ("model.layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.mlp_post_norm.weight"),
+]
+# Switches a model_type always has (config.json has no key for them); any other model_type has them all off.
+FIXED_SWITCHES: dict[str, dict[str, bool]] = {
+    "qwen3": dict(qk_norm=True),
+    "gemma": dict(norm_plus_one=True, embed_scale=True),
+    "gemma2": dict(norm_plus_one=True, embed_scale=True, branch_post_norms=True),
+    "gemma3_text": dict(norm_plus_one=True, embed_scale=True, branch_post_norms=True, qk_norm=True),
+}
+SWITCH_NAMES = ("qk_norm", "norm_plus_one", "embed_scale", "branch_post_norms")
+
+
+def fixed_switches(model_type: str) -> dict[str, bool]:
+    return {name: FIXED_SWITCHES.get(model_type, {}).get(name, False) for name in SWITCH_NAMES}
+
+
 # Tensors a checkpoint may carry that the model does not use (buffers, BERT's pooler, GPT-2's causal-mask buffers).
 IGNORED = re.compile(r"(position_ids$|^pooler\.|\.attn\.bias$|\.attn\.masked_bias$|rotary_emb\.inv_freq$)")
 
 
 def family(model_type: str) -> str:
+    """The name table a model_type uses: "llama", "gemma2", "gpt2" or "bert"."""
     if model_type in LLAMA_FAMILY:
         return "llama"
-    if model_type in NAME_TABLES:
+    if model_type in GEMMA2_FAMILY:
+        return "gemma2"
+    if model_type in ("gpt2", "bert"):
         return model_type
+    hint = ""
+    if model_type == "gemma3":
+        hint = (" ('gemma3' is Gemma3ForConditionalGeneration, text and vision; minift reads the text-only "
+                "Gemma3ForCausalLM checkpoints, model_type 'gemma3_text')")
     raise ValueError(
-        f"unknown model_type {model_type!r}; minift supports {sorted(set(LLAMA_FAMILY) | {'gpt2', 'bert'})}"
+        f"unknown model_type {model_type!r}; minift supports {sorted(set(DECODERS) | {'gpt2', 'bert'})}{hint}"
     )
 
 
@@ -134,31 +170,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return json_field(hf, key, where, kind, default=default)
 
     special = {key: get(key, None, "token id") for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    if fam == "llama":
-        # Newer transformers write rope_parameters = {"rope_type", "rope_theta", ...}; older ones rope_theta +
-        # rope_scaling.
-        rope = get("rope_parameters", {}, "object")
-        scaling = get("rope_scaling", None, "object")
-        scaling = scaling or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling:
-            check_rope_scaling(scaling, where, "rope_scaling" if hf.get("rope_scaling") else "rope_parameters")
-        theta = json_field(rope, "rope_theta", where, "positive number", section="rope_parameters",
-                           default=get("rope_theta", 10000.0, "positive number"))
-        bias = get("attention_bias", None, "bool")
-        if model_type == "qwen3":
-            check_no_sliding_window(hf, where, get)
-        fields = dict(
-            model_type=model_type, vocab_size=need("vocab_size"), dim=need("hidden_size"),
-            n_layers=need("num_hidden_layers"), n_heads=need("num_attention_heads"),
-            n_kv_heads=get("num_key_value_heads", None, "positive int"),
-            head_dim=get("head_dim", 128 if model_type == "qwen3" else None, "positive int"),  # Qwen3Config's default
-            hidden_dim=need("intermediate_size"), max_seq_len=get("max_position_embeddings", 2048, "positive int"),
-            norm="rms", norm_eps=get("rms_norm_eps", 1e-6, "positive number"), positions="rope",
-            rope_theta=theta, rope_scaling=scaling, mlp="swiglu", activation="silu",
-            qkv_bias=model_type == "qwen2" if bias is None else bias, out_bias=bool(bias),
-            mlp_bias=get("mlp_bias", False, "bool"), tie_embeddings=get("tie_word_embeddings", False, "bool"),
-            qk_norm=model_type == "qwen3",
-        )
+    if fam in ("llama", "gemma2"):
+        fields = decoder_fields(hf, model_type, where)
     elif fam == "gpt2":
         act = get("activation_function", "gelu_new", "str")
         fields = dict(
@@ -185,25 +198,158 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         raise ValueError(f"{where}: {error}") from None
 
 
-def check_no_sliding_window(hf: dict, where: str, get) -> None:
-    """Qwen3 attends within a sliding window only when use_sliding_window is true, and then only on the layers
-    layer_types marks "sliding_attention" (by default those from max_window_layers on). minift has no windowed
-    mask yet, so such a config is an error rather than a model that silently attends further back."""
-    if not get("use_sliding_window", False, "bool"):
-        return
-    window = get("sliding_window", None, "positive int")
+# What a config.json key means when it is missing: transformers' default for that model_type.
+DEFAULTS = {
+    "head_dim": {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256},
+    "num_key_value_heads": {"gemma": 16, "gemma2": 4, "gemma3_text": 4},  # others: num_attention_heads
+    "max_position_embeddings": {"gemma": 8192, "gemma2": 8192, "gemma3_text": 131072},
+    "tie_word_embeddings": {"gemma": True, "gemma2": True, "gemma3_text": True},
+}
+GELU_NAMES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
+
+
+def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
+    """ModelConfig fields of a Llama-family or Gemma config.json (every value type-checked, errors name the key).
+
+        config.json key                         ModelConfig field      families
+        hidden_size, num_hidden_layers, ...     dim, n_layers, ...     all
+        rope_theta / rope_parameters            rope_theta             all (Gemma 3: the full layers')
+        rope_scaling                            rope_scaling           all (Gemma 3: full layers only)
+        rope_local_base_freq                    rope_local_theta       Gemma 3 (rope_parameters.sliding_attention)
+        attention_bias                          qkv_bias, out_bias     Llama, Qwen3, Gemma (Qwen2: q, k, v only)
+        hidden_act / hidden_activation          activation             Gemma 1 / Gemma 2, 3 (GeGLU's GELU)
+        query_pre_attn_scalar                   query_pre_attn_scalar  Gemma 2, 3
+        attn_logit_softcapping                  attn_softcap           Gemma 2
+        final_logit_softcapping                 final_softcap          Gemma 2, 3
+        sliding_window                          sliding_window         Mistral (every layer), Qwen2/3 (with
+        use_sliding_window, max_window_layers,  layer_types            use_sliding_window), Gemma 2, 3
+        layer_types, sliding_window_pattern
+    """
+    def get(key, default, kind):
+        return json_field(hf, key, where, kind, default=default)
+
+    def nullable(key, default, kind):  # missing: transformers' default; an explicit null: none
+        return None if key in hf and hf[key] is None else get(key, default, kind)
+
+    def default(key, fallback=None):
+        return DEFAULTS[key].get(model_type, fallback)
+
+    gemma = model_type in ("gemma",) + GEMMA2_FAMILY
+    if gemma and get("use_bidirectional_attention", False, "bool"):
+        raise ValueError(f"{where}: use_bidirectional_attention = true (an encoder-style Gemma) is not supported; "
+                         "minift's Gemma is a causal language model")
+    theta, scaling, local_theta = rope_fields(hf, model_type, where, get)
+    n_layers = json_field(hf, "num_hidden_layers", where, "positive int")
+    window, layer_types = sliding_fields(hf, model_type, where, get, nullable, n_layers)
+    bias = get("attention_bias", None, "bool")
+    fields = dict(
+        model_type=model_type, vocab_size=json_field(hf, "vocab_size", where, "positive int"),
+        dim=json_field(hf, "hidden_size", where, "positive int"), n_layers=n_layers,
+        n_heads=json_field(hf, "num_attention_heads", where, "positive int"),
+        n_kv_heads=get("num_key_value_heads", default("num_key_value_heads"), "positive int"),
+        head_dim=get("head_dim", default("head_dim"), "positive int"),
+        hidden_dim=json_field(hf, "intermediate_size", where, "positive int"),
+        max_seq_len=get("max_position_embeddings", default("max_position_embeddings", 2048), "positive int"),
+        norm="rms", norm_eps=get("rms_norm_eps", 1e-6, "positive number"), positions="rope",
+        rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta, mlp="swiglu", activation="silu",
+        qkv_bias=model_type == "qwen2" if bias is None else bias, out_bias=bool(bias),
+        mlp_bias=get("mlp_bias", False, "bool"),
+        tie_embeddings=get("tie_word_embeddings", default("tie_word_embeddings", False), "bool"),
+        sliding_window=window, layer_types=layer_types, **fixed_switches(model_type),
+    )
+    if gemma:
+        key = "hidden_act" if model_type == "gemma" else "hidden_activation"
+        act = get(key, "gelu_pytorch_tanh", "str")
+        if model_type == "gemma" and act == "gelu":  # early Gemma configs: transformers reads it as the tanh GELU
+            act = "gelu_pytorch_tanh"
+        if act not in GELU_NAMES:
+            raise ValueError(f"{where}: {key} = {act!r} is not supported for {model_type} (supported: "
+                             f"{', '.join(GELU_NAMES)})")
+        fields["activation"] = GELU_NAMES[act]
+    if model_type in GEMMA2_FAMILY:
+        fields["query_pre_attn_scalar"] = get("query_pre_attn_scalar", 256, "positive number")
+        fields["final_softcap"] = nullable("final_logit_softcapping", 30.0 if model_type == "gemma2" else None,
+                                           "positive number")
+        attn_cap = nullable("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None, "positive number")
+        if model_type == "gemma3_text" and attn_cap is not None:
+            raise ValueError(f"{where}: attn_logit_softcapping = {attn_cap} is not supported for gemma3_text: "
+                             "transformers' Gemma 3 never applies it (only Gemma 2 caps attention logits); set it "
+                             "to null")
+        fields["attn_softcap"] = attn_cap
+    return fields
+
+
+def rope_fields(hf: dict, model_type: str, where: str, get) -> tuple[float, dict | None, float | None]:
+    """(rope_theta, rope_scaling, rope_local_theta). Newer transformers write rope_parameters = {"rope_type",
+    "rope_theta", ...}; older ones rope_theta + rope_scaling. Gemma 3 has one set per layer kind:
+    rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}, or the older rope_theta (global,
+    default 1M), rope_local_base_freq (local, default 10k) and rope_scaling (global layers only)."""
+    rope = get("rope_parameters", {}, "object")
+    legacy = get("rope_scaling", None, "object")
+    if model_type != "gemma3_text":
+        scaling = legacy or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling:
+            check_rope_scaling(scaling, where, "rope_scaling" if legacy else "rope_parameters")
+        theta = json_field(rope, "rope_theta", where, "positive number", section="rope_parameters",
+                           default=get("rope_theta", 10000.0, "positive number"))
+        return theta, scaling, None
+    if rope and not set(rope) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"{where}: rope_parameters of a gemma3_text config must be {{\"full_attention\": {{...}}, "
+                         f"\"sliding_attention\": {{...}}}}, got keys {sorted(rope)}")
+    full = dict(json_field(rope, "full_attention", where, "object", {}, "rope_parameters"))
+    local = json_field(rope, "sliding_attention", where, "object", {}, "rope_parameters")
+    full.update(legacy or {})
+    section = "rope_scaling" if legacy else "rope_parameters.full_attention"
+    scaling = full if full.get("rope_type", full.get("type", "default")) != "default" else None
+    if scaling:
+        check_rope_scaling(scaling, where, section)
+    theta = json_field(full, "rope_theta", where, "positive number", section="rope_parameters.full_attention",
+                       default=get("rope_theta", 1_000_000.0, "positive number"))
+    kind = local.get("rope_type", local.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"{where}: rope_parameters.sliding_attention.rope_type = {kind!r} is not supported (Gemma 3's "
+                         "local layers use plain RoPE: 'default')")
+    local_theta = json_field(local, "rope_theta", where, "positive number", section="rope_parameters.sliding_attention",
+                             default=get("rope_local_base_freq", 10_000.0, "positive number"))
+    return theta, scaling, local_theta
+
+
+def sliding_fields(hf: dict, model_type: str, where: str, get, nullable, n_layers: int):
+    """(sliding_window, layer_types) as transformers reads them for each model_type:
+
+        mistral        sliding_window on every layer (missing: 4096; null: none); layer_types ignored
+        qwen2, qwen3   only if use_sliding_window; then layer_types, or the layers from max_window_layers on
+        gemma2         layer_types, or alternating: layers 0, 2, 4, ... local (sliding_window 4096 if missing)
+        gemma3_text    layer_types, or sliding_window_pattern (6): every 6th layer global, the rest local
+        llama, gemma   no sliding window
+    """
+    if model_type == "mistral":
+        return nullable("sliding_window", 4096, "positive int"), None
+    if model_type in ("qwen2", "qwen3"):
+        if not get("use_sliding_window", False, "bool"):
+            return None, None
+        window = nullable("sliding_window", 4096, "positive int")
+        first = get("max_window_layers", 28, "int >= 0")
+        computed = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                    for i in range(n_layers)]
+    elif model_type == "gemma2":
+        window = nullable("sliding_window", 4096, "positive int")
+        computed = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+    elif model_type == "gemma3_text":
+        window = nullable("sliding_window", 4096, "positive int")
+        pattern = get("sliding_window_pattern", 6, "positive int")
+        computed = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    else:
+        return None, None
+    kinds = get("layer_types", computed, "str list")
+    if len(kinds) != n_layers or not set(kinds) <= set(LAYER_TYPES):
+        raise ValueError(f"{where}: layer_types must list {n_layers} entries (num_hidden_layers), each one of "
+                         f"{', '.join(LAYER_TYPES)}; got {kinds!r}"[:300])
+    if "sliding_attention" not in kinds:
+        return None, None
     if window is None:
-        return
-    layers = json_field(hf, "num_hidden_layers", where, "positive int")
-    kinds = get("layer_types", None, "list")
-    if kinds is None:
-        first = get("max_window_layers", layers, "int >= 0")
-        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
-    sliding = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
-    if sliding:
-        raise ValueError(f"{where}: use_sliding_window = true makes layers {sliding} attend only to the last "
-                         f"{window} tokens, which minift does not support yet; set use_sliding_window to false "
-                         "(Qwen3's released checkpoints do)")
+        raise ValueError(f"{where}: layer_types has sliding_attention layers but sliding_window is null")
+    return window, kinds
 
 
 def check_rope_scaling(scaling: dict, where: str, section: str) -> None:
@@ -228,31 +374,8 @@ def config_to_hf(config: ModelConfig) -> dict:
     fam = family(c.model_type)
     special = {k: v for k, v in dict(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                                      pad_token_id=c.pad_token_id).items() if v is not None}
-    if fam == "llama":
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}.get(c.model_type, "LlamaForCausalLM")
-        model_type = c.model_type if c.model_type in ("llama", "mistral", "qwen2", "qwen3") else "llama"
-        out = dict(
-            architectures=[arch], model_type=model_type, vocab_size=c.vocab_size, hidden_size=c.dim,
-            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
-            head_dim=c.head_dim, intermediate_size=c.hidden_dim, max_position_embeddings=c.max_seq_len,
-            rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu",
-            tie_word_embeddings=c.tie_embeddings, mlp_bias=c.mlp_bias,
-        )
-        if c.rope_scaling:
-            out["rope_scaling"] = dict(c.rope_scaling)
-        if c.qk_norm != (model_type == "qwen3"):
-            raise ValueError(f"model_type {model_type!r} cannot express qk_norm={c.qk_norm} in config.json "
-                             "(only Qwen3 has q/k norms, and it always has them)")
-        if model_type in ("llama", "qwen3"):
-            out["attention_bias"] = c.qkv_bias
-            if c.qkv_bias != c.out_bias:
-                raise ValueError(f"a {model_type} config.json cannot express q/k/v biases without an o_proj bias")
-        elif model_type == "qwen2" and (not c.qkv_bias or c.out_bias):
-            raise ValueError("Qwen2 always has q/k/v biases and no o_proj bias")
-        if model_type == "qwen3":
-            out["use_sliding_window"] = False
-        return {**out, **special, "torch_dtype": "float32"}
+    if fam in ("llama", "gemma2"):
+        return {**decoder_config(c), **special, "torch_dtype": "float32"}
     if fam == "gpt2":
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_embd=c.dim,
                     n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.hidden_dim, n_positions=c.max_seq_len,
@@ -263,6 +386,85 @@ def config_to_hf(config: ModelConfig) -> dict:
                 num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, intermediate_size=c.hidden_dim,
                 max_position_embeddings=c.max_seq_len, layer_norm_eps=c.norm_eps, type_vocab_size=c.type_vocab_size,
                 hidden_act="gelu" if c.activation == "gelu" else "gelu_new", **special)
+
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def decoder_config(c: ModelConfig) -> dict:
+    """config.json of a Llama-family or Gemma model (decoder_fields backwards). A switch the model_type cannot
+    express (a Llama with a soft cap, a Gemma 2 without its post norms) is an error, not a silent change."""
+    model_type = c.model_type if c.model_type in ARCHITECTURES else "llama"  # smollm2 and friends save as Llama
+    gemma = model_type.startswith("gemma")
+
+    def refuse(what: str) -> None:
+        raise ValueError(f"model_type {model_type!r} cannot express {what} in config.json")
+
+    for name, fixed in fixed_switches(model_type).items():
+        if getattr(c, name) != fixed:
+            refuse(f"{name}={getattr(c, name)} ({model_type} always has {name}={fixed})")
+    out = dict(
+        architectures=[ARCHITECTURES[model_type]], model_type=model_type, vocab_size=c.vocab_size,
+        hidden_size=c.dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, intermediate_size=c.hidden_dim,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, hidden_act="silu",
+        tie_word_embeddings=c.tie_embeddings, mlp_bias=c.mlp_bias,
+    )
+    if c.rope_scaling:
+        out["rope_scaling"] = dict(c.rope_scaling)
+    if model_type in ("llama", "qwen3") or gemma:
+        out["attention_bias"] = c.qkv_bias
+        if c.qkv_bias != c.out_bias:
+            raise ValueError(f"a {model_type} config.json cannot express q/k/v biases without an o_proj bias")
+    elif model_type == "qwen2" and (not c.qkv_bias or c.out_bias):
+        raise ValueError("Qwen2 always has q/k/v biases and no o_proj bias")
+    if gemma:
+        del out["mlp_bias"]
+        if c.mlp_bias or c.mlp != "swiglu" or c.activation == "silu":
+            refuse(f"mlp={c.mlp!r}, activation={c.activation!r}, mlp_bias={c.mlp_bias} (Gemma's MLP is GeGLU: "
+                   "gated, GELU, no biases)")
+        if model_type == "gemma" and c.activation != "gelu_tanh":
+            refuse(f"activation={c.activation!r} (Gemma 1's hidden_act is the tanh GELU)")
+        del out["hidden_act"]  # Gemma 1 names the GELU hidden_act, Gemma 2 and 3 hidden_activation
+        out["hidden_act" if model_type == "gemma" else "hidden_activation"] = \
+            "gelu_pytorch_tanh" if c.activation == "gelu_tanh" else "gelu"
+    kinds = [("sliding_attention" if c.is_sliding(i) else "full_attention") for i in range(c.n_layers)]
+    sliding = "sliding_attention" in kinds
+    if model_type in ("llama", "gemma") and sliding:
+        refuse(f"sliding_window={c.sliding_window}")
+    if model_type == "mistral":
+        if sliding and "full_attention" in kinds:
+            refuse(f"layer_types={kinds} (Mistral slides on every layer or none)")
+        out["sliding_window"] = c.sliding_window if sliding else None
+    if model_type in ("qwen2", "qwen3"):
+        out.update(use_sliding_window=sliding, sliding_window=c.sliding_window if sliding else None)
+        if sliding:
+            out["layer_types"] = kinds
+            first = kinds.index("sliding_attention")
+            if all(kind == "sliding_attention" for kind in kinds[first:]):  # older transformers read this instead
+                out["max_window_layers"] = first
+    if model_type in GEMMA2_FAMILY:  # transformers builds a sliding mask even if no layer uses it: give a window
+        out.update(sliding_window=c.sliding_window or c.max_seq_len, layer_types=kinds,
+                   query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+                   final_logit_softcapping=c.final_softcap)
+    elif c.query_pre_attn_scalar is not None and c.query_pre_attn_scalar != c.head_dim:
+        refuse(f"query_pre_attn_scalar={c.query_pre_attn_scalar}")
+    elif c.final_softcap is not None:
+        refuse(f"final_softcap={c.final_softcap}")
+    if model_type == "gemma2":
+        out["attn_logit_softcapping"] = c.attn_softcap
+    elif c.attn_softcap is not None:
+        refuse(f"attn_softcap={c.attn_softcap}")
+    if model_type == "gemma3_text":
+        out["attn_logit_softcapping"] = None
+        if c.rope_local_theta is None and c.rope_scaling:
+            refuse("sliding layers that share the global layers' scaled RoPE (rope_local_theta=None)")
+        out["rope_local_base_freq"] = c.rope_local_theta or c.rope_theta
+    elif c.rope_local_theta is not None:
+        refuse(f"rope_local_theta={c.rope_local_theta}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from minift.adapter_interface import adapter_parameter_names
 from minift.config import ModelConfig
-from minift.model import Transformer, rope_frequencies
+from minift.model import Transformer
 
 
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], where: str = "checkpoint") -> Transformer:
@@ -48,8 +48,7 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], where: str 
     model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight  # assign=True replaced the embedding: tie the head again
-    if config.positions == "rope":  # a computed buffer, not in checkpoints: rebuild it off the meta device
-        model.inv_freq = rope_frequencies(config).to(model.embed.weight.device)
+    model.reset_rope(model.embed.weight.device)  # computed buffers, not in checkpoints: rebuild them off meta
     return model.eval()
 
 
