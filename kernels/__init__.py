@@ -22,6 +22,8 @@ _EXPORTS = {
     "nf4_matmul_backward_input": "nf4_matmul_backward_kernel",
     "nf4_matmul_backward_input_reference": "nf4_matmul_backward_kernel",
     "NF4MatmulFunction": "nf4_matmul_kernel",
+    "cross_entropy_rows": "fused_linear_cross_entropy_kernel",
+    "cross_entropy_rows_reference": "fused_linear_cross_entropy_kernel",
 }
 
 
@@ -60,6 +62,22 @@ def nf4_matmul_backward_input(grad_y, q):
 def nf4_matmul_backward_input_reference(grad_y, q):
     """Pure-torch spec of nf4_matmul_backward_input."""
     return _load("nf4_matmul_backward_input_reference")(grad_y, q)
+
+
+def cross_entropy_rows(logits, targets, row_scale=None, ignore_index=-100, label_smoothing=0.0, softcap=None,
+                       compute_grad=True):
+    """Per-row cross-entropy (R,) and log-sum-exp (R,) of logits (R, V), the gradient written over the logits
+    (Triton). The per-chunk step of the fused linear cross-entropy; see kernels/fused_linear_cross_entropy_kernel.py.
+    """
+    return _load("cross_entropy_rows")(logits, targets, row_scale, ignore_index, label_smoothing, softcap,
+                                       compute_grad)
+
+
+def cross_entropy_rows_reference(logits, targets, row_scale=None, ignore_index=-100, label_smoothing=0.0,
+                                 softcap=None, compute_grad=True):
+    """Pure-torch spec of cross_entropy_rows (the CPU path of minift/fused_loss.py)."""
+    return _load("cross_entropy_rows_reference")(logits, targets, row_scale, ignore_index, label_smoothing, softcap,
+                                                 compute_grad)
 
 
 def __getattr__(name: str):

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from minift.adapter_interface import disabled_adapters, has_adapters
 from minift.align.preference import collate_preferences
+from minift.fused_loss import final_softcap, fusable_head, linear_token_logprobs
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo")
 
@@ -72,12 +73,14 @@ def sequence_logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor,
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      completion_mask: torch.Tensor) -> torch.Tensor:
+                      completion_mask: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """log pi(completion | prompt) for each row: (B,) float32, summed over the tokens where completion_mask is 1.
 
     model: a minift causal LM (LoRA, QLoRA or any adapter inside is fine). As in train/tasks.py, only the scored
     positions meet the vocabulary matrix: hidden (B, T, d) -> select (N, d) -> lm_head -> (N, V), so the (B, T, V)
-    logits tensor, the largest activation of a small model, is never made.
+    logits tensor, the largest activation of a small model, is never made. With fused (the default) and a plain linear
+    lm_head, not even the (N, V) logits are: minift.fused_loss.linear_token_logprobs scores a chunk of rows at a
+    time and recomputes each chunk's logits in backward (same numbers, one chunk of logits in memory).
     """
     if completion_mask.shape != input_ids.shape:
         raise ValueError(f"sequence_logprobs: completion_mask {tuple(completion_mask.shape)} must have the shape of "
@@ -89,7 +92,15 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)  # (B, T, d)
     scored = completion_mask[:, 1:].bool()  # (B, T-1)
     rows = scored.nonzero()[:, 0]  # (N,)
+    parts = fusable_head(lm_head) if fused else None
+    softcap = final_softcap(getattr(model, "config", None))
+    if parts is not None:
+        token_logps = linear_token_logprobs(hidden[:, :-1][scored], parts[0], input_ids[:, 1:][scored], parts[1],
+                                            softcap=softcap)  # (N,)
+        return torch.zeros(input_ids.size(0), dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
     logits = lm_head(hidden[:, :-1][scored])  # (N, V)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits.float() / softcap)
     return _sum_token_logprobs(logits, input_ids[:, 1:][scored], rows, input_ids.size(0))
 
 

@@ -222,6 +222,7 @@ def build_trainable_model(config: RunConfig, model: nn.Module, labels: list[str]
     else:
         task_model = build_task_model(model, task.kind, num_labels=len(labels) if labels else None,
                                       pooling=task.pooling, head_dropout=task.head_dropout)
+    task_model.fused_loss = config.train.fused_loss  # the LM losses' fused, chunked vocabulary projection
     plan = prepare_method(config.method.name, model, config.method.options)
     if hasattr(task_model, "method_prepared"):
         task_model.method_prepared()  # e.g. DPO's frozen reference copy, made before any step

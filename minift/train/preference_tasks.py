@@ -189,7 +189,7 @@ class PreferenceTaskModel(AlignTaskModel):
 
     def forward(self, batch: dict) -> TaskOutput:
         logps = sequence_logprobs(self.backbone, batch["input_ids"], batch.get("attention_mask"),
-                                  batch["completion_mask"])  # (2B,)
+                                  batch["completion_mask"], fused=self.fused_loss)  # (2B,)
         reference = batch.get("reference_logps")
         if reference is None:
             reference = self.reference.sequence_logprobs(self.backbone, batch)

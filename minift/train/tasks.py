@@ -24,6 +24,10 @@ SmolLM2), so we select the target rows of the hidden states first:
     hidden (B, T, d) --select labels != -100--> (N, d) --lm_head--> logits (N, V) --cross-entropy--> sum
 
 This gives the same loss as `losses.token_loss_sum` on full logits, with N/(B*T) of its memory and FLOPs.
+The (N, V) logits are still the largest tensor of a step, so by default (train.fused_loss = true) the projection
+and the cross-entropy run fused, a chunk of rows at a time (minift/fused_loss.py): the same loss and gradients,
+never more than one chunk of logits in memory. An lm_head with an adapter inside (LoRA on lm_head) or in NF4
+is not a plain linear layer, and takes the unfused path.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.fused_loss import final_softcap, fusable_head, linear_cross_entropy
 from minift.io.files import read_json_file
 from minift.losses import IGNORE_INDEX, ClassificationHead, mask_tokens
 
@@ -60,9 +65,11 @@ class MLMHead(nn.Module):
         nn.init.zeros_(self.dense.bias)
         nn.init.zeros_(self.decoder.bias)
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(hidden)))  # (N, d): what the decoder projects to the vocabulary
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.norm(F.gelu(self.dense(hidden)))  # (N, d)
-        return self.decoder(x)  # (N, V)
+        return self.decoder(self.transform(hidden))  # (N, V)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class TaskModel(nn.Module):
         if kind not in self.KINDS:
             raise ValueError(f"[task] kind = {kind!r}; expected one of {', '.join(TASK_KINDS)}")
         self.backbone, self.kind, self.head = backbone, kind, head
+        self.fused_loss = True  # LM tasks: fused, chunked projection + cross-entropy (train.fused_loss)
 
     def head_parameters(self) -> dict[str, nn.Parameter]:
         """The head's own parameters, named as in this module ("head.linear.weight"). The MLM decoder's weight
@@ -110,18 +118,37 @@ class TaskModel(nn.Module):
             return TaskOutput(loss_sum, labels.numel(), int((logits.argmax(-1) == labels).sum()))
         if self.kind == "causal_lm":
             hidden, labels = hidden[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-            project = self.backbone.lm_head
-        else:
-            project = self.head
         selected = labels != IGNORE_INDEX  # (B, T)
-        logits = project(hidden[selected])  # (N, V): only target rows meet the vocabulary matrix
-        loss_sum = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+        loss_sum = self.vocabulary_loss(hidden[selected], labels[selected])  # only target rows meet the vocabulary
         return TaskOutput(loss_sum, int(selected.sum()))
+
+    def vocabulary_loss(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the target rows (N, d) projected to the vocabulary: fused and chunked when the
+        projection is a plain linear layer and fused_loss is on, else the logits (N, V) and F.cross_entropy."""
+        if self.kind == "causal_lm":
+            project, softcap = self.backbone.lm_head, final_softcap(self.backbone.config)
+        else:  # masked_lm: dense -> GELU -> LayerNorm, then the tied decoder
+            rows, project, softcap = self.head.transform(rows), self.head.decoder, None
+        parts = fusable_head(project) if self.fused_loss else None
+        if parts is not None:
+            return linear_cross_entropy(rows, parts[0], targets, parts[1], softcap=softcap)
+        logits = project(rows).float()  # (N, V)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def build_task_model(backbone: nn.Module, kind: str, num_labels: int | None = None, pooling: str | None = None,
-                     head_dropout: float = 0.0) -> TaskModel:
-    """Attach the head a task needs (creating new weights, so seed torch first for a reproducible init)."""
+                     head_dropout: float = 0.0, fused_loss: bool = True) -> TaskModel:
+    """Attach the head a task needs (creating new weights, so seed torch first for a reproducible init).
+    fused_loss: LM tasks compute the vocabulary projection and the loss fused, chunk by chunk."""
+    model = _build_task_model(backbone, kind, num_labels, pooling, head_dropout)
+    model.fused_loss = fused_loss
+    return model
+
+
+def _build_task_model(backbone: nn.Module, kind: str, num_labels: int | None, pooling: str | None,
+                      head_dropout: float) -> TaskModel:
     config = backbone.config
     if kind == "causal_lm":
         if not (config.causal and config.lm_head):
