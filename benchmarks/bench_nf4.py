@@ -6,7 +6,9 @@ For every layer shape (SmolLM2-135M and Llama-7B) and batch of rows M it
   3. prints a table: time, effective GB/s on the NF4 bytes, TFLOP/s, and the speed-up of minift-triton
      over bitsandbytes and over cuBLAS on the unquantized bf16 weight,
 and writes benchmarks/results/nf4_<gpu>.md. A second table times the backward product grad_x = grad_y @ W
-that QLoRA training needs.
+that QLoRA training needs. Beside each time stands its roofline lower bound on this GPU (benchmarks/roofline.py:
+compulsory bytes / HBM bandwidth vs FLOPs / bf16 tensor-core peak, from NVIDIA's H100 and H200 datasheets)
+and the share of it reached.
 
 Providers
     minift-triton          minift.kernels.nf4_matmul (GEMV for M <= 4, fused dequantize-GEMM above)
@@ -17,7 +19,7 @@ Providers
 
     python benchmarks/bench_nf4.py [--shapes smollm2,llama7b] [--rows 1,16,256,4096] [--no-backward]
 
-Needs a CUDA GPU; on a machine without one it prints a message and exits.
+Needs a CUDA GPU; on a machine without one it prints the roofline bound table alone (nothing is measured).
 """
 
 from __future__ import annotations
@@ -29,13 +31,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table, write_result  # noqa: E402
+from roofline import bench_works, gpu_for, minift_kernel, work  # noqa: E402
 
 SHAPES = {  # (N, K) = (out_features, in_features)
     "smollm2": [(576, 576), (192, 576), (1536, 576), (576, 1536)],  # q/o, k/v, gate/up, down
     "llama7b": [(4096, 4096), (11008, 4096), (4096, 11008)],  # q/k/v/o, gate/up, down
 }
 PROVIDERS = ["minift-triton", "minift-dequant+cublas", "minift-torch", "bitsandbytes", "cublas-bf16"]
+DEFAULT_ROWS = "1,16,256,4096"
 RELATIVE_TOLERANCE = 2e-2  # max |y - y_ref| / max |y_ref| for a bf16 output (a sanity check; tests bound errors)
+
+
+def backward_rows_of(rows: list[int]) -> list[int]:
+    """The M the backward table uses: training-sized ones (>= 256), or all of them if none is."""
+    return [m for m in rows if m >= 256] or rows
+
+
+def roofline_kernel(provider: str, M: int, backward: bool) -> str:
+    """benchmarks/roofline.py's name for the work `provider` does."""
+    if provider == "cublas-bf16":
+        return "cublas bf16"
+    if provider == "minift-triton":
+        return minift_kernel(M, backward)
+    return "dequantize+cublas"  # minift-dequant+cublas, minift-torch and bitsandbytes all write the bf16 weight
+
+
+def bound_us(row: dict, gpu: str | None, backward: bool) -> float:
+    if gpu is None:
+        return float("nan")
+    return work(roofline_kernel(row["provider"], row["M"], backward), row["N"], row["K"], row["M"]).bound_seconds(
+        gpu) * 1e6
 
 
 def time_ms(fn) -> tuple[float, str]:
@@ -97,7 +122,8 @@ def reference_output(x, q, weight_bf16, bnb_weight, bnb_state, provider: str, ba
     return x.float() @ weight if backward else x.float() @ weight.T
 
 
-def bench_shape(N: int, K: int, rows: list[int], blocksize: int, backward: bool, bnb_available: bool) -> list[dict]:
+def bench_shape(N: int, K: int, rows: list[int], blocksize: int, backward: bool, bnb_available: bool,
+                gpu: str | None = None) -> list[dict]:
     import torch
 
     from minift.quant import quantize_nf4
@@ -123,10 +149,12 @@ def bench_shape(N: int, K: int, rows: list[int], blocksize: int, backward: bool,
                 error = (fn().float() - expected).abs().max().item() / expected.abs().max().item()
                 ok = error <= RELATIVE_TOLERANCE
                 ms, method = time_ms(fn) if ok else (float("nan"), "-")
-                results.append(dict(N=N, K=K, M=M, provider=name, ms=ms, method=method, error=error, ok=ok,
-                                    gbps=moved / ms / 1e6, tflops=flops / ms / 1e9))
-                print(f"  {N}x{K} M={M:<5} {name:<22} {ms * 1e3:9.1f} us  rel.err {error:.1e}"
-                      f"{'' if ok else '  WRONG'} ({method})", flush=True)
+                row = dict(N=N, K=K, M=M, provider=name, ms=ms, method=method, error=error, ok=ok,
+                           gbps=moved / ms / 1e6, tflops=flops / ms / 1e9)
+                row["bound_us"] = bound_us(row, gpu, backward)
+                results.append(row)
+                print(f"  {N}x{K} M={M:<5} {name:<22} {ms * 1e3:9.1f} us  bound {row['bound_us']:7.1f} us  "
+                      f"rel.err {error:.1e}{'' if ok else '  WRONG'} ({method})", flush=True)
         del x
         torch.cuda.empty_cache()
     return results
@@ -143,11 +171,12 @@ def ratio(results: list[dict], row: dict, provider: str) -> str:
 
 
 def table(results: list[dict]) -> str:
-    headers = ["N x K", "M", "provider", "time (us)", "GB/s (NF4 bytes)", "TFLOP/s", "rel. error",
-               "minift-triton speed-up vs this", "timed with"]
+    headers = ["N x K", "M", "provider", "time (us)", "roofline bound (us)", "% of bound", "GB/s (NF4 bytes)",
+               "TFLOP/s", "rel. error", "minift-triton speed-up vs this", "timed with"]
     rows = []
     for r in results:
-        rows.append([f"{r['N']} x {r['K']}", r["M"], r["provider"], f"{r['ms'] * 1e3:.1f}", f"{r['gbps']:.0f}",
+        rows.append([f"{r['N']} x {r['K']}", r["M"], r["provider"], f"{r['ms'] * 1e3:.1f}", f"{r['bound_us']:.1f}",
+                     f"{100 * r['bound_us'] / (r['ms'] * 1e3):.0f}%", f"{r['gbps']:.0f}",
                      f"{r['tflops']:.1f}", f"{r['error']:.1e}" + ("" if r["ok"] else " WRONG"),
                      ratio(results, r, r["provider"]) if r["provider"] != "minift-triton" else "", r["method"]])
     return markdown_table(headers, rows)
@@ -168,16 +197,22 @@ def summary(results: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="smollm2,llama7b", help="comma list of: " + ", ".join(SHAPES))
-    parser.add_argument("--rows", default="1,16,256,4096", help="comma list of M (rows of x)")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of M (rows of x)")
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-backward", action="store_true", help="skip the grad_x = grad_y @ W table")
     args = parser.parse_args()
 
     import torch
 
+    shapes = [shape for name in args.shapes.split(",") for shape in SHAPES[name.strip()]]
+    rows = [int(m) for m in args.rows.split(",")]
     if not torch.cuda.is_available():
+        import roofline
+
         print("bench_nf4: no CUDA GPU on this machine; this benchmark times GPU kernels, so nothing was measured. "
-              "Run it on a GPU (the kernels' correctness runs on the CPU in tests/test_kernels_nf4.py).")
+              "Run it on a GPU (the kernels' correctness runs on the CPU in tests/test_kernels_nf4.py). "
+              "The lower bounds a GPU run is measured against:\n")
+        print(roofline.markdown(bench_works(shapes, rows, [] if args.no_backward else backward_rows_of(rows))))
         return 0
     try:
         import bitsandbytes  # noqa: F401
@@ -187,18 +222,16 @@ def main() -> int:
         print("bench_nf4: bitsandbytes is not installed (pip install bitsandbytes); its column stays empty.")
         bnb_available = False
 
-    shapes = [shape for name in args.shapes.split(",") for shape in SHAPES[name.strip()]]
-    rows = [int(m) for m in args.rows.split(",")]
     device = torch.cuda.get_device_name(0)
+    gpu = gpu_for(device)  # None: no datasheet figures for this GPU, the bound columns stay empty
     print(f"bench_nf4 on {device}: {len(shapes)} shapes x M in {rows}, bf16 activations, NF4 blocksize "
           f"{args.blocksize} with double quantization")
-    forward = [r for N, K in shapes for r in bench_shape(N, K, rows, args.blocksize, False, bnb_available)]
+    forward = [r for N, K in shapes for r in bench_shape(N, K, rows, args.blocksize, False, bnb_available, gpu)]
     backward = []
     if not args.no_backward:
         print("backward: grad_x = grad_y @ W")
-        backward_rows = [m for m in rows if m >= 256] or rows
-        backward = [r for N, K in shapes for r in bench_shape(N, K, backward_rows, args.blocksize, True,
-                                                              bnb_available)]
+        backward = [r for N, K in shapes for r in bench_shape(N, K, backward_rows_of(rows), args.blocksize, True,
+                                                              bnb_available, gpu)]
 
     text = [f"# NF4 matmul: minift Triton vs bitsandbytes vs cuBLAS bf16 on {device}", "",
             f"Machine: {machine_description()}", "",
@@ -206,7 +239,9 @@ def main() -> int:
             f"{args.blocksize} and double quantization (4.127 bits/weight). Median time of CUDA-graph replays "
             "('graph') or of launches ('launch'). GB/s counts the NF4 weight bytes plus activations in and out "
             "for every provider (an effective rate; cuBLAS actually reads 2 bytes per weight). Speed-up = "
-            "provider time / minift-triton time (> 1: minift-triton is faster).", "",
+            "provider time / minift-triton time (> 1: minift-triton is faster). Roofline bound: "
+            f"benchmarks/roofline.py for {gpu or 'this GPU (no datasheet figures: empty)'}; % of bound = bound / "
+            "time.", "",
             "## Forward y = x W^T: summary", "", summary(forward), "",
             "## Forward: all providers", "", table(forward), ""]
     if backward:
