@@ -189,7 +189,7 @@ def test_bad_preference_record_is_one_line_naming_file_and_line(files, tmp_path,
 
 @pytest.mark.parametrize("setting,expected", [
     ("task.loss_type=hinge", "task.loss_type = 'hinge'; must be one of sigmoid, robust, ipo"),
-    ("task.beta=0", "task.beta = 0.0; must be > 0"),
+    ("task.beta=0", "task.beta = 0.0; DPO needs beta > 0"),
     ("task.label_smoothing=0.5", "task.label_smoothing = 0.5; must be in [0, 0.5)"),
     ("task.kind=preferences", "did you mean"),
 ])
@@ -206,3 +206,30 @@ def test_ipo_with_label_smoothing_is_refused(tmp_path, capsys):
             "task.label_smoothing=0.1"]
     assert finetune(*sets) == 2
     assert "no meaning for task.loss_type = 'ipo'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# GRPO and PPO (minift/train/rl_tasks.py, rl_data.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def good_words(prompts, completions):
+    """A reward function for the tests: how many GOOD words the completion has, minus the BAD ones."""
+    return [sum(w in GOOD for w in c.split()) - sum(w in BAD for w in c.split()) for c in completions]
+
+
+PROMPTS = [{"prompt": f"the {thing} was"} for thing in ("day", "film", "cold day", "sad film", "kind day", "fun film")]
+RL = ["task.reward_function=tests.test_align_engine:good_words", "task.max_new_tokens=5", "train.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", PROMPTS * 2)
+
+
+def test_grpo_and_ppo_smoke(files, prompts, tmp_path):
+    for kind in ("grpo", "ppo"):
+        run = setup(run_config(files["model"], prompts, tmp_path / kind, *RL, f"task.kind={kind}", "train.max_steps=4",
+                               "train.export=false", "task.ppo_epochs=2", "data.validation_fraction=0.25"))
+        fit(run)
+        print(kind, read_metrics(tmp_path / kind))

@@ -4,9 +4,11 @@
     methods.py      the one method registry: [method] name -> typed options -> which weights train
     tasks.py        what is learned: causal LM, masked LM, classification (the head and the loss)
     preference_tasks.py   reward model and DPO as tasks (the pair loss, the reference, the export)
+    rl_tasks.py     GRPO and PPO as tasks: rollouts with `generate`, rewards, advantages, the clipped losses
     run_config.py   RunConfig: the [model] [task] [data] [train] [method] tables of a TOML file, validated
     batches.py      records -> token ids -> padded / packed micro-batches, in a resumable order
     preference_data.py    {prompt, chosen, rejected} records -> pair batches, precomputed reference log-probs
+    rl_data.py      prompts -> rollouts the policy writes, in a resumable order (PPO's kept in the checkpoint)
     checkpoint.py   atomic checkpoints: weights, optimizer, schedule, RNG, data position
     guards.py       stopping safely: one run per folder (run.lock), Ctrl-C, divergence
     loop.py         setup -> fit -> evaluate

@@ -280,7 +280,8 @@ class DivergenceMonitor:
         if not self.factor or state.loss_ema is None:
             return
         off = "or set train.divergence_factor = 0 to turn this check off"
-        if state.start_loss and state.loss_ema > self.factor * state.start_loss:
+        # a loss that may be negative or start near 0 (the policy losses of GRPO and PPO) has no scale to compare with
+        if state.start_loss and state.start_loss > 0 and state.loss_ema > self.factor * state.start_loss:
             raise DivergenceError(
                 f"step {step}: the loss diverged: its running mean {state.loss_ema:.4g} is more than "
                 f"train.divergence_factor = {self.factor:g} times the starting loss {state.start_loss:.4g}; "

@@ -59,8 +59,9 @@ from minift.train.batches import BatchStream, load_datasets
 from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
                                  weight_norm)
 from minift.train.methods import MethodPlan, prepare_method
-from minift.train.preference_data import load_pair_datasets, prepare_pair_run
-from minift.train.preference_tasks import PAIR_KINDS, build_pair_task_model, export_task
+from minift.train.preference_tasks import export_task
+from minift.train.rl_data import ALIGN_KINDS, load_align_datasets, prepare_align_run
+from minift.train.rl_tasks import build_align_task_model
 from minift.train.run_config import RunConfig, TrainConfig, to_toml, validate_run_config
 from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
 from minift.svg_chart import write_training_chart
@@ -92,6 +93,7 @@ class LoopState:
     start_loss: float | None = None
     loss_ema: float | None = None
     start_weight_norm: float | None = None
+    task: dict | None = None  # a task's own state (PPO: the KL coefficient and the rollout in use; rl_tasks.py)
 
 
 @dataclass
@@ -179,13 +181,13 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     if config.model.dropout is not None:
         set_dropout(model, config.model.dropout)
 
-    pairs = config.task.kind in PAIR_KINDS  # reward / preference (DPO): minift/train/preference_tasks.py
-    train_data, eval_data, labels = (load_pair_datasets if pairs else load_datasets)(config, tokenizer)
+    align = config.task.kind in ALIGN_KINDS  # reward, preference (DPO), grpo, ppo: minift/train/rl_data.py
+    train_data, eval_data, labels = (load_align_datasets if align else load_datasets)(config, tokenizer)
     task_model, plan, checkpoint_names = build_trainable_model(config, model, labels)
     model.gradient_checkpointing = train.gradient_checkpointing
     task_model.to(device).train()
-    if pairs:
-        prepare_pair_run(task_model, train_data, eval_data, config)
+    if align:
+        prepare_align_run(task_model, train_data, eval_data, config, tokenizer)
 
     groups = build_layer_groups(task_model, train.layer_groups)  # bottom-up: body groups..., the head alone on top
     optimizer = build_optimizer(groups, train, device)
@@ -217,8 +219,8 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
 def build_trainable_model(config: RunConfig, model: nn.Module, labels: list[str] | None):
     """Backbone + task head, prepared by the method. Returns (task model, method plan, checkpoint names)."""
     task = config.task
-    if task.kind in PAIR_KINDS:
-        task_model = build_pair_task_model(model, task)
+    if task.kind in ALIGN_KINDS:
+        task_model = build_align_task_model(model, task)
     else:
         task_model = build_task_model(model, task.kind, num_labels=len(labels) if labels else None,
                                       pooling=task.pooling, head_dropout=task.head_dropout)
@@ -393,6 +395,8 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
     trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
     monitor = DivergenceMonitor(train.divergence_factor, state)
     monitor.start(trainable)
+    if state.task is not None and hasattr(run.model, "load_task_state"):
+        run.model.load_task_state(state.task)  # resumed: e.g. PPO's rollout in use
     saved_step = state.step  # the step of the newest checkpoint (a fresh run: 0, nothing to save)
     run.model.train()
     try:
@@ -407,6 +411,8 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
             stats = accumulate_gradients(run.model, micro_batches, train.precision, run.scaler, step)
             grad_norm = optimizer_step(run.optimizer, train.max_grad_norm, run.scaler, step)
             run.scheduler.step()
+            if hasattr(run.model, "task_state"):
+                state.task = run.model.task_state()  # saved with the loop's counters in every checkpoint
             state.step, state.micro_batches = step, state.micro_batches + len(micro_batches)
             state.tokens += stats["tokens"]
             tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
@@ -541,7 +547,7 @@ def export(run: Run) -> Path | None:
         return None
     final = run.run_dir / "final"
     try:
-        if run.model.kind in PAIR_KINDS:  # reward: a sequence-classification dir; DPO: the method's export
+        if run.model.kind in ALIGN_KINDS:  # reward: a sequence-classification dir; DPO, RL: the method's export
             export_task(run.model, run.plan, run.tokenizer, final)
         else:
             run.plan.export(run.model.backbone, run.tokenizer, final)

@@ -55,6 +55,8 @@ PAIR_KINDS = ("reward", "preference")
 
 def check_task_options(task, where: str = "config") -> None:
     """Cross-field checks of [task] for the preference kinds (single fields are checked by run_config's rules)."""
+    if task.kind == "preference" and not task.beta > 0:
+        raise ValueError(f"{where}: task.beta = {task.beta}; DPO needs beta > 0")
     if task.kind == "preference" and task.loss_type == "ipo" and task.label_smoothing:
         raise ValueError(f"{where}: task.label_smoothing = {task.label_smoothing} has no meaning for "
                          "task.loss_type = 'ipo'; set it to 0")
@@ -104,15 +106,15 @@ class ReferenceHolder:
             backbone.train(was_training)
 
     @torch.no_grad()
-    def forward_hidden(self, backbone: nn.Module, *args, **kwargs) -> torch.Tensor:
-        """The reference's hidden states (RL tasks): the copy, or `backbone` with adapters off, in eval mode."""
+    def call(self, backbone: nn.Module, fn):
+        """fn(reference model) in eval mode without gradients: the copy, or `backbone` with adapters off (RL tasks)."""
         if self.needs_copy:
-            return self.copy(*args, **kwargs)
+            return fn(self.copy)
         was_training = backbone.training
         backbone.eval()
         try:
             with disabled_adapters(backbone):
-                return backbone(*args, **kwargs)
+                return fn(backbone)
         finally:
             backbone.train(was_training)
 

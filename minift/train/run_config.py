@@ -45,6 +45,7 @@ from minift.train.fields import check_field, coerce, field_names, field_type, su
 from minift.train.methods import METHODS, parse_method_options
 from minift.align.dpo import LOSS_TYPES
 from minift.train.preference_tasks import PAIR_KINDS, check_task_options
+from minift.train.rl_tasks import RL_KINDS, check_rl_options
 from minift.train.tasks import TASK_KINDS
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,12 +133,33 @@ class TaskSection:
     label_smoothing: float = 0.0  # preference: cDPO's label-flip rate, in [0, 0.5)
     precompute_reference: bool = False  # preference: score every pair under the reference once, at setup
     center_rewards_coefficient: float | None = None  # reward: adds coef * (r_chosen + r_rejected)^2 per pair
+    # grpo and ppo: records are {"prompt": ...}; beta is the KL coefficient (GRPO's beta, PPO's kl_coef), >= 0
+    reward_model: str | None = None  # grpo/ppo: a reward model directory (a kind = "reward" run's final/)
+    reward_function: str | None = None  # grpo/ppo: "module:function", f(prompts, completions) -> list of floats
+    group_size: int = 4  # grpo: completions sampled per prompt (G), >= 2
+    max_new_tokens: int = 32  # grpo/ppo: the longest completion, in tokens
+    temperature: float = 1.0  # grpo/ppo: sampling temperature, > 0; log-probs are of logits / temperature (TRL)
+    top_k: int | None = None  # grpo/ppo: sample among the k likeliest tokens; None = all
+    top_p: float | None = None  # grpo/ppo: nucleus sampling, in (0, 1]; None = off
+    clip_range: float = 0.2  # grpo/ppo: the ratio pi / pi_old is clipped to [1 - clip_range, 1 + clip_range]
+    ppo_epochs: int = 4  # ppo: passes over each rollout
+    num_minibatches: int = 1  # ppo: optimizer steps per pass (each of grad_accum_steps x batch_size sequences)
+    gamma: float = 1.0  # ppo: discount of GAE, in [0, 1]
+    lam: float = 0.95  # ppo: lambda of GAE, in [0, 1]
+    vf_coef: float = 0.1  # ppo: weight of the value loss
+    clip_range_value: float = 0.2  # ppo: the value prediction is clipped to old value +- this
+    target_kl: float | None = None  # ppo: adaptive KL coefficient aiming at this KL per sequence; None = fixed beta
+    kl_horizon: int = 10000  # ppo: adaptive KL's horizon (Ziegler et al. 2019), in sequences
 
 
-TASK_RULES = {"kind": one_of(TASK_KINDS + PAIR_KINDS), "labels": LABEL_NAMES, "pooling": one_of(POOLINGS),
-              "head_dropout": DROPOUT, "mlm_probability": interval(0, 1, "()"), "beta": above(0),
+TASK_RULES = {"kind": one_of(TASK_KINDS + PAIR_KINDS + RL_KINDS), "labels": LABEL_NAMES, "pooling": one_of(POOLINGS),
+              "head_dropout": DROPOUT, "mlm_probability": interval(0, 1, "()"), "beta": at_least(0),
               "loss_type": one_of(LOSS_TYPES), "label_smoothing": interval(0, 0.5, "[)"),
-              "center_rewards_coefficient": at_least(0)}
+              "center_rewards_coefficient": at_least(0), "reward_model": NOT_EMPTY, "reward_function": NOT_EMPTY,
+              "group_size": at_least(1), "max_new_tokens": at_least(1), "temperature": above(0), "top_k": at_least(1),
+              "top_p": interval(0, 1, "(]"), "clip_range": above(0), "ppo_epochs": at_least(1),
+              "num_minibatches": at_least(1), "gamma": interval(0, 1, "[]"), "lam": interval(0, 1, "[]"),
+              "vf_coef": at_least(0), "clip_range_value": above(0), "target_kl": above(0), "kl_horizon": at_least(1)}
 
 
 @dataclass
@@ -242,7 +264,8 @@ class RunConfig:
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
 RULES = {"model": MODEL_RULES, "task": TASK_RULES, "data": DATA_RULES, "train": TRAIN_RULES}  # [method]: the registry
-PATH_FIELDS = {("model", "source"), ("data", "train"), ("data", "validation"), ("train", "output_dir")}
+PATH_FIELDS = {("model", "source"), ("data", "train"), ("data", "validation"), ("train", "output_dir"),
+               ("task", "reward_model")}
 BUNDLED_DATASETS = ("tweet-sentiment", "fortunes")  # names minift/train/batches.py reads (not file paths)
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,6 +323,7 @@ def validate_run_config(config: RunConfig, where: str = "config", given_by: dict
     if kind == "preference":
         reported = "eval_loss"  # DPO's accuracy is logged as eval_rewards/accuracies
     check_task_options(config.task, where)
+    check_rl_options(config.task, where)
     if metric not in ("eval_loss", reported):
         origin = given_by.get("train.early_stopping_metric", where)
         raise ValueError(f"{origin}: train.early_stopping_metric = {metric!r}, but a {kind} task reports eval_loss "
