@@ -227,9 +227,217 @@ def prompts(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", PROMPTS * 2)
 
 
-def test_grpo_and_ppo_smoke(files, prompts, tmp_path):
-    for kind in ("grpo", "ppo"):
-        run = setup(run_config(files["model"], prompts, tmp_path / kind, *RL, f"task.kind={kind}", "train.max_steps=4",
-                               "train.export=false", "task.ppo_epochs=2", "data.validation_fraction=0.25"))
-        fit(run)
-        print(kind, read_metrics(tmp_path / kind))
+def rl_run(files, prompts, out, kind, *sets):
+    return setup(run_config(files["model"], prompts, out, *RL, f"task.kind={kind}", "train.export=false", *sets))
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_rollout_is_generate_sampled_with_the_same_seed(files, prompts, tmp_path, kind):
+    from minift.train.rl_tasks import rollout_generator
+
+    run = rl_run(files, prompts, tmp_path / "run", kind, "task.group_size=3", "task.top_k=20")
+    stream = run.train_stream
+    batch = stream.take(0, 1)[0]
+    prompt, _ = stream.prompt_batch(0)
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
+    if kind == "grpo":
+        ids, mask = ids.repeat_interleave(3, dim=0), mask.repeat_interleave(3, dim=0)
+    run.model.backbone.eval()
+    expected = run.model.backbone.generate(ids, 5, temperature=1.0, top_k=20, eos_token_id=run.tokenizer.eos_token_id,
+                                           attention_mask=mask, generator=rollout_generator(0, 0, "cpu"))
+    P = ids.size(1)
+    assert torch.equal(batch["input_ids"], expected) and batch["prompt_length"] == P
+    assert torch.equal(batch["attention_mask"][:, :P], mask)
+    assert len({tuple(row.tolist()) for row in expected[:, P:]}) > 1  # sampled, not greedy
+
+
+def plain_token_logps(backbone, batch, temperature=1.0):
+    """log pi of every completion token from full logits, in plain loops (the reference for rl_tasks.policy_outputs)."""
+    logits = backbone(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    P, (N, C) = batch["prompt_length"], batch["completion_mask"].shape
+    out = torch.zeros(N, C)
+    for n in range(N):
+        for j in range(C):
+            if batch["completion_mask"][n, j]:
+                row = torch.log_softmax(logits[n, P + j - 1].float() / temperature, -1)
+                out[n, j] = row[batch["input_ids"][n, P + j]]
+    return out
+
+
+def plain_grpo_loss(logps, reference, advantages, mask, beta, eps):
+    """GRPO's loss written out: per token -min(r A, clip(r) A) + beta k3, mean per completion, mean over completions."""
+    total = 0.0
+    for n in range(logps.size(0)):
+        terms = []
+        for j in range(logps.size(1)):
+            if mask[n, j]:
+                ratio = torch.exp(logps[n, j] - logps[n, j].detach())
+                a = advantages[n]
+                policy = -torch.min(ratio * a, torch.clamp(ratio, 1 - eps, 1 + eps) * a)
+                d = reference[n, j] - logps[n, j]
+                terms.append(policy + beta * (torch.exp(d) - d - 1))
+        total = total + sum(terms) / len(terms)
+    return total / logps.size(0)
+
+
+def test_grpo_step_loss_and_gradient_equal_the_plain_reference(files, prompts, tmp_path):
+    run = rl_run(files, prompts, tmp_path / "run", "grpo", "task.beta=0.2", "method.name=lora", "train.max_steps=2",
+                 "train.save_checkpoints=false")
+    fit(run)  # the policy has moved: the KL term is not zero
+    batch = run.train_stream.take(2, 1)[0]
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    out = run.model(batch)
+    ours = out.loss_sum / out.n_targets
+    ours_grads = torch.autograd.grad(ours, params)
+    logps = plain_token_logps(run.model.backbone, batch)
+    with torch.no_grad(), disabled(run.model.backbone):
+        reference = plain_token_logps(run.model.backbone, batch)
+    rewards = torch.tensor(good_words(None, [run.tokenizer.decode(r[m.bool()].tolist()) for r, m in
+                                             zip(batch["input_ids"][:, batch["prompt_length"]:], batch["completion_mask"])]),
+                           dtype=torch.float32)
+    groups = rewards.view(-1, 4)
+    advantages = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    torch.testing.assert_close(batch["advantages"], advantages)
+    expected = plain_grpo_loss(logps, reference, advantages, batch["completion_mask"], 0.2, 0.2)
+    expected_grads = torch.autograd.grad(expected, params)
+    assert float(ours.detach()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-7)
+    assert out.metric_sums["kl"] > 0
+    for a, b in zip(ours_grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def disabled(model):
+    from minift.adapter_interface import disabled_adapters
+
+    return disabled_adapters(model)
+
+
+def test_ppo_losses_advantages_and_adaptive_kl_equal_plain_references():
+    from minift.train.rl_tasks import adaptive_kl_coef, ppo_advantages, ppo_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    N, C = 3, 5
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    old_logps, reference = -torch.rand(N, C, generator=g) * 3, -torch.rand(N, C, generator=g) * 3
+    old_values, scores = torch.randn(N, C, generator=g), torch.randn(N, generator=g)
+    rewards, advantages, returns, kl = ppo_advantages(old_logps, reference, old_values * mask, scores, mask, 0.05,
+                                                      0.9, 0.8)
+    # written out: KL-penalised rewards, the score on the last real token, GAE right to left, whitening
+    raw, plain_returns = torch.zeros(N, C), torch.zeros(N, C)
+    for n in range(N):
+        L = int(mask[n].sum())
+        r = [-0.05 * (old_logps[n, t] - reference[n, t]) for t in range(L)]
+        r[-1] = r[-1] + scores[n]
+        assert torch.allclose(rewards[n, :L], torch.stack(r))
+        running = 0.0
+        for t in reversed(range(L)):
+            next_value = old_values[n, t + 1] if t + 1 < L else 0.0
+            running = r[t] + 0.9 * next_value - old_values[n, t] + 0.9 * 0.8 * running
+            raw[n, t], plain_returns[n, t] = running, running + old_values[n, t]
+        assert float(kl[n]) == pytest.approx(float((old_logps[n, :L] - reference[n, :L]).sum()), rel=1e-6)
+    real = raw[mask.bool()]
+    whitened = (raw - real.mean()) / torch.sqrt(real.var(unbiased=True) + 1e-8) * mask
+    torch.testing.assert_close(advantages, whitened)
+    torch.testing.assert_close(returns, plain_returns)
+
+    logps = (old_logps + 0.3 * torch.randn(N, C, generator=g)).requires_grad_()
+    values = (old_values + torch.randn(N, C, generator=g)).requires_grad_()
+    batch = {"old_logps": old_logps, "old_values": old_values, "advantages": advantages, "returns": returns}
+    loss_sum, sums = ppo_loss_sum(logps, values, batch, mask, 0.2, 0.3, 0.1)
+    expected, clipped = 0.0, 0
+    for n in range(N):
+        for t in range(C):
+            if mask[n, t]:
+                ratio = torch.exp(logps[n, t] - old_logps[n, t])
+                a = advantages[n, t]
+                policy = max(-a * ratio, -a * torch.clamp(ratio, 0.8, 1.2))
+                clipped += bool(-a * torch.clamp(ratio, 0.8, 1.2) > -a * ratio)
+                v_clip = torch.clamp(values[n, t], old_values[n, t] - 0.3, old_values[n, t] + 0.3)
+                value = 0.5 * max((values[n, t] - returns[n, t]) ** 2, (v_clip - returns[n, t]) ** 2)
+                expected = expected + policy + 0.1 * value
+    assert float(loss_sum) == pytest.approx(float(expected), rel=1e-5)
+    assert sums["clipfrac"] == pytest.approx(clipped, abs=1e-5)
+    grads, expected_grads = torch.autograd.grad(loss_sum, [logps, values]), torch.autograd.grad(expected, [logps, values])
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+    # Ziegler et al. (2019) §2.2: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
+    assert adaptive_kl_coef(0.1, 9.0, 6.0, 64, 10000) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    assert adaptive_kl_coef(0.1, 5.4, 6.0, 64, 10000) == pytest.approx(0.1 * (1 - 0.1 * 64 / 10000))
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_rl_run_killed_between_steps_resumes_exactly(files, prompts, tmp_path, monkeypatch, kind):
+    """PPO: 2 epochs x 2 minibatches per rollout, killed inside step 4 with the checkpoint at step 3: the resumed
+    run must reuse the saved rollout (and kl_coef) to match."""
+    sets = ["train.max_steps=6", "train.save_every=1", "train.keep_checkpoints=8", "task.ppo_epochs=2",
+            "task.num_minibatches=2", "task.target_kl=0.01", "task.kl_horizon=10", "data.validation_fraction=0.25",
+            "train.eval_every=3", "method.name=lora", "task.group_size=2"]
+    config = lambda out: run_config(files["model"], prompts, out, *RL, f"task.kind={kind}",  # noqa: E731
+                                    "train.export=false", *sets)
+    straight = setup(config(tmp_path / "straight"))
+    fit(straight)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 4)
+        broken = setup(config(tmp_path / "broken"))
+        with pytest.raises(Interrupted):
+            fit(broken)
+    resumed = setup(config(tmp_path / "broken"), resume=True)
+    assert resumed.state.step == 3
+    fit(resumed)
+    strip = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "broken")) == strip(read_metrics(tmp_path / "straight"))
+    expected = dict(straight.model.named_parameters())
+    for name, tensor in resumed.model.named_parameters():
+        assert torch.equal(tensor, expected[name]), name
+    metrics = read_metrics(tmp_path / "straight")
+    names = ("reward", "kl") + (("kl_coef", "clipfrac", "approx_kl", "entropy", "value_loss") if kind == "ppo" else ())
+    assert all(all(n in r for n in names) for r in metrics if "loss" in r)
+    assert any("eval_reward" in r for r in metrics)
+    if kind == "ppo":  # the adaptive coefficient moved, and was restored
+        assert len({r["kl_coef"] for r in metrics if "loss" in r}) > 1
+
+
+def test_grpo_with_a_reward_model_directory(files, prompts, tmp_path):
+    """task.reward_model: the rollout's rewards are the reward model's scores of prompt + completion + EOS."""
+    from minift.align import RewardModel, load_reward_model, save_reward_model
+    from minift.io import load
+
+    backbone, tokenizer = load(files["model"])
+    torch.manual_seed(3)
+    reward_dir = save_reward_model(RewardModel(backbone), reward_export_tokenizer(tokenizer), tmp_path / "rm")
+    run = setup(run_config(files["model"], prompts, tmp_path / "run", "task.kind=grpo", f"task.reward_model={reward_dir}",
+                           "task.max_new_tokens=4", "train.max_steps=1", "train.save_checkpoints=false",
+                           "train.export=false"))
+    batch = run.train_stream.take(0, 1)[0]
+    _, texts = run.train_stream.prompt_batch(0)
+    model, rm_tokenizer = load_reward_model(reward_dir)
+    P = batch["prompt_length"]
+    completions = [tokenizer.decode(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"][:, P:],
+                                                                          batch["completion_mask"])]
+    prompts_g = [t for t in texts for _ in range(4)]
+    with torch.no_grad():
+        for i, (p, c) in enumerate(zip(prompts_g, completions)):
+            ids = torch.tensor([rm_tokenizer.encode(p + c) + [rm_tokenizer.eos_token_id]])
+            assert float(batch["rewards"][i]) == pytest.approx(float(model(ids)[0]), rel=1e-5, abs=1e-6)
+    fit(run)
+
+
+def reward_export_tokenizer(tokenizer):
+    from minift.train.preference_tasks import reward_export_tokenizer as choose
+
+    return choose(tokenizer)
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("task.reward_model=x", "needs exactly one of task.reward_model"),
+    ("task.reward_function=nocolon", "expected \"module:function\""),
+    ("task.group_size=1", "needs at least 2"),
+])
+def test_bad_rl_option_is_refused_before_any_model_loads(tmp_path, capsys, setting, expected):
+    sets = ["model.source=no/such/model", "data.train=no.jsonl", "task.kind=grpo",
+            "task.reward_function=tests.test_align_engine:good_words", setting]
+    if setting.startswith("task.reward_function"):
+        sets = sets[:3] + [setting]
+    assert finetune(*sets) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("minift: error:") and expected in err and "\n" not in err
