@@ -55,6 +55,33 @@ CONFIGS = {
         vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, bos_token_id=1, eos_token_id=2,
     ),
+    # Sliding windows of 4 positions: the 11-token inputs and 6 + 12 generated tokens run past them (tests/test_gemma.py)
+    "mistral_window": lambda: transformers.MistralConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=4, bos_token_id=1, eos_token_id=2,
+    ),
+    "qwen2_window_from_layer_1": lambda: transformers.Qwen2Config(
+        vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1, bos_token_id=1, eos_token_id=2,
+    ),
+    "gemma_mqa_headdim": lambda: transformers.GemmaConfig(  # head_dim 24 != 64 / 4; tied head; sqrt(d) embeddings
+        vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=24, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    ),
+    "gemma2_window_softcaps": lambda: transformers.Gemma2Config(  # layer 0 local, layer 1 global; caps that bite
+        vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=24,
+        attn_logit_softcapping=0.05, final_logit_softcapping=0.1, bos_token_id=1, eos_token_id=2,
+        attn_implementation="eager",
+    ),
+    "gemma3_local_global_linear_rope": lambda: transformers.Gemma3TextConfig(  # q/k norms; local base 100
+        vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+    ),
 }
 
 
