@@ -11,6 +11,7 @@
     rl_data.py      prompts -> rollouts the policy writes, in a resumable order (PPO's kept in the checkpoint)
     checkpoint.py   atomic checkpoints: weights, optimizer, schedule, RNG, data position
     guards.py       stopping safely: one run per folder (run.lock), Ctrl-C, divergence
+    distributed.py  several processes: torchrun, DDP, FSDP2, sharded checkpoints (torch.distributed.checkpoint)
     loop.py         setup -> fit -> evaluate
 
     from minift.train import setup, fit

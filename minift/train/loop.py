@@ -56,6 +56,8 @@ from minift.dtypes import parse_dtype
 from minift.io.files import WriteError, check_output_dir
 from minift.train import checkpoint as ckpt
 from minift.train.batches import BatchStream, load_datasets
+from minift.train.distributed import (World, check_config as check_distributed_config, init_world,
+                                      is_collective_failure, is_sharded, load_sharded, save_sharded)
 from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
                                  weight_norm)
 from minift.train.methods import MethodPlan, prepare_method
@@ -118,6 +120,7 @@ class Run:
     generator: torch.Generator = field(default_factory=torch.Generator)  # masking draws (masked_lm)
     state: LoopState = field(default_factory=LoopState)
     lock: RunLock | None = None  # run_dir/run.lock: taken by setup() and fit(), released when fit() ends
+    world: World = field(default_factory=World)  # this process among the others (minift/train/distributed.py)
 
     @property
     def parameter_names(self) -> dict:
@@ -155,17 +158,19 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     """
     train = config.train
     validate_run_config(config)  # before anything loads: every field's type and range, and the method's options
+    check_distributed_config(config)
+    world = init_world(train.distributed, resolve_device(train.device), train.distributed_timeout)  # torchrun's
     run_dir = check_output_dir(train.output_dir)  # a file, or a place that refuses new files, fails here too
-    RunLock(run_dir).check()  # one run per folder: a live run here is refused before anything reads or cleans it
+    world.on_main(RunLock(run_dir).check)  # one run per folder (its rank 0 holds the lock): a live run is refused
     latest = ckpt.latest_checkpoint(run_dir)
     if resume and latest is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to resume from (looked in {run_dir / ckpt.CHECKPOINTS})")
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; resume it with --resume {run_dir}, "
                          f"or set train.output_dir to a new folder")
-    for leftover in ckpt.clean_interrupted_writes(run_dir):
+    for leftover in world.on_main(lambda: ckpt.clean_interrupted_writes(run_dir))[: None if world.is_main else 0]:
         print(f"minift: note: removed {leftover}, left over from an interrupted write", file=sys.stderr)
-    device = resolve_device(train.device)
+    device = world.device(resolve_device(train.device))
     if train.precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision = fp16 needs a CUDA device (fp16 gradients need a grad scaler on a GPU); "
                          "use bf16 or fp32 on the CPU")
@@ -186,12 +191,13 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     task_model, plan, checkpoint_names = build_trainable_model(config, model, labels)
     model.gradient_checkpointing = train.gradient_checkpointing
     task_model.to(device).train()
+    world.wrap(task_model, train.fsdp_param_dtype)  # DDP wrapper, or FSDP shards: before the optimizer sees them
     if align:
         prepare_align_run(task_model, train_data, eval_data, config, tokenizer)
 
     groups = build_layer_groups(task_model, train.layer_groups)  # bottom-up: body groups..., the head alone on top
     optimizer = build_optimizer(groups, train, device)
-    total_steps = train.max_steps or max(1, math.ceil(train.epochs * len(train_data) / train.grad_accum_steps))
+    total_steps = train.max_steps or max(1, math.ceil(train.epochs * len(train_data) / (train.grad_accum_steps * world.size)))
     scheduler = build_scheduler(optimizer, train, total_steps)
     unfreezing = GradualUnfreezing(groups) if train.gradual_unfreezing else None
     scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
@@ -201,19 +207,24 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
               unfreezing=unfreezing, train_stream=train_data, eval_stream=eval_data, total_steps=total_steps,
               labels=labels)
     run.generator.manual_seed(train.seed)
+    run.world = world
     run.lock = RunLock(run_dir)
-    run.lock.acquire()  # atomic (O_EXCL): of two runs set up at once in this folder, one gets here
+    world.on_main(run.lock.acquire)  # atomic (O_EXCL): of two runs set up at once in this folder, one gets here
     try:
         if resume:
-            restore(run, ckpt.load_checkpoint(latest))
+            restore_checkpoint(run, latest)
         else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(to_toml(config))
-            (run_dir / METRICS).write_text("")
+            world.on_main(lambda: start_run_dir(run_dir, config))
     except BaseException:
         run.lock.release()
         raise
     return run
+
+
+def start_run_dir(run_dir: Path, config: RunConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(config))
+    (run_dir / METRICS).write_text("")
 
 
 def build_trainable_model(config: RunConfig, model: nn.Module, labels: list[str] | None):
@@ -298,13 +309,16 @@ def autocast(precision: str, device: torch.device):
 
 
 def accumulate_gradients(model: TaskModel, micro_batches: list[dict], precision: str = "fp32",
-                         scaler: torch.amp.GradScaler | None = None, step: int = 0) -> dict:
+                         scaler: torch.amp.GradScaler | None = None, step: int = 0, world: World | None = None) -> dict:
     """Forward + backward over k micro-batches so the gradients equal those of one batch of all of them.
 
     Each micro-batch's summed loss is divided by N_total, the number of targets in *all* k micro-batches,
     counted before any forward pass. Returns {"loss": mean loss per target, "targets": N_total, "tokens"}.
+    Distributed (`world`): N_total counts every rank's micro-batches (all-reduced), and the loss and tokens
+    returned are the global batch's (minift/train/distributed.py).
     """
-    n_total = sum(count_targets(batch, model.kind) for batch in micro_batches)
+    world = world or World()
+    n_total = int(world.sum([sum(count_targets(batch, model.kind) for batch in micro_batches)])[0])
     if n_total == 0 and model.kind == "masked_lm":  # by chance no token was picked for masking: nothing to learn
         return {"loss": None, "targets": 0, "tokens": sum(count_tokens(batch) for batch in micro_batches)}
     if n_total == 0:
@@ -312,9 +326,11 @@ def accumulate_gradients(model: TaskModel, micro_batches: list[dict], precision:
                          f"format and max_length (a prompt longer than max_length leaves no completion)")
     device = next(model.parameters()).device
     loss_total, tokens, sums = 0.0, 0, {}
+    forward = world.forward_module(model)  # DDP: its wrapper, whose backward hooks all-reduce the gradients
     for index, batch in enumerate(micro_batches):
+        world.sync_gradients(model, final=index == len(micro_batches) - 1)  # no_sync on all but the last
         with autocast(precision, device):
-            out = model(batch)
+            out = forward(batch)
         for key, value in (out.metric_sums or {}).items():  # task metrics (DPO rewards, ...), summed over targets
             sums[key] = sums.get(key, 0.0) + value
         value = float(out.loss_sum.detach())
@@ -322,10 +338,13 @@ def accumulate_gradients(model: TaskModel, micro_batches: list[dict], precision:
             raise NonFiniteLossError(
                 f"step {step}: the loss is {value} (micro-batch {index + 1} of {len(micro_batches)}); lower "
                 f"train.lr, keep train.max_grad_norm set, or train in fp32/bf16 instead of fp16")
-        loss = out.loss_sum / n_total
+        loss = out.loss_sum * world.size / n_total  # DDP/FSDP average the ranks' gradients: x N makes it the sum
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += value
         tokens += count_tokens(batch)
+    if world.active:  # the global batch's loss and tokens, the same on every rank
+        loss_total, tokens = world.sum([loss_total, tokens])
+        tokens = int(tokens)
     return {"loss": loss_total / n_total, "targets": n_total, "tokens": tokens,
             "metrics": {key: value / n_total for key, value in sums.items()}}
 
@@ -368,19 +387,27 @@ def fit(run: Run) -> dict:
     train = run.config.train
     if run.lock is None:
         run.lock = RunLock(run.run_dir)
-    run.lock.acquire()  # again, if an earlier fit() of this run released it
+    run.world.on_main(run.lock.acquire)  # again, if an earlier fit() of this run released it
     try:
         with StopOnInterrupt(saving=train.save_checkpoints) as interrupt:
-            last = train_steps(run, interrupt)
-        write_training_chart(run.run_dir / METRICS, run.run_dir / "training.svg")  # warns, never raises
+            try:
+                last = train_steps(run, interrupt)
+            except RuntimeError as error:  # distributed: a collective failed, because another rank stopped
+                if not (run.world.active and is_collective_failure(error)):
+                    raise
+                raise run.world.lost(error, run.state.step + 1, run.run_dir) from None
+        if run.world.is_main:
+            write_training_chart(run.run_dir / METRICS, run.run_dir / "training.svg")  # warns, never raises
         if interrupt.requested:
             checkpoint = ckpt.latest_checkpoint(run.run_dir) if train.save_checkpoints else None
             raise TrainingInterrupted(run.run_dir, run.state.step, checkpoint)
         if train.export:
-            export(run)
+            with run.world.gathered(run.model):  # FSDP: the full weights on every rank while rank 0 exports
+                run.world.on_main(lambda: export(run))
         return last
     except (DivergenceError, NonFiniteLossError):
-        write_training_chart(run.run_dir / METRICS, run.run_dir / "training.svg")  # shows where it went wrong
+        if run.world.is_main:
+            write_training_chart(run.run_dir / METRICS, run.run_dir / "training.svg")  # shows where it went wrong
         raise
     finally:
         run.lock.release()
@@ -389,7 +416,8 @@ def fit(run: Run) -> dict:
 def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
     """The optimizer steps of fit(), until total_steps, early stopping or a Ctrl-C (`interrupt.requested`)."""
     train, state = run.config.train, run.state
-    bar = tqdm(total=run.total_steps, initial=state.step, disable=not train.progress_bar, desc="finetune",
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not train.progress_bar or not run.world.is_main,
+               desc="finetune",
                dynamic_ncols=True)
     start, start_tokens, last = time.perf_counter(), state.tokens, {"step": state.step}
     trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
@@ -402,18 +430,22 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
     try:
         while state.step < run.total_steps and not state.stopped_early and not interrupt.requested:
             step = state.step + 1
+            run.world.seed_step(train.seed, step, run.generator)  # distributed: dropout/masks from (seed, step, rank)
             if run.unfreezing is not None:
                 run.unfreezing.apply((step - 1) // train.gradual_unfreezing)
             micro_batches = [prepare_batch(to_device(b, run.device), run.model.kind, run.tokenizer,
                                            run.config.task.mlm_probability, run.generator)
-                             for b in run.train_stream.take(state.micro_batches, train.grad_accum_steps)]
+                             for b in run.train_stream.take(run.world.shard_start(state.micro_batches,
+                                                                                  train.grad_accum_steps),
+                                                            train.grad_accum_steps)]  # this rank's share
             lr = run.optimizer.param_groups[-1]["lr"]
-            stats = accumulate_gradients(run.model, micro_batches, train.precision, run.scaler, step)
+            stats = accumulate_gradients(run.model, micro_batches, train.precision, run.scaler, step,
+                                         **({"world": run.world} if run.world.active else {}))
             grad_norm = optimizer_step(run.optimizer, train.max_grad_norm, run.scaler, step)
             run.scheduler.step()
             if hasattr(run.model, "task_state"):
                 state.task = run.model.task_state()  # saved with the loop's counters in every checkpoint
-            state.step, state.micro_batches = step, state.micro_batches + len(micro_batches)
+            state.step, state.micro_batches = step, state.micro_batches + len(micro_batches) * run.world.size
             state.tokens += stats["tokens"]
             tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
             last = {"step": step, "epoch": round(run.train_stream.epoch_of(state.micro_batches), 4),
@@ -424,7 +456,7 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
             shown = {key.split("/")[-1]: f"{value:.3g}" for key, value in stats.get("metrics", {}).items()
                      if key in SHOWN_METRICS}
             bar.set_postfix(loss=shown_loss, lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", **shown)
-            if step % train.log_every == 0 or step == run.total_steps:
+            if (step % train.log_every == 0 or step == run.total_steps) and run.world.is_main:
                 append_metrics(run.run_dir, last)
             monitor.check(step, stats["loss"], trainable)  # before evaluating or saving a diverged model
             if (train.eval_every and step % train.eval_every == 0) or step == run.total_steps:
@@ -433,6 +465,8 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
             if train.save_checkpoints and ((train.save_every and step % train.save_every == 0) or at_end):
                 save(run)
                 saved_step = step
+            if run.world.active and run.world.any(interrupt.requested):  # a Ctrl-C seen by one rank stops all
+                interrupt.requested = True
         if interrupt.requested and train.save_checkpoints and saved_step != state.step:
             save(run)  # Ctrl-C: the step in progress has finished; this is where the resumed run starts
     finally:
@@ -446,7 +480,8 @@ def evaluate_run(run: Run) -> dict:
         return {}
     metrics = evaluate(run.model, eval_batches(run), run.config.train.precision)
     state, train = run.state, run.config.train
-    append_metrics(run.run_dir, {"step": state.step, **metrics})
+    if run.world.is_main:
+        append_metrics(run.run_dir, {"step": state.step, **metrics})
     value = metrics.get(train.early_stopping_metric)
     if value is not None:
         higher_is_better = train.early_stopping_metric == "eval_accuracy"
@@ -511,12 +546,45 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def save(run: Run) -> Path:
+    """Write a checkpoint. Distributed: DDP ranks hold equal copies, so rank 0 writes the ordinary checkpoint;
+    FSDP ranks each write their shards (torch.distributed.checkpoint, minift/train/distributed.py)."""
+    if run.world.mode == "fsdp":
+        state = {"loop": asdict(run.state), "scheduler": run.scheduler.state_dict(), "labels": run.labels}
+        return save_sharded(run.run_dir, run.state.step, run.model, run.optimizer, state, run.world,
+                            keep=run.config.train.keep_checkpoints)
+    return run.world.on_main(lambda: write_checkpoint(run))
+
+
+def write_checkpoint(run: Run) -> Path:
     params = dict(run.model.named_parameters())
     weights = {name: params[name] for name in run.checkpoint_names}
     state = {"loop": asdict(run.state), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict() if run.scaler is not None else None, "labels": run.labels}
     return ckpt.save_checkpoint(run.run_dir, run.state.step, weights, run.optimizer, run.parameter_names, state,
                                 generators={"masking": run.generator}, keep=run.config.train.keep_checkpoints)
+
+
+def restore_checkpoint(run: Run, path: Path) -> None:
+    """Resume from checkpoint folder `path`: an ordinary one (single process, DDP), or an FSDP sharded one."""
+    if not is_sharded(path):
+        if run.world.mode == "fsdp":
+            raise ValueError(f"{path}: written without FSDP (one safetensors copy); resume it with "
+                             f"train.distributed = \"none\" or \"ddp\"")
+        return restore(run, ckpt.load_checkpoint(path))
+    if run.world.mode != "fsdp":
+        raise ValueError(f"{path}: a sharded FSDP checkpoint; resume it with train.distributed = \"fsdp\" "
+                         f"(any number of processes, even --nproc 1)")
+    state = load_sharded(path, run.model, run.optimizer)  # any world size: DCP reshards
+    if state.get("labels") != run.labels:
+        raise ValueError(f"{path}: labels {state.get('labels')} differ from this run's {run.labels}")
+    run.scheduler.load_state_dict(state["scheduler"])
+    try:
+        run.state = LoopState(**state["loop"])
+    except TypeError as error:
+        raise ValueError(f"{path / 'state.json'}: loop: {error}; written by another minift version?") from None
+    if run.world.is_main:
+        kept = [r for r in read_metrics(run.run_dir) if r.get("step", 0) <= run.state.step]
+        (run.run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
@@ -536,8 +604,9 @@ def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
                          "version?") from None
     ckpt.restore_rng(checkpoint, {"masking": run.generator})
     # metrics.jsonl may hold lines the interrupted run wrote after this checkpoint: drop them.
-    kept = [r for r in read_metrics(run.run_dir) if r.get("step", 0) <= run.state.step]
-    (run.run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if run.world.is_main:
+        kept = [r for r in read_metrics(run.run_dir) if r.get("step", 0) <= run.state.step]
+        (run.run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def export(run: Run) -> Path | None:

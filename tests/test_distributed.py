@@ -1,0 +1,210 @@
+"""Distributed training (minift/train/distributed.py) across a real process boundary: 2 gloo processes on the CPU.
+
+Two launches of two processes (tests/distributed_worker.py, started with the environment torchrun gives its
+workers) run every case of this file; everything else runs in this process:
+
+    launch 1   DDP full, DDP LoRA, FSDP full, FSDP LoRA: 4 steps of 2 ranks x 1 micro-batch of 2 examples;
+               then an FSDP LoRA run whose rank 1 dies (os._exit) at the start of step 3
+    launch 2   that run resumed by 2 processes from its step-2 sharded checkpoint
+    in-process the same runs in 1 process with 2 micro-batches of 2 (the same global batch of 4);
+               the step-2 checkpoint resumed by 1 FSDP process (world size 1, WORLD_SIZE set here)
+
+Tolerance. In float32 the 2-process run adds the two ranks' gradient sums in another order than one process
+adds its micro-batches (and gloo sums in its own order), so results agree to rounding, not bit for bit. AdamW
+then divides by sqrt(v): on this tiny model the measured differences are ~1e-7 in the loss and ~1e-6 in the
+weights after 4 steps at lr 3e-3; the tests allow 1e-5 (loss, relative) and 1e-4 (weights, absolute), far
+below what one step changes (the loss moves by ~1e-1 per step, the weights by ~lr = 3e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minift.cli import main
+from minift.train import checkpoint as ckpt
+from minift.train import distributed, read_metrics
+from tests.train_helpers import ALPACA, save_tiny_decoder, write_jsonl
+from tests.train_helpers import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+
+ROOT = Path(__file__).resolve().parent.parent
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
+CASES = {"ddp_full": ("ddp", "full"), "ddp_lora": ("ddp", "lora"), "fsdp_full": ("fsdp", "full"),
+         "fsdp_lora": ("fsdp", "lora")}
+EXPORT = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(out: Path, method: str, distributed_mode: str, accumulate: int) -> list[str]:
+    lines = ["train.max_steps=4", "train.batch_size=2", f"train.grad_accum_steps={accumulate}", "train.lr=3e-3",
+             "train.save_every=2", "train.keep_checkpoints=5", "train.progress_bar=false", "train.device=cpu",
+             "train.distributed_timeout=60", f"train.distributed={distributed_mode}", f"train.output_dir={out}",
+             "train.eval_every=2", "data.validation_fraction=0.25", f"method.name={method}"]
+    if method == "lora":
+        lines += ["method.r=4", "method.alpha=8", "method.dropout=0", "method.targets=all-linear"]
+    return [item for line in lines for item in ("--set", line)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    model = save_tiny_decoder(root / "model")
+    data = write_jsonl(root / "alpaca.jsonl", ALPACA * 3)
+    config = root / "run.toml"
+    config.write_text(f'[model]\nsource = "{model}"\n[data]\ntrain = "{data}"\nformat = "alpaca"\n'
+                      'max_length = 64\n[method]\nname = "full"\n')
+    return root, config
+
+
+def launch(root: Path, name: str, cases: list[dict], world_size: int = 2) -> list[subprocess.CompletedProcess]:
+    """Start `world_size` worker processes with torchrun's environment variables; wait for all of them."""
+    out = root / name
+    out.mkdir()
+    plan = out / "plan.json"
+    plan.write_text(json.dumps({"cases": cases, "out": str(out)}))
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(plan)], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=240)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
+
+
+def statuses(root: Path, name: str, rank: int) -> list[int]:
+    path = root / name / f"rank{rank}.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_metrics(run_dir)]
+
+
+def assert_same_curve(got: Path, expected: Path) -> None:
+    a, b = losses(got), losses(expected)
+    assert [r[0] for r in a] == [r[0] for r in b] and len(a) >= 4, (a, b)
+    for x, y in zip(a, b):
+        for u, v in zip(x[1:], y[1:]):
+            assert (u is None) == (v is None), (x, y)
+            if u is not None:
+                assert u == pytest.approx(v, rel=LOSS_RTOL), (x, y)
+
+
+def assert_same_export(got: Path, expected: Path, file: str) -> float:
+    a, b = load_file(got / "final" / file), load_file(expected / "final" / file)
+    assert set(a) == set(b) and a
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= WEIGHT_ATOL, worst
+    return worst
+
+
+@pytest.fixture(scope="module")
+def runs(tiny):
+    """Both launches and the 1-process references, once for the module (the slow part of this file)."""
+    root, config = tiny
+    cases = [{"argv": ["finetune", str(config), *settings(root / name, method, mode, 1)]}
+             for name, (mode, method) in CASES.items()]
+    cases.append({"argv": ["finetune", str(config), *settings(root / "broken", "lora", "fsdp", 1)],
+                  "die": {"rank": 1, "step": 3}})
+    first = launch(root, "launch1", cases)
+    assert (root / "broken").is_dir(), first[0].stdout[-2000:] + first[0].stderr[-3000:]
+    shutil.copytree(root / "broken", root / "broken_world1")  # resumed below by 1 process, in this one
+    second = launch(root, "launch2", [{"argv": ["finetune", "--resume", str(root / "broken")]}])
+    for method in ("full", "lora"):  # the same global batch in one process: 2 micro-batches of 2
+        assert main(["finetune", str(config), *settings(root / f"single_{method}", method, "none", 2)]) == 0
+    return root, first, second
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
+    root, first, _ = runs
+    assert statuses(root, "launch1", 0)[:4] == [0, 0, 0, 0], first[0].stderr[-3000:]
+    for name, (mode, method) in CASES.items():
+        assert_same_curve(root / name, root / f"single_{method}")
+        assert_same_export(root / name, root / f"single_{method}", EXPORT[method])
+    # only rank 0 wrote: one metrics line per step and evaluation, not two
+    assert len(read_metrics(root / "ddp_full")) == len(read_metrics(root / "single_full"))
+    sharded = ckpt.latest_checkpoint(root / "fsdp_full")
+    assert distributed.is_sharded(sharded) and len(list((sharded / "sharded").glob("*.distcp"))) == 2
+    assert json.loads((sharded / "state.json").read_text())["world_size"] == 2
+    assert (ckpt.latest_checkpoint(root / "ddp_lora") / "weights.safetensors").exists()  # DDP: the ordinary format
+    assert "x 2 processes (fsdp)" in first[0].stdout
+
+
+def test_a_dead_rank_stops_the_other_with_a_clear_error_and_no_corrupt_checkpoint(runs):
+    root, first, _ = runs
+    assert first[1].returncode == 1  # rank 1 died during step 3 of the last case
+    assert statuses(root, "launch1", 0)[4] == 2, first[0].stderr[-3000:]
+    error = [line for line in first[0].stderr.splitlines() if line.startswith("minift: error:")]
+    assert len(error) == 1 and "rank 0 of 2: another process of the run stopped" in error[0], first[0].stderr[-3000:]
+    assert "during step 3" in error[0] and "step-000002" in error[0]
+    latest = ckpt.latest_checkpoint(root / "broken_world1")
+    assert latest.name == "step-000002" and (latest / "sharded" / ".metadata").exists()
+    assert not (root / "broken_world1" / "run.lock").exists()  # rank 0 released the lock on its way out
+
+
+def test_a_killed_run_resumed_equals_the_uninterrupted_run(runs):
+    root, _, second = runs
+    assert [p.returncode for p in second] == [0, 0], second[0].stderr[-3000:]
+    assert_same_curve(root / "broken", root / "fsdp_lora")
+    assert assert_same_export(root / "broken", root / "fsdp_lora", EXPORT["lora"]) == 0.0  # same ranks: bitwise
+
+
+def test_fsdp_checkpoint_resumes_at_another_world_size(runs, monkeypatch):
+    root, _, _ = runs
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    try:  # 1 process with 2 micro-batches reads the same global batches as 2 processes with 1
+        assert main(["finetune", "--resume", str(root / "broken_world1"), "--set", "train.grad_accum_steps=2"]) == 0
+    finally:
+        distributed.close()
+    assert_same_curve(root / "broken_world1", root / "fsdp_lora")
+    assert_same_export(root / "broken_world1", root / "fsdp_lora", EXPORT["lora"])
+
+
+def test_distributed_needs_torchrun_and_fits_the_method(tiny, capsys, monkeypatch):
+    root, config = tiny
+    for name in distributed.LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert main(["finetune", str(config), "--set", "train.distributed=ddp", "--set",
+                 f"train.output_dir={root / 'never'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not started by torchrun" in err[0] and "--nproc N" in err[0]
+    assert not (root / "never").exists()
+    assert main(["finetune", str(config), "--set", "train.distributed=fsdp", "--set", "method.name=qlora"]) == 2
+    assert "use train.distributed = \"ddp\" for QLoRA" in capsys.readouterr().err
+    assert main(["finetune", str(config), "--set", "train.distributed=zero3"]) == 2
+    assert "train.distributed = 'zero3'; must be one of none, ddp, fsdp" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["finetune", str(config), "--set", f"train.output_dir={root / 'never'}"]) == 2
+    assert "every process would train the same run alone" in capsys.readouterr().err
+    assert main(["finetune", str(config), "--nproc", "2"]) == 2
+    assert "already started by torchrun" in capsys.readouterr().err
+
+
+def test_nproc_starts_torchrun_with_the_same_command():
+    command = distributed.torchrun_command(2, ["finetune", "run.toml", "--set", "train.distributed=ddp"])
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=2" in command and "--standalone" in command
+    assert command[-6:] == ["-m", "minift", "finetune", "run.toml", "--set", "train.distributed=ddp"]
