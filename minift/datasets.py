@@ -107,6 +107,37 @@ def load_tweet_sentiment(split: str = "train") -> list[Record]:
     return _select(_read_tweets(tweet_csv_path()), split)
 
 
+def _by_hash(records: list[Record]) -> list[Record]:
+    return sorted(records, key=lambda r: hashlib.sha256(r["text"].encode("utf-8")).digest())
+
+
+def load_tweet_preferences(split: str = "train") -> list[Record]:
+    """Preference pairs from the tweets (learning from preferences, minift/train/preference_tasks.py): a positive
+    tweet is preferred to a negative one, {"prompt": "", "chosen": positive, "rejected": negative}.
+
+    Each split's distinct positive and negative tweets are put in sha256 order and paired one to one, so the
+    pairing is the same everywhere and a tweet appears in at most one pair (about 5,500 train pairs).
+    """
+    tweets = load_tweet_sentiment(split)
+    unique = {label: _by_hash(list({r["text"]: r for r in tweets if r["label"] == label and r["text"].strip()}.values()))
+              for label in ("positive", "negative")}
+    return [Record({"prompt": "", "chosen": good["text"], "rejected": bad["text"]}, good.where)
+            for good, bad in zip(unique["positive"], unique["negative"])]
+
+
+def load_tweet_prompts(split: str = "train", words: int = 4) -> list[Record]:
+    """RL prompts from the tweets: the first `words` words of every distinct tweet of at least words + 3 words (any
+    label), {"prompt": "..."}, in sha256 order; the policy writes the rest of the tweet."""
+    seen, prompts = set(), []
+    for record in _by_hash(load_tweet_sentiment(split)):
+        tokens = record["text"].split()
+        prompt = " ".join(tokens[:words])
+        if len(tokens) >= words + 3 and prompt not in seen:
+            seen.add(prompt)
+            prompts.append(Record({"prompt": prompt}, record.where))
+    return prompts
+
+
 @functools.lru_cache(maxsize=2)
 def _read_tweets(path: Path) -> tuple[Record, ...]:
     text = path.read_bytes().decode("mac_roman")

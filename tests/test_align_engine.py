@@ -6,9 +6,9 @@ metrics.jsonl, a killed-and-resumed run equals the uninterrupted one bit for bit
 transformers as in minift, and bad records or options are one line naming the file, line or field.
 """
 
-import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -441,3 +441,57 @@ def test_bad_rl_option_is_refused_before_any_model_loads(tmp_path, capsys, setti
     assert finetune(*sets) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("minift: error:") and expected in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------------
+# The four configs (configs/{reward,dpo,ppo,grpo}_tweets.toml) and `minift pairs`, made tiny with --set
+# ----------------------------------------------------------------------------------------------------
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+TINY = ["train.max_steps=2", "train.batch_size=4", "train.eval_every=2", "train.save_every=1", "data.max_examples=16",
+        "data.max_eval_examples=4", "data.max_length=24", "train.progress_bar=false", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tweet_reward(files, tmp_path_factory):
+    """configs/reward_tweets.toml on the tiny decoder: the reward model the other configs read."""
+    out = tmp_path_factory.mktemp("reward") / "run"
+    code = main(["finetune", str(CONFIG_DIR / "reward_tweets.toml"),
+                 *[x for s in [f"model.source={files['model']}", f"train.output_dir={out}", *TINY] for x in ("--set", s)]])
+    assert code == 0
+    return out
+
+
+def test_reward_tweets_config(tweet_reward):
+    metrics = read_metrics(tweet_reward)
+    assert [r["step"] for r in metrics if "loss" in r] == [1, 2] and any("eval_accuracy" in r for r in metrics)
+    config = json.loads((tweet_reward / "final" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+
+
+def test_minift_pairs_then_dpo_tweets_config(files, tweet_reward, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "--policy", str(files["model"]), "--reward", str(tweet_reward / "final"), "--prompts",
+                 "tweet-prompts", "--max-prompts", "12", "--samples", "3", "--max-new-tokens", "4", "--out",
+                 str(pairs)]) == 0
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert len(records) >= 8 and all(r["chosen_reward"] > r["rejected_reward"] for r in records)
+    out = tmp_path / "dpo"
+    sets = [f"model.source={files['model']}", f"train.output_dir={out}", f"data.train={pairs}",
+            "data.validation_fraction=0.25", *TINY]
+    assert main(["finetune", str(CONFIG_DIR / "dpo_tweets.toml"), *[x for s in sets for x in ("--set", s)]]) == 0
+    assert "task preference" in capsys.readouterr().out
+    assert all("rewards/margins" in r for r in read_metrics(out) if "loss" in r)
+    assert (out / "final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["ppo", "grpo"])
+def test_rl_tweets_configs(files, tweet_reward, tmp_path, name):
+    out = tmp_path / name
+    sets = [f"model.source={files['model']}", f"train.output_dir={out}",
+            f"task.reward_model={tweet_reward / 'final'}", "task.max_new_tokens=4", "data.max_length=8", *TINY]
+    assert main(["finetune", str(CONFIG_DIR / f"{name}_tweets.toml"), *[x for s in sets for x in ("--set", s)]]) == 0
+    metrics = read_metrics(out)
+    assert [r["step"] for r in metrics if "loss" in r] == [1, 2]
+    assert all("reward" in r and "kl" in r for r in metrics if "loss" in r)
+    assert any("eval_reward" in r for r in metrics) and (out / "final" / "adapter_config.json").is_file()

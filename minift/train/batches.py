@@ -30,9 +30,11 @@ import numpy as np
 
 from minift.data import (LengthGroupedSampler, Record, collate, collate_packed, label_names, pack, read_records,
                          tokenize_records)
-from minift.datasets import load_fortunes, load_tweet_sentiment
+from minift.datasets import load_fortunes, load_tweet_preferences, load_tweet_prompts, load_tweet_sentiment
 
-BUNDLED_DATASETS = {"tweet-sentiment": load_tweet_sentiment, "fortunes": load_fortunes}
+BUNDLED_DATASETS = {"tweet-sentiment": load_tweet_sentiment, "fortunes": load_fortunes,
+                    "tweet-preferences": load_tweet_preferences, "tweet-prompts": load_tweet_prompts}  # the last two:
+#                   positive > negative tweet pairs (reward models), tweets' first words (RL prompts); see datasets.py
 FORMAT_OF_TASK = {"masked_lm": "mlm", "classification": "classification"}
 
 

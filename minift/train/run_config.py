@@ -273,7 +273,7 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
 RULES = {"model": MODEL_RULES, "task": TASK_RULES, "data": DATA_RULES, "train": TRAIN_RULES}  # [method]: the registry
 PATH_FIELDS = {("model", "source"), ("data", "train"), ("data", "validation"), ("train", "output_dir"),
                ("task", "reward_model")}
-BUNDLED_DATASETS = ("tweet-sentiment", "fortunes")  # names minift/train/batches.py reads (not file paths)
+BUNDLED_DATASETS = ("tweet-sentiment", "fortunes", "tweet-preferences", "tweet-prompts")  # names batches.py reads
 
 # ----------------------------------------------------------------------------------------------------
 # Reading
