@@ -371,7 +371,7 @@ def report(source: str, gpus: int = 1, methods=METHODS, seq_len: int = 2048, bat
             "seq_len": seq_len, "batch": batch, "attention": attention, "gpu_memory_gib": gpu_memory,
             "rows": [{**asdict(row), "total": row.total, "fits": row.fit(gpu_bytes)} for row in rows]}, indent=2)
     lines = []
-    if fmt == "text":
+    if fmt in ("text", "markdown"):
         targets = lora_targets if isinstance(lora_targets, str) else ",".join(lora_targets)
         lines += [f"{name}: {human_count(counts.total)} parameters; {config.n_layers} layers, width {config.dim}, "
                   f"{config.n_heads} heads ({config.n_kv_heads} key/value), MLP {config.hidden_dim}, "
@@ -381,6 +381,8 @@ def report(source: str, gpus: int = 1, methods=METHODS, seq_len: int = 2048, bat
                   f"LoRA / QLoRA adapters: r={lora_r} on {targets}: {human_count(counts.adapters)} trainable "
                   f"({100 * counts.adapters / counts.total:.2f}%); QLoRA base in NF4: "
                   f"{counts.nf4_bytes / GiB:.1f} GiB", ""]
+        if fmt == "markdown":  # one bullet per line, or markdown would run them together
+            lines = [f"- {line}" for line in lines[:-1]] + [""]
     header = ["method", "sharding", "ckpt", "weights", "grads", "optimizer", "activations", "buffers", "total",
               f"fits {gpu_memory:g} GiB"]
     table = [[row.method, row.strategy if gpus > 1 else "1 GPU", "on" if row.checkpointing else "off",

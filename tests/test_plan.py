@@ -5,8 +5,10 @@ tolerance no looser than the source's own rounding (or its "roughly"). The model
 device, so a 70B count costs about a second and no memory.
 """
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,7 @@ from minift.cli import main
 from minift.config import ModelConfig
 
 GB = 1e9
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def gpt3_175b(dropout: float = 0.1) -> ModelConfig:
@@ -147,7 +150,7 @@ def test_cli_plan_reads_config_json_and_gguf_headers_only(tmp_path, capsys):
         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}))
     assert main(["plan", "--model", str(tmp_path), "--method", "lora", "--format", "markdown"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("| method |") and out.count("\n| lora |") == 2
+    assert out.startswith("- ") and "\n| method |" in out and out.count("\n| lora |") == 2
     assert main(["plan", "--model", "smollm2-135m", "--method", "full"]) == 0  # a GGUF inside the wheel
     assert "134.5M parameters" in capsys.readouterr().out
 
@@ -166,3 +169,13 @@ def test_cli_plan_bad_flags_are_one_line_errors(flags, message, capsys):
     assert main(["plan", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("minift: error: " + message) and err.count("\n") == 1
+
+
+def test_readme_scaling_table_is_what_the_script_prints():
+    """README "Scaling out" quotes benchmarks/plan_scaling.py; a change to the formulas must regenerate it."""
+    spec = importlib.util.spec_from_file_location("plan_scaling", ROOT / "benchmarks" / "plan_scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.readme_table()
+    assert table in (ROOT / "README.md").read_text(), "rerun python benchmarks/plan_scaling.py and paste its table"
+    assert table.count("\n") == 10  # header, rule, 3 sizes x 3 methods
