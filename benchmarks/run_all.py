@@ -77,6 +77,11 @@ BENCHMARKS = [
               [("quantize fp32", r"\| quantize \| ([0-9]+x[0-9]+) \| float32 \|[^|]*\|[^|]*\| ([0-9.]+x) \|"),
                ("dequantize fp32", r"\| dequantize \| ([0-9]+x[0-9]+) \| float32 \|[^|]*\|[^|]*\| ([0-9.]+x) \|")],
               quick=["--sizes", "128x256", "--repeats", "1"]),
+    Benchmark("fused_loss", "bench_fused_loss.py", "fused_loss.md", "memory of the logits part (hidden -> loss -> "
+              "grad) <= 0.5x transformers + PEFT on SmolLM2-135M",
+              [("all tokens", r"\*\*all: minift fused / transformers\+PEFT = ([0-9.]+x)"),
+               ("sft", r"\*\*sft: minift fused / transformers\+PEFT = ([0-9.]+x)")],
+              quick=["--batch", "1", "--seq", "32", "--rounds", "1"]),
     Benchmark("nf4_gpu", "bench_nf4.py", "nf4_*.md", "GEMV >= 85% of bandwidth and >= 1.5x bitsandbytes; "
               "M=4096 GEMM >= 0.9x cuBLAS bf16", [], quick=["--shapes", "smollm2", "--rows", "1,16"], gpu=True),
 ]

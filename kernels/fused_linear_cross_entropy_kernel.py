@@ -45,9 +45,10 @@ Discussion
 * The GEMMs are not in this kernel: cuBLAS does them at tensor-core speed (torch.matmul on chunks). What
   the kernel saves is memory traffic and memory: a separate softmax, subtract, multiply would each read
   and write the (C, V) tile again, and hold extra copies of it.
-* Launch config: BLOCK_V = 4,096 (the vocabulary's next power of two when smaller), 8 warps: 16 fp32
-  values per thread per tile, no spills. Each row reads its logits twice and writes them once: the
-  kernel is bandwidth-bound, about 3 x 2 bytes x V per bf16 row.
+* Launch config: BLOCK_V = 4,096 for every vocabulary (a smaller one masks the rest of its one tile), 8
+  warps: 16 fp32 values per thread per tile; ptxas reports 50-100 registers (all flags on: the most) and
+  no spills for sm_80 and sm_90 (benchmarks/results/kernels_static.md). Each row reads its logits twice and
+  writes them once: the kernel is bandwidth-bound, about 3 x 2 bytes x V per bf16 row.
 * Rows are independent, so the grid is simply (rows,). Row offsets are computed in int64.
 * Under the interpreter (the CPU tests) a float32 -> bfloat16 store truncates instead of rounding to
   nearest, so bf16 gradients may differ from the torch reference by one unit in the last place.
@@ -57,7 +58,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import HAS_TRITON, next_power_of_2, tl, triton
+from .triton_support import HAS_TRITON, tl, triton
 
 IGNORE_INDEX = -100
 
@@ -73,7 +74,7 @@ def cross_entropy_rows_reference(logits: torch.Tensor, targets: torch.Tensor, ro
     rows, vocab = logits.shape
     valid = targets != ignore_index  # (R,)
     safe = torch.where(valid, targets, 0)[:, None]  # (R, 1)
-    s = logits.float()  # (R, V) a copy for bf16/fp16 logits; for fp32 the logits themselves (only read here)
+    s = logits.float()  # (R, V): a copy for bf16/fp16 logits, the logits themselves for fp32 (overwritten anyway)
     if softcap is not None:
         tanh = torch.tanh(s / softcap)  # (R, V)
         s = tanh * softcap
@@ -82,16 +83,19 @@ def cross_entropy_rows_reference(logits: torch.Tensor, targets: torch.Tensor, ro
     if label_smoothing:
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - s.mean(dim=-1))
     loss = torch.where(valid, loss, 0.0)
-    if compute_grad:
-        grad = torch.exp(s - lse[:, None])  # (R, V) softmax: a new tensor, s is no longer needed
+    if compute_grad:  # in place, in s: no second (R, V) buffer
+        grad = s.sub_(lse[:, None]).exp_()  # softmax
         grad.scatter_add_(1, safe, torch.full_like(lse[:, None], label_smoothing - 1.0))
         if label_smoothing:
             grad -= label_smoothing / vocab
         if softcap is not None:
             grad *= 1.0 - tanh * tanh
-        scale = valid.float() if row_scale is None else torch.where(valid, row_scale.float(), 0.0)
-        grad *= scale[:, None]
-        logits.copy_(grad)
+        if row_scale is not None:
+            grad *= row_scale.float()[:, None]
+        if not bool(valid.all()):
+            grad[~valid] = 0.0
+        if grad.data_ptr() != logits.data_ptr():
+            logits.copy_(grad)
     return loss, lse
 
 
@@ -179,7 +183,35 @@ NUM_WARPS = 8
 
 
 def launch_config(vocab: int) -> dict:
-    return {"BLOCK_V": min(BLOCK_V_MAX, next_power_of_2(vocab)), "num_warps": NUM_WARPS}
+    """The same tile whatever the vocabulary (a small one masks the rest of the tile): one compiled program."""
+    return {"BLOCK_V": BLOCK_V_MAX, "num_warps": NUM_WARPS}
+
+
+def aot_cases() -> list:
+    """What the launcher can compile (kernels/aot.py): the one launch config in each logits dtype, with the
+    gradient and no options (the LM loss), plus every other combination of the four flags in bf16."""
+    from itertools import product
+
+    from .aot import CompileCase, config_label
+
+    flags = ("HAS_SOFTCAP", "HAS_SMOOTHING", "HAS_ROW_SCALE", "COMPUTE_GRAD")
+    default = (False, False, False, True)
+    variants = [(dtype, default) for dtype in ("fp32", "fp16", "bf16")]
+    variants += [("bf16", values) for values in product((False, True), repeat=4) if values != default]
+    config = launch_config(0)
+    cases = []
+    for dtype, values in variants:
+        on = [name for name, value in zip(flags, values) if value]
+        cases.append(CompileCase(
+            module="fused_linear_cross_entropy_kernel", kernel="_cross_entropy_rows_kernel",
+            config=config_label({"BLOCK_V": config["BLOCK_V"]}, config["num_warps"], 3), dtype=dtype,
+            pointers=dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", row_scale_ptr="*fp32", loss_ptr="*fp32",
+                          lse_ptr="*fp32"),
+            constexprs=dict(zip(flags, values), BLOCK_V=config["BLOCK_V"]), num_warps=config["num_warps"],
+            num_stages=3, unaligned=("stride_row", "V", "ignore_index"),
+            scalars={"label_smoothing": "fp32", "softcap": "fp32"},
+            variant="default" if values == default else " ".join(on) or "no flags"))
+    return cases
 
 
 def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor | None = None,
