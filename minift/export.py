@@ -11,7 +11,9 @@ the tensors that trained). Other tools want one of two standard directories, and
                                                                    layout (minift/io/nf4dir.py)
     minift merge      a base model + a PEFT LoRA / IA3 adapter dir dense Hugging Face directory, W' = W + s B A
     minift export     a run dir (its latest checkpoint), or any    dense Hugging Face directory (--format hf),
-                      source minift loads (+ an adapter)           or a run's LoRA / IA3 adapter (--format peft)
+                      source minift loads (+ an adapter)           a run's LoRA / IA3 adapter (--format peft),
+                                                                   or one llama.cpp file (--format gguf --quant
+                                                                   f16|q8_0|q4_0|q4_k; minift/io/gguf_write.py)
 
 merge vs export: `merge` is one operation on files you already have: fold a PEFT adapter into its base.
 `export` is a conversion: whatever minift can load — a fine-tuning run directory of any method, a GGUF
@@ -28,6 +30,9 @@ What folding does to each kind of layer (the math lives where the layer does):
     full / partial / output-only / features runs: the backbone already is a plain model
     bottleneck adapters, soft prompts: extra computation no Hugging Face architecture has, so they cannot
                                   be folded; export refuses and points to the run's own final/ directory
+
+--format gguf folds adapters exactly as --format hf does (LoRA and QLoRA merged in float32), then writes
+the dense model with llama.cpp's names, Q/K row order, metadata and tokenizer, quantized as asked.
 
 Every command checks what it wrote: it runs a probe sentence through the model before and after, and
 through the directory read back from disk, and prints the largest output difference (and, for a causal
@@ -51,7 +56,7 @@ from minift.io import load, save
 from minift.io.nf4dir import load_quantized, nf4_layers, save_quantized
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Fine-tuning adapts a pretrained model to a new task."
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "gguf")
 
 
 @dataclass
@@ -131,6 +136,21 @@ def megabytes(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:.2f} MB"
 
 
+def check_output_file(out: str | Path, *inputs: str | Path | None) -> Path:
+    """--format gguf writes one file: it must end in .gguf, not be an input, and its folder must exist."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"--out {out}: --format gguf writes one file; name it *.gguf")
+    for source in inputs:
+        if source is not None and Path(source).exists() and out.resolve() == Path(source).resolve():
+            raise ValueError(f"--out {out} is also an input; write to a new file")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; --format gguf writes a file")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    return out
+
+
 def check_output_directory(out: str | Path, *inputs: str | Path | None) -> Path:
     """Refuse to write over an input (a source model or adapter directory)."""
     out = Path(out)
@@ -208,6 +228,31 @@ def write_dense(model: nn.Module, tokenizer, out: Path, dtype: torch.dtype | Non
     return model
 
 
+def write_gguf_file(model: nn.Module, tokenizer, out: Path, quant: str, report: Report) -> nn.Module:
+    """Fold `model` (in place, float32), write it as GGUF at `quant`, read the file back and compare outputs."""
+    from minift.io.gguf_write import QUANTS, check_exportable, export_gguf
+
+    if quant not in QUANTS:
+        raise ValueError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANTS)}")
+    if not has_logits(model):
+        raise ValueError("--format gguf writes causal language models; this model has no language-model head")
+    check_exportable(model.config)  # before the slow part
+    bar = PhaseBar("export", 3)
+    ids = probe_ids(tokenizer, model.config.vocab_size)
+    before = outputs(model, ids)
+    with bar.phase("folding adapters"):
+        fold_into_dense(model, torch.float32)
+    with bar.phase(f"writing {out} ({quant})"):
+        export_gguf(model, tokenizer, out, quant)
+    with bar.phase("reading back"):
+        reloaded, _ = load(out)
+    report.lines.append(f"wrote {out} ({megabytes(file_bytes(out))}, {quant}); llama.cpp runs it "
+                        f"(llama-cli -m {out}); minift reads it back (minift generate --model {out})")
+    compare("merged vs before", before, outputs(model, ids), report, True)
+    compare(f"{out} read back vs before", before, outputs(reloaded, ids), report, True)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------
 # The three commands
 # ----------------------------------------------------------------------------------------------------
@@ -278,9 +323,19 @@ def merge(source: str | Path, adapter: str | Path, out: str | Path, dtype: str |
 
 
 def export_model(source: str | Path, out: str | Path, adapter: str | Path | None = None, format: str = "hf",
-                 dtype: str | None = None) -> Report:
-    """Any source minift loads (+ an optional adapter) as a dense Hugging Face directory."""
+                 dtype: str | None = None, quant: str = "f16") -> Report:
+    """Any source minift loads (+ an optional adapter) as a dense Hugging Face directory, or a GGUF file."""
     check_format(format)
+    if format == "gguf":
+        from minift.peft import load_adapter
+
+        out = check_output_file(out, source, adapter)
+        model, tokenizer = load_source(source)
+        if adapter is not None:
+            load_adapter(model, adapter)
+        report = Report(out, [f"export {source}{f' + {adapter}' if adapter else ''} -> {out} (GGUF, {quant})"])
+        write_gguf_file(model, tokenizer, out, quant, report)
+        return report
     if format == "peft":
         raise ValueError("--format peft exports the LoRA adapter of a fine-tuning run (--run RUN_DIR); with "
                          "--model there is no trained adapter to export (an --adapter directory already is one)")
@@ -293,7 +348,8 @@ def export_model(source: str | Path, out: str | Path, adapter: str | Path | None
     return report
 
 
-def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str | None = None) -> Report:
+def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str | None = None,
+               quant: str = "f16") -> Report:
     """A fine-tuning run's latest checkpoint as a dense Hugging Face directory (any foldable method) with the
     task head beside it, or (--format peft) its LoRA or (IA)^3 adapter as a PEFT adapter directory."""
     from minift.train.tasks import save_head
@@ -303,7 +359,7 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--run {run_dir}: not a directory (expected a `minift finetune` output_dir)")
-    out = check_output_directory(out, run_dir)
+    out = check_output_file(out, run_dir) if format == "gguf" else check_output_directory(out, run_dir)
     task_model, tokenizer, config, labels = load_trained(run_dir)
     backbone, method = task_model.backbone, config.method.name
     report = Report(out, [f"export run {run_dir} (method {method}, task {task_model.kind}) -> {out} ({format})"])
@@ -318,6 +374,12 @@ def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: 
         raise ValueError(f"run {run_dir} used method {method!r} (bottleneck adapters or a soft prompt), which has "
                          f"no Hugging Face equivalent; its trained tensors are in {run_dir / 'final'} for minift "
                          "(minift.peft.load_adapter reads them)")
+    if format == "gguf":
+        if task_model.kind != "causal_lm":
+            raise ValueError(f"--format gguf: run {run_dir} trained a {task_model.kind} head, which llama.cpp "
+                             "cannot run; export it with --format hf")
+        write_gguf_file(backbone, tokenizer, out, quant, report)
+        return report
     chosen = parse_dtype(dtype, "--dtype") or parse_dtype(config.method.options.get("export_dtype"), "method.export_dtype")
     write_dense(backbone, tokenizer, out, chosen, report)
     if task_model.kind != "causal_lm":

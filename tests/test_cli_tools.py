@@ -278,9 +278,9 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys):
     assert not out.exists()
 
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage line, then the error
-        run("export", "--model", tiny["decoder"], "--out", out, "--format", "gguf")
+        run("export", "--model", tiny["decoder"], "--out", out, "--format", "onnx")
     assert exit_info.value.code == 2
-    assert "argument --format: invalid choice: 'gguf'" in capsys.readouterr().err
+    assert "argument --format: invalid choice: 'onnx'" in capsys.readouterr().err
 
 
 def test_bad_4bit_input_is_refused(tiny, tmp_path, capsys):
