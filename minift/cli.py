@@ -190,7 +190,7 @@ def launch_processes(args, config) -> int:
     again += [item for override in (args.overrides or []) for item in ("--set", override)]
     if config.train.distributed == "none":
         again += ["--set", "train.distributed=ddp"]
-        print("minift: note: --nproc without train.distributed: using ddp", file=sys.stderr)
+        print("minift: note: --nproc with train.distributed = none: using ddp", file=sys.stderr)
     return relaunch(args.nproc, again)
 
 
@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint")
     p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine: starts torchrun "
-                   "(train.distributed = ddp or fsdp; ddp when the config says none)")
+                   "(train.distributed = auto or ddp: DDP; fsdp: FSDP2)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("pairs", help="DPO pairs: the policy's own samples ranked by a reward model",

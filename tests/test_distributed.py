@@ -4,6 +4,7 @@ Two launches of two processes (tests/distributed_worker.py, started with the env
 workers) run every case of this file; everything else runs in this process:
 
     launch 1   DDP full, DDP LoRA, FSDP full, FSDP LoRA: 4 steps of 2 ranks x 1 micro-batch of 2 examples;
+               DDP QLoRA, IA3, bottleneck adapters, prompt tuning: 2 steps each;
                then an FSDP LoRA run whose rank 1 dies (os._exit) at the start of step 3
     launch 2   that run resumed by 2 processes from its step-2 sharded checkpoint
     in-process the same runs in 1 process with 2 micro-batches of 2 (the same global batch of 4);
@@ -41,6 +42,7 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
 CASES = {"ddp_full": ("ddp", "full"), "ddp_lora": ("ddp", "lora"), "fsdp_full": ("fsdp", "full"),
          "fsdp_lora": ("fsdp", "lora")}
 EXPORT = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
+OTHER_METHODS = ("qlora", "ia3", "adapters", "prompt_tuning")  # DDP only, 2 steps: checkpoints compared
 
 
 def free_port() -> int:
@@ -49,13 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def settings(out: Path, method: str, distributed_mode: str, accumulate: int) -> list[str]:
-    lines = ["train.max_steps=4", "train.batch_size=2", f"train.grad_accum_steps={accumulate}", "train.lr=3e-3",
+def settings(out: Path, method: str, distributed_mode: str, accumulate: int, steps: int = 4) -> list[str]:
+    lines = [f"train.max_steps={steps}", "train.batch_size=2", f"train.grad_accum_steps={accumulate}", "train.lr=3e-3",
              "train.save_every=2", "train.keep_checkpoints=5", "train.progress_bar=false", "train.device=cpu",
              "train.distributed_timeout=60", f"train.distributed={distributed_mode}", f"train.output_dir={out}",
              "train.eval_every=2", "data.validation_fraction=0.25", f"method.name={method}"]
-    if method == "lora":
+    if method in ("lora", "qlora"):
         lines += ["method.r=4", "method.alpha=8", "method.dropout=0", "method.targets=all-linear"]
+    if method == "prompt_tuning":
+        lines += ["method.n_tokens=4"]
+    if method == "adapters":
+        lines += ["method.bottleneck=8"]
     return [item for line in lines for item in ("--set", line)]
 
 
@@ -102,7 +108,7 @@ def losses(run_dir: Path) -> list[tuple]:
 
 def assert_same_curve(got: Path, expected: Path) -> None:
     a, b = losses(got), losses(expected)
-    assert [r[0] for r in a] == [r[0] for r in b] and len(a) >= 4, (a, b)
+    assert [r[0] for r in a] == [r[0] for r in b] and len(a) >= 3, (a, b)
     for x, y in zip(a, b):
         for u, v in zip(x[1:], y[1:]):
             assert (u is None) == (v is None), (x, y)
@@ -124,6 +130,8 @@ def runs(tiny):
     root, config = tiny
     cases = [{"argv": ["finetune", str(config), *settings(root / name, method, mode, 1)]}
              for name, (mode, method) in CASES.items()]
+    cases += [{"argv": ["finetune", str(config), *settings(root / f"ddp_{method}", method, "ddp", 1, steps=2)]}
+              for method in OTHER_METHODS]
     cases.append({"argv": ["finetune", str(config), *settings(root / "broken", "lora", "fsdp", 1)],
                   "die": {"rank": 1, "step": 3}})
     first = launch(root, "launch1", cases)
@@ -132,12 +140,14 @@ def runs(tiny):
     second = launch(root, "launch2", [{"argv": ["finetune", "--resume", str(root / "broken")]}])
     for method in ("full", "lora"):  # the same global batch in one process: 2 micro-batches of 2
         assert main(["finetune", str(config), *settings(root / f"single_{method}", method, "none", 2)]) == 0
+    for method in OTHER_METHODS:
+        assert main(["finetune", str(config), *settings(root / f"single_{method}", method, "none", 2, steps=2)]) == 0
     return root, first, second
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     root, first, _ = runs
-    assert statuses(root, "launch1", 0)[:4] == [0, 0, 0, 0], first[0].stderr[-3000:]
+    assert statuses(root, "launch1", 0)[:8] == [0] * 8, first[0].stderr[-3000:]
     for name, (mode, method) in CASES.items():
         assert_same_curve(root / name, root / f"single_{method}")
         assert_same_export(root / name, root / f"single_{method}", EXPORT[method])
@@ -150,10 +160,21 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     assert "x 2 processes (fsdp)" in first[0].stdout
 
 
+def test_ddp_trains_every_method_as_one_process(runs):
+    root, _, _ = runs
+    for method in OTHER_METHODS:
+        assert_same_curve(root / f"ddp_{method}", root / f"single_{method}")
+        got = load_file(ckpt.latest_checkpoint(root / f"ddp_{method}") / "weights.safetensors")
+        expected = load_file(ckpt.latest_checkpoint(root / f"single_{method}") / "weights.safetensors")
+        assert set(got) == set(expected) and got, method
+        worst = max(float((got[k].float() - expected[k].float()).abs().max()) for k in got)
+        assert worst <= WEIGHT_ATOL, (method, worst)
+
+
 def test_a_dead_rank_stops_the_other_with_a_clear_error_and_no_corrupt_checkpoint(runs):
     root, first, _ = runs
     assert first[1].returncode == 1  # rank 1 died during step 3 of the last case
-    assert statuses(root, "launch1", 0)[4] == 2, first[0].stderr[-3000:]
+    assert statuses(root, "launch1", 0)[8] == 2, first[0].stderr[-3000:]
     error = [line for line in first[0].stderr.splitlines() if line.startswith("minift: error:")]
     assert len(error) == 1 and "rank 0 of 2: another process of the run stopped" in error[0], first[0].stderr[-3000:]
     assert "during step 3" in error[0] and "step-000002" in error[0]
@@ -194,10 +215,11 @@ def test_distributed_needs_torchrun_and_fits_the_method(tiny, capsys, monkeypatc
     assert main(["finetune", str(config), "--set", "train.distributed=fsdp", "--set", "method.name=qlora"]) == 2
     assert "use train.distributed = \"ddp\" for QLoRA" in capsys.readouterr().err
     assert main(["finetune", str(config), "--set", "train.distributed=zero3"]) == 2
-    assert "train.distributed = 'zero3'; must be one of none, ddp, fsdp" in capsys.readouterr().err
+    assert "train.distributed = 'zero3'; must be one of auto, none, ddp, fsdp" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["finetune", str(config), "--set", f"train.output_dir={root / 'never'}"]) == 2
+    assert main(["finetune", str(config), "--set", "train.distributed=none", "--set",
+                 f"train.output_dir={root / 'never'}"]) == 2
     assert "every process would train the same run alone" in capsys.readouterr().err
     assert main(["finetune", str(config), "--nproc", "2"]) == 2
     assert "already started by torchrun" in capsys.readouterr().err

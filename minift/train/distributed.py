@@ -78,7 +78,7 @@ import torch.nn as nn
 from minift.io.files import WriteError, read_json_file, write_json_atomic
 from minift.train import checkpoint as ckpt
 
-MODES = ("none", "ddp", "fsdp")
+MODES = ("auto", "none", "ddp", "fsdp")
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets
 SHARDED = "sharded"  # the DCP folder inside an FSDP checkpoint
 SHARDED_FORMAT = "dcp"
@@ -283,10 +283,18 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
 
 
-def check_launch(mode: str) -> None:
-    """train.distributed against how this process was started; run before anything is loaded."""
+def resolve_mode(mode: str) -> str:
+    """train.distributed = "auto": ddp when torchrun started 2 or more processes, else none."""
+    if mode == "auto":
+        return "ddp" if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 else "none"
+    return mode
+
+
+def check_launch(mode: str) -> str:
+    """train.distributed against how this process was started, before anything is loaded; returns the mode."""
     if mode not in MODES:
         raise ValueError(f"train.distributed = {mode!r}; must be one of {', '.join(MODES)}")
+    mode = resolve_mode(mode)
     if mode != "none" and not launched_by_torchrun():
         raise ValueError(f"train.distributed = {mode!r} but this process was not started by torchrun (RANK and "
                          f"WORLD_SIZE are not set); launch with `minift finetune CONFIG --nproc N` or `torchrun "
@@ -294,28 +302,32 @@ def check_launch(mode: str) -> None:
     if mode == "none" and launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         raise ValueError(f"started by torchrun with WORLD_SIZE={os.environ['WORLD_SIZE']} but train.distributed = "
                          f"\"none\": every process would train the same run alone; set train.distributed = "
-                         f"\"ddp\" or \"fsdp\" (e.g. --set train.distributed=ddp)")
+                         f"\"ddp\", \"fsdp\" or \"auto\" (e.g. --set train.distributed=ddp)")
+    return mode
 
 
 def check_config(config) -> None:
     """What the distributed modes do not support, refused before anything is loaded."""
-    train, where = config.train, "train.distributed"
-    if train.distributed == "none":
+    train, where, mode = config.train, "train.distributed", resolve_mode(config.train.distributed)
+    if mode == "none":
         return
+    if config.task.kind in ("grpo", "ppo"):
+        raise ValueError(f"{where} = {mode!r} with [task] kind = {config.task.kind!r}: rollouts are not "
+                         "distributed here; train RL tasks in one process (train.distributed = \"none\")")
     if train.gradual_unfreezing:
-        raise ValueError(f"{where} = {train.distributed!r} with train.gradual_unfreezing: the set of trainable "
+        raise ValueError(f"{where} = {mode!r} with train.gradual_unfreezing: the set of trainable "
                          "tensors must stay fixed under DDP/FSDP; set train.gradual_unfreezing = 0")
-    if train.distributed == "fsdp" and config.method.name == "qlora":
+    if mode == "fsdp" and config.method.name == "qlora":
         raise ValueError(f"{where} = \"fsdp\" with [method] qlora: the 4-bit packed base is not sharded here; "
                          "use train.distributed = \"ddp\" for QLoRA")
-    if train.distributed == "fsdp" and train.precision == "fp16":
+    if mode == "fsdp" and train.precision == "fp16":
         raise ValueError(f"{where} = \"fsdp\" with train.precision = fp16 (a grad scaler per shard is not "
                          "supported); use bf16, or train.fsdp_param_dtype = \"bfloat16\"")
 
 
 def init_world(mode: str, device: torch.device, timeout_s: float = 600.0) -> World:
     """Join the process group torchrun prepared (gloo on CPUs, nccl on GPUs); `World()` when mode is none."""
-    check_launch(mode)
+    mode = check_launch(mode)
     if mode == "none":
         return World()
     import torch.distributed as dist

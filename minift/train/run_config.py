@@ -227,7 +227,8 @@ class TrainConfig:
     # factor x its start while the loss is no better than at step 1; 0 = off (NaN/inf gradients or weights always stop)
     divergence_factor: float = 10.0
     # several processes (minift/train/distributed.py), started by torchrun or `minift finetune CONFIG --nproc N`
-    distributed: str = "none"  # none | ddp (a full copy per rank, gradients all-reduced) | fsdp (sharded per block)
+    distributed: str = "auto"  # auto (ddp under torchrun with 2+ processes, else none) | none | ddp (a full copy
+    #                            per rank, gradients all-reduced) | fsdp (weights, gradients, AdamW sharded per block)
     distributed_timeout: float = 600.0  # seconds a rank waits at a collective for the others before it stops
     fsdp_param_dtype: str = "float32"  # fsdp: the gathered weights' compute dtype (bfloat16 = mixed precision);
     #                                    shards, gradient reduction and AdamW stay float32
@@ -246,7 +247,7 @@ TRAIN_RULES = {
     "early_stopping_metric": one_of(EARLY_STOPPING_METRICS), "early_stopping_patience": at_least(0),
     "log_every": at_least(1), "save_every": at_least(0, " (0 = only at the end)"), "keep_checkpoints": at_least(1),
     "divergence_factor": Rule(lambda v: v == 0 or v > 1, "0 (off) or a factor above 1"),
-    "distributed": one_of(("none", "ddp", "fsdp")), "distributed_timeout": above(0),
+    "distributed": one_of(("auto", "none", "ddp", "fsdp")), "distributed_timeout": above(0),
     "fsdp_param_dtype": one_of(("float32", "bfloat16", "float16")),
 }
 
