@@ -107,6 +107,19 @@ def test_gemma2_window_and_soft_caps_are_live_and_match(tmp_path):
             assert (switched_off(model, **{cap: None})(IDS) - ours).abs().max() > 1e-2, cap
 
 
+def test_training_loss_sees_the_final_soft_cap(tmp_path):
+    """The trainer projects only the labelled rows (Transformer.logits' job, or the fused loss with the cap): its
+    mean next-token loss is transformers' loss with labels."""
+    from minift.train.tasks import build_task_model
+
+    ref = reference(tmp_path, gemma2_config())
+    model, _ = minift.load(tmp_path / "ref")
+    out = build_task_model(model, "causal_lm")({"input_ids": IDS, "labels": IDS})
+    with torch.no_grad():
+        torch.testing.assert_close(out.loss_sum.detach() / out.n_targets, ref(IDS, labels=IDS).loss, atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_gemma3_rope_bases_and_legacy_config_keys(tmp_path):
     """Local layers turn at rope_local_base_freq, global ones at rope_theta with linear scaling; a config.json in
     the released checkpoints' spelling (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern)
