@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from minift.cli import main
 from minift.train import checkpoint as ckpt
-from minift.train import distributed, read_metrics
+from minift.train import distributed, load_trained, read_metrics
 from tests.train_helpers import ALPACA, save_tiny_decoder, write_jsonl
 from tests.train_helpers import single_thread  # noqa: F401  (autouse fixture: one torch thread)
 
@@ -201,6 +201,15 @@ def test_fsdp_checkpoint_resumes_at_another_world_size(runs, monkeypatch):
         distributed.close()
     assert_same_curve(root / "broken_world1", root / "fsdp_lora")
     assert_same_export(root / "broken_world1", root / "fsdp_lora", EXPORT["lora"])
+
+
+def test_eval_and_export_read_a_sharded_checkpoint_in_one_process(runs):
+    root, _, _ = runs  # minift eval --run / export --run: DCP joins the shards without a process group
+    model, _, config, _ = load_trained(root / "fsdp_full")
+    expected = load_file(ckpt.latest_checkpoint(root / "single_full") / "weights.safetensors")
+    params = dict(model.named_parameters())
+    assert config.train.distributed == "fsdp" and set(expected) <= set(params)
+    assert max(float((params[k].detach() - expected[k]).abs().max()) for k in expected) <= WEIGHT_ATOL
 
 
 def test_distributed_needs_torchrun_and_fits_the_method(tiny, capsys, monkeypatch):

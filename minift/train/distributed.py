@@ -334,6 +334,8 @@ def init_world(mode: str, device: torch.device, timeout_s: float = 600.0) -> Wor
 
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":  # before joining: each process talks to the GPU it trains on
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         atexit.register(close)
     return World(mode=mode, rank=dist.get_rank(), size=dist.get_world_size(),
@@ -445,3 +447,22 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
     return state
+
+
+def load_sharded_weights(path: Path, model: nn.Module, names: list[str]) -> None:
+    """Read an FSDP checkpoint's trainable tensors whole into an ordinary model, in one process without a
+    process group (what `minift eval --run` and `minift export --run` need); DCP joins the shards."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    params = dict(model.named_parameters())
+    state = {"model": {name: params[name].detach().clone() for name in names}}
+    try:
+        dcp.load(state, checkpoint_id=str(path / SHARDED))
+    except Exception as error:  # a missing tensor or a damaged file, reported by DCP in several exception types
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(f"{path / SHARDED}: the sharded checkpoint does not load ({reason}); written with "
+                         "another method or task?") from None
+    with torch.no_grad():
+        for name in names:
+            params[name].copy_(state["model"][name])

@@ -53,11 +53,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from minift.dtypes import parse_dtype
-from minift.io.files import WriteError, check_output_dir
+from minift.io.files import WriteError, check_output_dir, read_json_file
 from minift.train import checkpoint as ckpt
 from minift.train.batches import BatchStream, load_datasets
 from minift.train.distributed import (World, check_config as check_distributed_config, init_world,
-                                      is_collective_failure, is_sharded, load_sharded, save_sharded)
+                                      is_collective_failure, is_sharded, load_sharded, load_sharded_weights,
+                                      save_sharded)
 from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
                                  weight_norm)
 from minift.train.methods import MethodPlan, prepare_method
@@ -640,10 +641,14 @@ def load_trained(run_dir: str | Path, device: str = "cpu") -> tuple[TaskModel, o
     if latest is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint found under {run_dir / ckpt.CHECKPOINTS}")
     config = load_run_config(run_dir / "config.toml")
-    checkpoint = ckpt.load_checkpoint(latest)
+    sharded = is_sharded(latest)  # an FSDP run's checkpoint: its shards are joined here, in this one process
+    checkpoint = None if sharded else ckpt.load_checkpoint(latest)
     seed_everything(config.train.seed)
     model, tokenizer = load(config.model.source)
-    labels = checkpoint.state.get("labels")
+    labels = (read_json_file(latest / "state.json") if sharded else checkpoint.state).get("labels")
     task_model, _, names = build_trainable_model(config, model, labels)
-    ckpt.load_weights(task_model, checkpoint.weights, names, str(latest))
+    if sharded:
+        load_sharded_weights(latest, task_model, names)
+    else:
+        ckpt.load_weights(task_model, checkpoint.weights, names, str(latest))
     return task_model.to(device).eval(), tokenizer, config, labels
