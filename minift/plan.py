@@ -48,7 +48,10 @@ Transformer Models", §4.1), for s tokens per sequence, micro-batch b, width h, 
 counted piece by piece so that the same count covers Llama-style blocks (RMSNorm, grouped-query attention
 with kv width h_kv = n_kv_heads * head_dim, SwiGLU of width i, no dropout):
 
-    norm inputs (2 norms)                          4 s b h
+    norm inputs (2 norms), LayerNorm               4 s b h
+                           RMSNorm in fp32         12 s b h + 8 s b   each keeps its input upcast to fp32,
+                                                                      the fp32 1/rms and the bf16 normalized x
+                                                                      (transformers' LlamaRMSNorm and minift's)
     q,k,v input; MLP input (the norm outputs)      2 s b h + 2 s b h
     Q and K (for Q K^T), V (for P V)               2 s b h + 4 s b h_kv
     attention output (o_proj input)                2 s b h
@@ -58,9 +61,11 @@ with kv width h_kv = n_kv_heads * head_dim, SwiGLU of width i, no dropout):
                 SwiGLU                             8 s b i       gate, up, silu(gate), silu(gate) * up
     dropout masks after attention and MLP          2 s b h       (1 byte each, only with dropout)
 
-With i = 4h, h_kv = h, GELU and dropout this is exactly Korthikanti's 34 s b h + 5 a s^2 b (tests/test_plan.py
-checks it). Outside the blocks: the final norm's input and lm_head's input (4 s b h) and the logits, in bf16
-and again in fp32 for the loss (6 s b V). Full activation checkpointing (Korthikanti §4, "full
+With LayerNorm, i = 4h, h_kv = h, GELU and dropout this is exactly Korthikanti's 34 s b h + 5 a s^2 b; for a
+Llama-style block with SDPA it is exactly what minift's own Transformer saves for its backward in bf16
+(tests/test_plan.py checks both; the second by recording every tensor autograd saves). Outside the blocks: the
+final norm (as above, one norm) and lm_head's input (2 s b h) and the logits, in bf16 and again in fp32 for
+the loss (6 s b V). Full activation checkpointing (Korthikanti §4, "full
 recomputation") keeps only each block's input, 2 s b h per layer, and rebuilds one block at a time during the
 backward: L * 2 s b h + one layer + outside. LoRA and QLoRA keep the same activations (the adapters need
 their inputs, which the count already holds; their r-wide intermediate is small and not counted).
@@ -203,7 +208,7 @@ def layer_activation_bytes(config: ModelConfig, seq_len: int, batch: int, attent
     s, b, h, a = seq_len, batch, config.dim, config.n_heads
     q_width, kv_width, i = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.hidden_dim
     dropout = config.dropout > 0
-    per_token = (4 * h  # the two norms' inputs
+    per_token = (2 * norm_bytes_per_token(config)  # the two norms
                  + 2 * h + 2 * h  # q/k/v input and MLP input (the norms' outputs)
                  + 2 * q_width + 4 * kv_width  # Q, K, V
                  + 2 * q_width  # attention output, o_proj's input
@@ -216,12 +221,18 @@ def layer_activation_bytes(config: ModelConfig, seq_len: int, batch: int, attent
     return s * b * per_token + core
 
 
+def norm_bytes_per_token(config: ModelConfig) -> int:
+    """What one norm keeps per token: LayerNorm its bf16 input; RMSNorm (computed in fp32) its fp32 input, the
+    fp32 1/rms and the bf16 normalized vector that the weight multiplies."""
+    return 6 * config.dim + 4 if config.norm == "rms" else 2 * config.dim
+
+
 def outside_activation_bytes(config: ModelConfig, seq_len: int, batch: int) -> int:
-    """Final norm and lm_head inputs, and the logits in bf16 and fp32 (an encoder stops at the final norm)."""
+    """Final norm and lm_head input, and the logits in bf16 and fp32 (an encoder stops at the final norm)."""
     tokens = seq_len * batch
     if not config.lm_head:
-        return tokens * 2 * config.dim
-    return tokens * (4 * config.dim + 6 * config.vocab_size)
+        return tokens * norm_bytes_per_token(config)
+    return tokens * (norm_bytes_per_token(config) + 2 * config.dim + 6 * config.vocab_size)
 
 
 def activation_bytes(config: ModelConfig, seq_len: int, batch: int, attention: str = "sdpa",

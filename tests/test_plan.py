@@ -179,3 +179,49 @@ def test_readme_scaling_table_is_what_the_script_prints():
     table = module.readme_table()
     assert table in (ROOT / "README.md").read_text(), "rerun python benchmarks/plan_scaling.py and paste its table"
     assert table.count("\n") == 10  # header, rule, 3 sizes x 3 methods
+
+
+def saved_per_layer(config_kwargs: dict, seq_len: int, batch: int) -> float:
+    """Bytes autograd saves for the backward per transformer block of minift's own Transformer in bf16, SDPA:
+    every saved tensor's storage counted once, parameters left out; (3 blocks - 1 block) / 2 removes what
+    lies outside the blocks (embeddings, RoPE tables, final norm, logits)."""
+    import torch
+
+    from minift.model import Transformer
+
+    def saved(n_layers: int) -> int:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(n_layers=n_layers, **config_kwargs)).to(torch.bfloat16).train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(torch.randint(0, config_kwargs["vocab_size"], (batch, seq_len)))
+        return sum(storages.values())
+
+    return (saved(3) - saved(1)) / 2
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_activation_count_is_what_minifts_llama_block_saves(n_kv_heads):
+    """The per-layer count (SDPA, fp32 RMSNorm, SwiGLU, grouped-query K and V) equals, byte for byte, what
+    autograd keeps for minift's Llama-style block."""
+    kwargs = dict(vocab_size=512, dim=128, n_heads=4, n_kv_heads=n_kv_heads, hidden_dim=320)
+    expected = plan.layer_activation_bytes(ModelConfig(n_layers=1, **kwargs), 64, 2, "sdpa")
+    assert saved_per_layer(kwargs, 64, 2) == expected
+
+
+def test_activation_count_of_a_gpt_block_leaves_out_only_layernorm_statistics():
+    """GPT-2 style block (LayerNorm, GELU MLP, biases, no dropout): Korthikanti's count leaves out LayerNorm's
+    per-token mean and 1/std (2 norms x 2 values x s b in bf16 = 1,024 bytes here), nothing else."""
+    kwargs = dict(model_type="gpt2", vocab_size=512, dim=128, n_heads=4, hidden_dim=512, norm="layer",
+                  positions="learned", mlp="gelu", activation="gelu_tanh", qkv_bias=True, out_bias=True,
+                  mlp_bias=True, tie_embeddings=True, max_seq_len=256)
+    expected = plan.layer_activation_bytes(ModelConfig(n_layers=1, **kwargs), 64, 2, "sdpa")
+    assert saved_per_layer(kwargs, 64, 2) - expected == 2 * 2 * 64 * 2 * 2
