@@ -87,7 +87,7 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 class ScaledEmbedding(nn.Embedding):
     """Gemma's token embedding: the looked-up rows times sqrt(dim), a factor first rounded to the weights' dtype
-    (bfloat16 rounds sqrt(2048) = 45.25 to 45.25, sqrt(3072) = 55.43 to 55.5), exactly as transformers does.
+    (in bfloat16, sqrt(3072) = 55.43 becomes 55.5; sqrt(2048) = 45.25 stays), exactly as transformers does.
     The scale lives in the module, so anything that replaces its output (prompt tuning) sees scaled rows."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -183,8 +183,8 @@ class Attention(nn.Module):
         if config.qk_norm:  # Qwen3, Gemma 3: one RMSNorm of width head_dim, shared by all heads, for q and one for k
             self.q_norm = RMSNorm(hd, config.norm_eps, config.norm_plus_one)
             self.k_norm = RMSNorm(hd, config.norm_eps, config.norm_plus_one)
-        # softmax scale: 1/sqrt(head_dim), or 1/sqrt(query_pre_attn_scalar) where the config says (Gemma 2, 3)
-        self.scale = (config.query_pre_attn_scalar or hd) ** -0.5
+        # softmax scale: 1/sqrt(query_pre_attn_scalar) where the config says (Gemma 2, 3); None = 1/sqrt(head_dim)
+        self.scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar ** -0.5
 
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -205,7 +205,8 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale, enable_gqa=Hkv != H
             )  # (B, H, T, hd)
         else:  # the cap goes between q.k and softmax, where SDPA lets nothing in: write attention out
-            y = capped_attention(q, k, v, mask, is_causal, self.scale, self.config.attn_softcap, dropout, self.training)
+            scale = self.scale if self.scale is not None else hd ** -0.5
+            y = capped_attention(q, k, v, mask, is_causal, scale, self.config.attn_softcap, dropout, self.training)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, d)
 
 
