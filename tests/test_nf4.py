@@ -21,7 +21,7 @@ from minift.quant import (
     nf4_nbytes,
     quantize_nf4,
 )
-from minift.quant.nf4 import VALID_BLOCKSIZES, nearest_code, unpack_nibbles
+from minift.quant.nf4 import VALID_BLOCKSIZES, dequantize_cpu, nearest_code, unpack_nibbles
 
 HALF_LUT_BIN = 1.0 / 65535  # bnb's CPU table: 65,536 points over [-1, 1]; it moves a value by <= half a step
 FLOAT_SLACK = 2.0**-22  # float32 rounding of the table index arithmetic
@@ -220,6 +220,33 @@ def test_dequantize_dtypes_and_device_moves():
     error = (q.dequantize(torch.float32) - x.float()).abs().max()
     assert error <= x.float().abs().max() * (1 - NF4_CODE[-2]) / 2 + 1e-2  # at most half the widest code gap
     assert "double-quantized" in repr(q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_cpu_chunked_dequantize_is_the_plain_formula(bnbf, dtype):
+    """dequantize_cpu (uint16 words, 4 codes per lookup, chunked) against the formula done naively:
+    unpack each nibble, look it up, multiply by its block's float32 scale, cast. Several chunks, chunks that
+    end mid-tensor, partial last blocks, odd element and byte counts, packed data at an odd address."""
+    generator = torch.Generator().manual_seed(16)
+    for shape, blocksize in [((1,), 64), ((3,), 32), ((6,), 32), ((7, 33), 32), ((130, 64), 64), ((9, 1001), 128),
+                             ((2, 4096), 4096), ((3, 4097), 4096)]:
+        x = torch.randn(shape, generator=generator)
+        for double_quant in (False, True):
+            q = quantize_nf4(x, blocksize=blocksize, double_quant=double_quant)
+            codes = unpack_nibbles(q.packed, x.numel())
+            scales = q.block_scales().repeat_interleave(blocksize)[: x.numel()]
+            expected = (NF4_CODE[codes] * scales).to(dtype).view(shape)
+            odd_address = torch.cat([q.packed.new_zeros(1, 1), q.packed])[1:]  # same bytes, data_ptr odd
+            for chunk in (32, 4096, 1 << 15):
+                where = f"{shape} blocksize {blocksize} double_quant {double_quant} chunk {chunk}"
+                assert torch.equal(dequantize_cpu(q, dtype, chunk), expected), where
+                moved = NF4Tensor(odd_address, q.absmax, q.shape, q.dtype, blocksize, q.nested_absmax, q.offset)
+                assert torch.equal(dequantize_cpu(moved, dtype, chunk), expected), where
+    # and, on a tensor of several default chunks, bitsandbytes' own dequantize of the same state
+    x = (torch.randn(300, 256, generator=generator) * 0.02).to(dtype if dtype != torch.float64 else torch.float32)
+    packed, state = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=False, quant_type="nf4")
+    ours = NF4Tensor(packed, state.absmax, x.shape, x.dtype, 64).dequantize()
+    assert torch.equal(ours, bnb_dequantize(bnbf, packed, state))
 
 
 @pytest.mark.parametrize("blocksize", [16, 48, 8192, 0])

@@ -54,10 +54,14 @@ Three ideas make 4 bits enough:
 
 `quantize_nf4` returns an NF4Tensor; `dequantize` (or `NF4Tensor.dequantize`) undoes it:
     value = NF4_CODE[index] * block_scale       (float32 product, then cast to the requested dtype)
+On the CPU it decodes two packed bytes (four weights) per table lookup, in cache-sized chunks
+(`dequantize_cpu`). bitsandbytes' C++ loop is still faster there (benchmarks/results/nf4_cpu.md says by
+how much and why: it keeps the 16 codes in one AVX-512 register, and torch has no such lookup).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -266,14 +270,38 @@ BYTE_TO_VALUES = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16
 BYTE_TO_PAIR_BITS = BYTE_TO_VALUES.view(torch.int64).reshape(256)  # (256,) int64
 
 
+def word_to_values_table() -> torch.Tensor:
+    """(65536,) complex128: entry w holds the 4 float32 codes of the two bytes of the 16-bit word w.
+
+    The CPU path reads the packed bytes two at a time as uint16 words, so one gather decodes 4 weights
+    instead of 2 (about 1.4x faster per weight than the byte table, measured). A little-endian word w is
+    (first byte) | (second byte) << 8, so its values are the first byte's pair then the second byte's.
+    complex128 is used only as a 16-byte scalar: index_select copies its bits, and viewing the gathered
+    entries as float32 gives the 4 codes, exactly as stored. 65,536 x 16 bytes = 1 MiB, built once.
+    """
+    words = torch.arange(65536)
+    values = torch.cat([BYTE_TO_VALUES[words & 255], BYTE_TO_VALUES[words >> 8]], dim=1)  # (65536, 4) f32
+    return values.contiguous().view(torch.complex128).reshape(65536)
+
+
+WORD_TABLE: list[torch.Tensor] = []  # built on first use (1 MiB)
+# Weights per step of the CPU loop. Its buffers (160 KiB) stay in the L2 cache, and each op in the loop is
+# at or under torch's parallel grain (32,768 elements), so it runs on the calling thread: with 2^17 and 2
+# threads, every op opened an OpenMP region, and on a loaded machine the wake-ups cost 4-10x the work.
+CPU_CHUNK_VALUES = 1 << 15
+
+
 def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """NF4Tensor -> dense tensor of q.shape: NF4_CODE[index] * block_scale in float32, then cast to dtype."""
+    dtype = dtype or q.dtype
+    if q.device.type == "cpu" and sys.byteorder == "little":
+        return dequantize_cpu(q, dtype)
     n, blocksize = q.numel(), q.blocksize
     table = BYTE_TO_PAIR_BITS.to(q.device)
     pairs = table.index_select(0, q.packed.reshape(-1).int())  # (n_bytes,) int64: two float32 codes each
     values = pairs.view(torch.float32)  # (2 * n_bytes,) float32 in [-1, 1], high nibble first
     scales = q.block_scales()  # (n_blocks,)
-    n_full, dtype = n // blocksize, dtype or q.dtype
+    n_full = n // blocksize
     # The product is computed in float32 either way; writing it straight into a 16-bit `out` rounds it as
     # .to(dtype) would, in the same pass (one read and one write of the weight instead of two).
     out = values if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=values.device)  # (n,)
@@ -281,6 +309,57 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
               out=out[: n_full * blocksize].view(n_full, blocksize))  # full blocks
     if n_full * blocksize < n:
         torch.mul(values[n_full * blocksize: n], scales[n_full], out=out[n_full * blocksize: n])  # the last block
+    return out[:n].view(q.shape)
+
+
+def dequantize_cpu(q: NF4Tensor, dtype: torch.dtype, chunk_values: int = CPU_CHUNK_VALUES) -> torch.Tensor:
+    """The same values as `dequantize`, computed on the CPU in cache-sized chunks.
+
+    On a CPU, dequantizing is bound by memory traffic, not arithmetic. Done in whole-tensor passes
+    (int32 indices, int64 pairs, float32 product, cast), every pass writes a fresh tensor several times
+    the size of the weight, and the kernel must map and zero its pages first. Here each chunk of
+    `chunk_values` weights (a multiple of the blocksize) goes through the same steps in small buffers that
+    stay in the cache, and the weight's own memory is written once:
+
+        uint16 words --copy--> int32 indices --index_select--> 4 float32 codes per word
+                     --mul_ by the block scales (float32)--> [copy_ into a 16-bit output, which rounds]
+
+    For float32 the codes are gathered straight into the output and scaled there. The products are the
+    float32 products of `dequantize`, so the result is bit-identical to it (and to bitsandbytes).
+    """
+    n, blocksize = q.numel(), q.blocksize
+    chunk = max(chunk_values // blocksize, 1) * blocksize  # whole blocks, a multiple of 4 values
+    flat = q.packed.reshape(-1)  # (n_bytes,) uint8
+    n_bytes = flat.numel()
+    if flat.data_ptr() % 2:  # a uint16 view needs an even address; a fresh copy has one
+        flat = flat.clone()
+    scales = q.block_scales()  # (n_blocks,) float32
+    n_full = n // blocksize
+    out = torch.empty(2 * n_bytes, dtype=dtype)  # (n,) plus one padding value when n is odd
+    if not WORD_TABLE:
+        WORD_TABLE.append(word_to_values_table())
+    table = WORD_TABLE[0]
+    n_words = n_bytes // 2
+    words = flat[: 2 * n_words].view(torch.uint16)  # (n_words,)
+    indices = torch.empty(min(chunk, 4 * n_words) // 4, dtype=torch.int32)  # reused by every chunk
+    staging = None if dtype == torch.float32 else torch.empty(indices.numel(), dtype=torch.complex128)
+    for start in range(0, 4 * n_words, chunk):  # value offsets, block-aligned
+        stop = min(start + chunk, 4 * n_words)
+        count = (stop - start) // 4  # words in this chunk
+        target = out[start:stop]
+        gathered = target.view(torch.complex128) if staging is None else staging[:count]
+        torch.index_select(table, 0, indices[:count].copy_(words[start // 4: start // 4 + count]), out=gathered)
+        values = gathered.view(torch.float32)  # (stop - start,) codes
+        first, last = start // blocksize, min(stop // blocksize, n_full)  # the full blocks in this chunk
+        in_full = (last - first) * blocksize
+        values[:in_full].view(-1, blocksize).mul_(scales[first:last, None])
+        if in_full < stop - start:  # only the final chunk: the partial last block (and padding)
+            values[in_full:].mul_(scales[n_full])
+        if staging is not None:
+            target.copy_(values)  # float32 -> dtype, rounding each product once
+    if 2 * n_words < n_bytes:  # an odd byte count: the last byte's two values, in the partial last block
+        last_pair = BYTE_TO_VALUES[flat[-1].long()] * scales[n_full]  # (2,) float32
+        out[4 * n_words:].copy_(last_pair)
     return out[:n].view(q.shape)
 
 
