@@ -213,6 +213,24 @@ def test_qlora_on_gemma2(tmp_path):
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
+def test_prompt_tuning_on_gemma_matches_peft(tmp_path):
+    """The sqrt(d) scale lives inside the embedding module, so (as in PEFT) the soft prompt's vectors go in
+    unscaled after the scaled token rows, and a text init copies the scaled rows PEFT copies."""
+    peft = pytest.importorskip("peft")
+    from minift.peft.prompt_tuning import add_prompt_tuning, initial_prompt
+
+    ref = reference(tmp_path, transformers.GemmaConfig(**COMMON, num_hidden_layers=2))
+    model, _ = minift.load(tmp_path / "ref")
+    with torch.no_grad():
+        torch.testing.assert_close(initial_prompt(model, 3, "text", token_ids=[5, 6, 7]),
+                                   ref.model.embed_tokens(torch.tensor([5, 6, 7])), atol=0, rtol=0)
+    add_prompt_tuning(model, 4, init="random", generator=torch.Generator().manual_seed(0))
+    theirs = peft.get_peft_model(ref, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(model.soft_prompt.weight)
+        torch.testing.assert_close(model(IDS), theirs(input_ids=IDS).logits[:, 4:], atol=1e-4, rtol=1e-4)
+
+
 BAD_CONFIGS = [  # (model_type's extra keys, the start of the one-line error after "config.json: ")
     ("gemma3_text", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling.rope_type = 'yarn' is not"),
     ("gemma3_text", {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}},

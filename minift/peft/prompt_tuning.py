@@ -165,6 +165,11 @@ def initial_prompt(model: nn.Module, n_tokens: int, init: str, token_ids: list[i
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """The starting value of P (n, d) for the chosen init (see the module docstring)."""
     table = model.embed.weight.detach()  # (V, d)
+
+    def rows(ids: torch.Tensor) -> torch.Tensor:  # what the embedding module outputs (Gemma: rows x sqrt(d)), as
+        with torch.no_grad():  # PEFT takes them; .forward skips the prompt's own hooks
+            return model.embed.forward(ids.to(table.device)).detach().clone()  # (n, d)
+
     if init == "random":
         return torch.rand(n_tokens, table.size(1), generator=generator).to(table) - 0.5  # (n, d) in [-0.5, 0.5)
     if init == "vocab":
@@ -173,7 +178,7 @@ def initial_prompt(model: nn.Module, n_tokens: int, init: str, token_ids: list[i
             ids = torch.randperm(pool, generator=generator)[:n_tokens]  # n distinct tokens
         else:  # a tiny vocabulary: draw with replacement
             ids = torch.randint(pool, (n_tokens,), generator=generator)
-        return table[ids.to(table.device)].clone()  # (n, d)
+        return rows(ids)  # (n, d)
     if not token_ids:
         raise ValueError("prompt tuning: init = 'text' needs the text's token ids (pass text= and tokenizer=, "
                          "or token_ids=)")
@@ -181,8 +186,7 @@ def initial_prompt(model: nn.Module, n_tokens: int, init: str, token_ids: list[i
     if bad:
         raise ValueError(f"prompt tuning: init token ids {bad[:5]} are outside the vocabulary (size {table.size(0)})")
     repeats = -(-n_tokens // len(token_ids))  # ceil: repeat the text to fill n tokens, then cut
-    ids = torch.tensor((list(token_ids) * repeats)[:n_tokens], device=table.device)
-    return table[ids].clone()  # (n, d)
+    return rows(torch.tensor((list(token_ids) * repeats)[:n_tokens]))  # (n, d)
 
 
 def add_prompt_tuning(model: nn.Module, n_tokens: int = 20, init: str = "vocab", text: str | None = None,
