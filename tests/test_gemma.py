@@ -169,6 +169,21 @@ def test_save_round_trip_keeps_every_switch(tmp_path):
         assert again.config == model.config
 
 
+def test_nf4_directory_round_trip(tmp_path):
+    """minift quantize's 4-bit directory names Gemma 3's four block norms and q/k norms and reads them back."""
+    from minift.io.nf4dir import save_quantized
+    from minift.quant import quantize_model
+
+    reference(tmp_path, gemma3_config())
+    model, _ = minift.load(tmp_path / "ref")
+    quantize_model(model)
+    save_quantized(model, None, tmp_path / "nf4")
+    back, _ = minift.load(tmp_path / "nf4")
+    assert isinstance(back.blocks[2].mlp.down_proj, NF4Linear) and back.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS), model(IDS), atol=0, rtol=0)
+
+
 def test_embedding_scale_is_rounded_to_the_weights_dtype(tmp_path):
     """bfloat16: sqrt(48) = 6.93 becomes 6.9375 before it multiplies, in transformers and here."""
     config = transformers.GemmaConfig(**{**COMMON, "hidden_size": 48}, num_hidden_layers=1)
