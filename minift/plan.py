@@ -353,7 +353,8 @@ def parse_targets(text: str) -> list[str] | str:
         return text
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
-        raise ValueError(f"--lora-targets {text!r}: expected all-linear or layer names joined by commas (q_proj,v_proj)")
+        raise ValueError(f"--lora-targets {text!r}: expected all-linear or layer names joined by commas "
+                         "(q_proj,v_proj)")
     return names
 
 
@@ -387,7 +388,8 @@ def report(source: str, gpus: int = 1, methods=METHODS, seq_len: int = 2048, bat
         lines += [f"{name}: {human_count(counts.total)} parameters; {config.n_layers} layers, width {config.dim}, "
                   f"{config.n_heads} heads ({config.n_kv_heads} key/value), MLP {config.hidden_dim}, "
                   f"vocabulary {config.vocab_size}",
-                  f"{gpus} GPU{'s' if gpus > 1 else ''} x {gpu_memory:g} GiB; sequence {seq_len} tokens x micro-batch {batch} per GPU; "
+                  f"{gpus} GPU{'s' if gpus > 1 else ''} x {gpu_memory:g} GiB; sequence {seq_len} tokens x "
+                  f"micro-batch {batch} per GPU; "
                   f"attention {attention}",
                   f"LoRA / QLoRA adapters: r={lora_r} on {targets}: {human_count(counts.adapters)} trainable "
                   f"({100 * counts.adapters / counts.total:.2f}%); QLoRA base in NF4: "

@@ -225,3 +225,12 @@ def test_activation_count_of_a_gpt_block_leaves_out_only_layernorm_statistics():
                   mlp_bias=True, tie_embeddings=True, max_seq_len=256)
     expected = plan.layer_activation_bytes(ModelConfig(n_layers=1, **kwargs), 64, 2, "sdpa")
     assert saved_per_layer(kwargs, 64, 2) - expected == 2 * 2 * 64 * 2 * 2
+
+
+def test_fit_says_paged_only_for_qlora_whose_optimizer_state_alone_overflows():
+    """Paged AdamW (QLoRA) moves its state to CPU memory under pressure; no other method's optimizer does."""
+    def row(method):
+        return plan.Row(method, "ddp", True, weights=40, gradients=2, optimizer=10, activations=4, buffers=0,
+                        paged=method == "qlora")
+    assert [row("qlora").fit(gpu) for gpu in (56, 50, 45)] == ["yes", "paged", "no"]
+    assert [row("lora").fit(gpu) for gpu in (56, 50, 45)] == ["yes", "no", "no"]
