@@ -59,6 +59,7 @@ from minift.train.batches import BatchStream, load_datasets
 from minift.train.distributed import (World, check_config as check_distributed_config, init_world,
                                       is_collective_failure, is_sharded, load_sharded, load_sharded_weights,
                                       save_sharded)
+from minift.train.compiled import CompileClock, compile_blocks
 from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
                                  weight_norm)
 from minift.train.methods import MethodPlan, prepare_method
@@ -191,6 +192,8 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     train_data, eval_data, labels = (load_align_datasets if align else load_datasets)(config, tokenizer)
     task_model, plan, checkpoint_names = build_trainable_model(config, model, labels)
     model.gradient_checkpointing = train.gradient_checkpointing
+    if train.compile:
+        compile_blocks(model)  # in place: parameter names, hence checkpoints, unchanged
     task_model.to(device).train()
     world.wrap(task_model, train.fsdp_param_dtype)  # DDP wrapper, or FSDP shards: before the optimizer sees them
     if align:
@@ -421,6 +424,7 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
                desc="finetune",
                dynamic_ncols=True)
     start, start_tokens, last = time.perf_counter(), state.tokens, {"step": state.step}
+    compile_clock = CompileClock() if train.compile else None  # compiling time is logged apart, not in tokens/s
     trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
     monitor = DivergenceMonitor(train.divergence_factor, state)
     monitor.start(trainable)
@@ -448,10 +452,12 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
                 state.task = run.model.task_state()  # saved with the loop's counters in every checkpoint
             state.step, state.micro_batches = step, state.micro_batches + len(micro_batches) * run.world.size
             state.tokens += stats["tokens"]
-            tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+            compile_s = compile_clock.elapsed() if compile_clock else 0.0
+            tokens_per_s = (state.tokens - start_tokens) / max(time.perf_counter() - start - compile_s, 1e-9)
             last = {"step": step, "epoch": round(run.train_stream.epoch_of(state.micro_batches), 4),
                     "loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "targets": stats["targets"],
-                    "tokens_per_s": round(tokens_per_s, 1), **stats.get("metrics", {})}
+                    "tokens_per_s": round(tokens_per_s, 1), **stats.get("metrics", {}),
+                    **({"compile_s": round(compile_s, 2)} if compile_clock else {})}
             bar.update(1)
             shown_loss = "-" if stats["loss"] is None else f"{stats['loss']:.4f}"  # None: no masked token drawn
             shown = {key.split("/")[-1]: f"{value:.3g}" for key, value in stats.get("metrics", {}).items()

@@ -211,6 +211,8 @@ class TrainConfig:
     gradual_unfreezing: int = 0  # ULMFiT: unfreeze one more layer group (top down) every N steps; 0 = off
     max_grad_norm: float | None = 1.0  # clip the global gradient norm to this (> 0); None = no clipping
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile each transformer block (minift/train/compiled.py); the first steps compile,
+    #                      their seconds are logged apart as compile_s and left out of tokens_per_s
     fused_loss: bool = True  # LM losses: lm_head + cross-entropy fused, chunk by chunk (minift/fused_loss.py): the
     #                          same loss and gradients without the (tokens x vocab) logits; false = the plain way
     eval_every: int = 0  # evaluate every N steps (and at the end); 0 = only at the end
