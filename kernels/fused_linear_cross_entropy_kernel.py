@@ -46,7 +46,7 @@ Discussion
   the kernel saves is memory traffic and memory: a separate softmax, subtract, multiply would each read
   and write the (C, V) tile again, and hold extra copies of it.
 * Launch config: BLOCK_V = 4,096 for every vocabulary (a smaller one masks the rest of its one tile), 8
-  warps: 16 fp32 values per thread per tile; ptxas reports 50-100 registers (all flags on: the most) and
+  warps: 16 fp32 values per thread per tile; ptxas reports 56-108 registers (softcap + smoothing: the most) and
   no spills for sm_80 and sm_90 (benchmarks/results/kernels_static.md). Each row reads its logits twice and
   writes them once: the kernel is bandwidth-bound, about 3 x 2 bytes x V per bf16 row.
 * Rows are independent, so the grid is simply (rows,). Row offsets are computed in int64.
@@ -130,7 +130,7 @@ def _cross_entropy_rows_kernel(
         # sweep 1: online max and sum of exponentials (per lane, combined after the loop)
         m = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)  # (BV,) running max of each lane
         total = tl.zeros((BLOCK_V,), dtype=tl.float32)  # (BV,) sum of exp(s - m) of each lane
-        s_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)  # (BV,) sum of s, for label smoothing
+        s_sum = 0.0  # sum of s, for label smoothing (a scalar: a third per-lane array would spill on sm_90)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_vocab = cols < V
@@ -144,12 +144,12 @@ def _cross_entropy_rows_kernel(
             total = total * tl.exp(m - shift) + tl.exp(s - shift)
             m = m_new
             if HAS_SMOOTHING:
-                s_sum += tl.where(in_vocab, s, 0.0)
+                s_sum += tl.sum(tl.where(in_vocab, s, 0.0), axis=0)
         row_max = tl.max(m, axis=0)
         lse = row_max + tl.log(tl.sum(total * tl.exp(m - row_max), axis=0))  # empty lanes: 0 * 0
         loss = lse - s_target
         if HAS_SMOOTHING:
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - tl.sum(s_sum, axis=0) / V)
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - s_sum / V)
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
 
