@@ -485,9 +485,9 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--lora-r", default="16", metavar="R", help="LoRA / QLoRA rank (default 16)")
     p.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
                    help="all-linear (default) or layer names joined by commas, e.g. q_proj,v_proj")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"],
+    p.add_argument("--attention", default="sdpa", metavar="sdpa|eager",
                    help="sdpa: fused/flash attention keeps no s x s matrix (default); eager keeps the softmax")
-    p.add_argument("--format", default="text", choices=["text", "markdown", "json"])
+    p.add_argument("--format", default="text", metavar="text|markdown|json", help="default text")
     p.set_defaults(func=cmd_plan)
 
 

@@ -97,6 +97,7 @@ GB, GiB = 10**9, 2**30
 METHODS = ("full", "lora", "qlora")
 STRATEGIES = ("ddp", "fsdp")
 ATTENTION = ("sdpa", "eager")
+FORMATS = ("text", "markdown", "json")
 
 # The published architectures. LLaMA (Touvron et al. 2023a, Table 2: dimension, heads, layers for 6.7B, 13.0B,
 # 32.5B, 65.2B) and Llama 2 (Touvron et al. 2023b, Table 1: 70B uses grouped-query attention); the MLP widths,
@@ -370,6 +371,10 @@ def report(source: str, gpus: int = 1, methods=METHODS, seq_len: int = 2048, bat
            gpu_memory: float = 80.0, lora_r: int = 16, lora_targets: list[str] | str = "all-linear",
            attention: str = "sdpa", fmt: str = "text") -> str:
     """The text (or markdown, or JSON) that `minift plan` prints."""
+    if attention not in ATTENTION:
+        raise ValueError(f"--attention {attention!r}: expected {' or '.join(ATTENTION)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected {', '.join(FORMATS)}")
     config, name = resolve_config(source)
     try:
         counts = count_parameters(config, lora_r, lora_targets)

@@ -164,6 +164,8 @@ def test_cli_plan_reads_config_json_and_gguf_headers_only(tmp_path, capsys):
     (["--model", "7b", "--gpu-memory", "0"], "--gpu-memory 0: must be a finite number of GiB > 0"),
     (["--model", "7b", "--gpu-memory", "lots"], "--gpu-memory 'lots': expected GiB per GPU"),
     (["--model", "7b", "--lora-targets", "qkv"], "--lora-targets: LoRA target 'qkv' matches no module"),
+    (["--model", "7b", "--attention", "flash"], "--attention 'flash': expected sdpa or eager"),
+    (["--model", "7b", "--format", "csv"], "--format 'csv': expected text, markdown, json"),
 ])
 def test_cli_plan_bad_flags_are_one_line_errors(flags, message, capsys):
     assert main(["plan", *flags]) == 2
