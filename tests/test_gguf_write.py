@@ -303,14 +303,15 @@ def run(*args) -> int:
     return main([str(a) for a in args])
 
 
-def test_export_a_lora_run_as_gguf_merges_first(tmp_path, tokenizer, capsys):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_export_a_lora_run_as_gguf_merges_first(tmp_path, tokenizer, capsys, method):
     base = tmp_path / "base"
     minift.save(tiny_llama(tokenizer.vocab_size, tie=True), tokenizer, base)
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": s} for s in SENTENCES])
     out = tmp_path / "run"
     sets = [f"model.source={base}", f"data.train={data}", f"train.output_dir={out}", "train.max_steps=2",
             "train.batch_size=4", "train.lr=5e-2", "data.validation_fraction=0", "train.device=cpu",
-            "method.name=lora", "method.r=4"]
+            f"method.name={method}", "method.r=4"]
     config = tmp_path / "run.toml"
     config.write_text("[train]\nprogress_bar = false\n")  # the rest comes from --set
     assert main(["finetune", str(config), *[x for s in sets for x in ("--set", s)]]) == 0
