@@ -60,12 +60,13 @@ with kv width h_kv = n_kv_heads * head_dim, SwiGLU of width i, no dropout):
     MLP inside: GELU                               4 s b i       GELU input and output
                 SwiGLU                             8 s b i       gate, up, silu(gate), silu(gate) * up
     dropout masks after attention and MLP          2 s b h       (1 byte each, only with dropout)
+    q/k norms (Qwen3), per head, in fp32           6 s b (h + h_kv) + 4 s b (a + n_kv_heads)
 
 With LayerNorm, i = 4h, h_kv = h, GELU and dropout this is exactly Korthikanti's 34 s b h + 5 a s^2 b; for a
 Llama-style block with SDPA it is exactly what minift's own Transformer saves for its backward in bf16
 (tests/test_plan.py checks both; the second by recording every tensor autograd saves). Outside the blocks: the
 final norm (as above, one norm) and lm_head's input (2 s b h) and the logits, in bf16 and again in fp32 for
-the loss (6 s b V). Full activation checkpointing (Korthikanti §4, "full
+the loss (6 s b V). Not counted: the extra norms and soft-capped attention of Gemma-style blocks. Full activation checkpointing (Korthikanti §4, "full
 recomputation") keeps only each block's input, 2 s b h per layer, and rebuilds one block at a time during the
 backward: L * 2 s b h + one layer + outside. LoRA and QLoRA keep the same activations (the adapters need
 their inputs, which the count already holds; their r-wide intermediate is small and not counted).
@@ -215,6 +216,8 @@ def layer_activation_bytes(config: ModelConfig, seq_len: int, batch: int, attent
                  + 2 * q_width  # attention output, o_proj's input
                  + (8 * i if config.mlp == "swiglu" else 4 * i)
                  + (2 * h if dropout else 0))  # 1-byte masks after attention and MLP
+    if config.qk_norm:  # Qwen3: an fp32 RMSNorm over each head of q and of k, kept like the block's norms
+        per_token += 6 * q_width + 4 * config.n_heads + 6 * kv_width + 4 * config.n_kv_heads
     if attention == "eager":
         core = 2 * a * s * s * b + (3 * a * s * s * b if dropout else 0)
     else:

@@ -210,11 +210,13 @@ def saved_per_layer(config_kwargs: dict, seq_len: int, batch: int) -> float:
     return (saved(3) - saved(1)) / 2
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_activation_count_is_what_minifts_llama_block_saves(n_kv_heads):
-    """The per-layer count (SDPA, fp32 RMSNorm, SwiGLU, grouped-query K and V) equals, byte for byte, what
-    autograd keeps for minift's Llama-style block."""
-    kwargs = dict(vocab_size=512, dim=128, n_heads=4, n_kv_heads=n_kv_heads, hidden_dim=320)
+@pytest.mark.parametrize("extra", [dict(n_kv_heads=4), dict(n_kv_heads=2),
+                                   dict(n_kv_heads=2, model_type="qwen3", qk_norm=True, head_dim=48)],
+                         ids=["mha", "gqa", "qwen3"])
+def test_activation_count_is_what_minifts_llama_block_saves(extra):
+    """The per-layer count (SDPA, fp32 RMSNorm, SwiGLU, grouped-query K and V, Qwen3's q/k norms) equals, byte
+    for byte, what autograd keeps for minift's Llama-style block."""
+    kwargs = dict(vocab_size=512, dim=128, n_heads=4, hidden_dim=320, **extra)
     expected = plan.layer_activation_bytes(ModelConfig(n_layers=1, **kwargs), 64, 2, "sdpa")
     assert saved_per_layer(kwargs, 64, 2) == expected
 
