@@ -246,9 +246,9 @@ def export_task(model: AlignTaskModel, plan, tokenizer, directory: Path) -> Path
         backbone = model.backbone
         if has_adapters(backbone):
             backbone = merge_adapters(copy.deepcopy(backbone))  # refuses adapters that cannot be folded
-        reward = RewardModel.__new__(RewardModel)
-        nn.Module.__init__(reward)
-        reward.backbone, reward.score = backbone, model.head  # no new init: the trained head as it is
+        reward = RewardModel(backbone)
+        with torch.no_grad():
+            reward.score.weight.copy_(model.head.weight)  # the trained head
         save_reward_model(reward, reward_export_tokenizer(tokenizer), directory)
         return directory
     plan.export(model.backbone, tokenizer, directory)
