@@ -3,8 +3,8 @@
 - every tensor of the bundled SmolLM2 Q4_1 file dequantizes to exactly the gguf package's values;
 - synthetic files written with gguf.GGUFWriter cover F32, F16, BF16, Q8_0, Q4_0, Q4_1 on odd shapes
   (the K-quants and Q5_0 / Q5_1: tests/test_gguf_kquants.py);
-- a tiny random Llama / Qwen2, written the way llama.cpp's converter writes it (Q/K rows permuted for
-  Llama), loads back into a minift model whose logits equal the transformers model it came from;
+- a tiny random Llama / Qwen2 / Qwen3 (q/k norms, its own head_dim), written the way llama.cpp's converter
+  writes it (Q/K rows permuted for Llama), loads back into a minift model whose logits equal the transformers model it came from;
 - bad files (wrong magic, truncated, unsupported type) fail with one-line errors naming the key or tensor.
 
 Tolerance: exact equality everywhere. Both sides compute in float32 with the same formula per type
@@ -160,6 +160,7 @@ HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
 
 
@@ -190,8 +191,12 @@ def write_tiny_model(path: Path, arch: str, tie: bool):
               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
               max_position_embeddings=128, tie_word_embeddings=tie)
     torch.manual_seed(0)
+    head_dim = 16
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+    elif arch == "qwen3":  # q/k norms, and a head_dim that is not hidden / heads
+        head_dim = 24
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, head_dim=head_dim)).eval()
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)).eval()
     with torch.no_grad():  # norms start at 1.0; randomize them so a norm swap would show
@@ -211,7 +216,8 @@ def write_tiny_model(path: Path, arch: str, tie: bool):
     metadata = {f"{arch}.{k}": v for k, v in {
         "context_length": 128, "embedding_length": 64, "block_count": 2, "feed_forward_length": 96,
         "attention.head_count": 4, "attention.head_count_kv": 2, "attention.layer_norm_rms_epsilon": 1e-5,
-        "rope.freq_base": 10000.0, "rope.dimension_count": 16}.items()}
+        "rope.freq_base": 10000.0, "rope.dimension_count": head_dim, "attention.key_length": head_dim,
+        "attention.value_length": head_dim}.items()}
     metadata.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
                      "tokenizer.ggml.merges": merges, "tokenizer.ggml.token_type": types,
                      "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2})
@@ -219,13 +225,14 @@ def write_tiny_model(path: Path, arch: str, tie: bool):
     return model
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("qwen2", False)])
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("qwen2", False), ("qwen3", True)])
 def test_tiny_model_logits_equal_transformers(tmp_path, arch, tie):
     import minift
 
     ref = write_tiny_model(tmp_path / "tiny.gguf", arch, tie)
     config, state, tokenizer = load_gguf(tmp_path / "tiny.gguf")
     assert config.tie_embeddings == tie and config.qkv_bias == (arch == "qwen2") and config.model_type == arch
+    assert config.qk_norm == (arch == "qwen3")
     assert config.pad_token_id is None and tokenizer.pad_token_id == 2  # no padding id in the file: pad = eos
     # the un-permuted Q/K rows are the Hugging Face weights exactly
     for i in range(2):

@@ -226,7 +226,9 @@ def rounded_like_file(model: minift.Transformer, path: Path) -> minift.Transform
                 continue
             value = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
             value = value.reshape(p.shape)
-            if ".attn_q." in t.name:
+            if config.model_type not in ("llama", "mistral"):
+                pass  # Qwen: rows as they are
+            elif ".attn_q." in t.name:
                 value = unpermute_rope(value, config.n_heads)
             elif ".attn_k." in t.name:
                 value = unpermute_rope(value, config.n_kv_heads)
@@ -294,6 +296,36 @@ def test_export_round_trips_through_both_readers(tmp_path, tokenizer, quant, tie
         torch.testing.assert_close(got, original, atol=2e-3, rtol=2e-3)  # fp16 rounding of the weights
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_exports_keep_rotate_half_rows_biases_and_qk_norms(tmp_path, tokenizer, arch):
+    torch.manual_seed(2)
+    config = ModelConfig(model_type=arch, vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4,
+                         n_kv_heads=2, head_dim=24 if arch == "qwen3" else None, hidden_dim=96, max_seq_len=128,
+                         qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", tie_embeddings=arch == "qwen3")
+    model = minift.Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.uniform_(0.5, 1.5)
+    path = export_gguf(model, tokenizer, tmp_path / f"{arch}.gguf", "f16")
+    ref = gguf.GGUFReader(path)
+    assert str(ref.fields["general.architecture"].contents()) == arch
+    tensors = {t.name: t for t in ref.tensors}
+    q = model.blocks[0].attn.q_proj.weight.detach()
+    assert np.array_equal(np.asarray(tensors["blk.0.attn_q.weight"].data), q.half().numpy())  # not permuted
+    if arch == "qwen2":
+        assert np.array_equal(np.asarray(tensors["blk.1.attn_k.bias"].data), model.blocks[1].attn.k_proj.bias.detach().numpy())
+    else:
+        assert np.array_equal(np.asarray(tensors["blk.1.attn_q_norm.weight"].data),
+                              model.blocks[1].attn.q_norm.weight.detach().numpy())
+        assert ref.fields["qwen3.attention.key_length"].contents() == 24
+    reloaded, _ = minift.load(path)
+    assert reloaded.config.model_type == arch and reloaded.config.qk_norm == (arch == "qwen3")
+    ids = torch.tensor([tokenizer.encode("the big cat sat on the mat")])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), rounded_like_file(model, path)(ids), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The command: a LoRA run exported directly; bad input
 # ----------------------------------------------------------------------------------------------------
@@ -340,12 +372,19 @@ def test_bad_export_input_gets_one_line(tmp_path, tokenizer, capsys):
     assert "name it *.gguf" in error_of(capsys)
     assert run("export", "--model", base, "--format", "gguf", "--out", tmp_path / "nope" / "x.gguf") == 2
     assert "does not exist" in error_of(capsys)
-    qwen = tmp_path / "qwen"
-    config = ModelConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=4,
-                         n_kv_heads=2, hidden_dim=64, qkv_bias=True)
-    minift.save(minift.Transformer(config), tokenizer, qwen)
-    assert run("export", "--model", qwen, "--format", "gguf", "--out", tmp_path / "q.gguf") == 2
-    assert "model_type 'qwen2' is not supported" in error_of(capsys)
+    gpt2 = tmp_path / "gpt2"
+    config = ModelConfig(model_type="gpt2", vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=4,
+                         hidden_dim=64, norm="layer", positions="learned", mlp="gelu", activation="gelu_tanh",
+                         qkv_bias=True, out_bias=True, mlp_bias=True)
+    minift.save(minift.Transformer(config), tokenizer, gpt2)
+    assert run("export", "--model", gpt2, "--format", "gguf", "--out", tmp_path / "g.gguf") == 2
+    assert "model_type 'gpt2' is not supported" in error_of(capsys)
+    sliding = tmp_path / "sliding"
+    config = ModelConfig(model_type="mistral", vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=4,
+                         n_kv_heads=2, hidden_dim=64, sliding_window=8)
+    minift.save(minift.Transformer(config), tokenizer, sliding)
+    assert run("export", "--model", sliding, "--format", "gguf", "--out", tmp_path / "s.gguf") == 2
+    assert "sliding_window=8" in error_of(capsys)
     from tests.train_helpers import save_tiny_decoder
 
     words = save_tiny_decoder(tmp_path / "words")  # a word-level tokenizer: llama.cpp has no such vocabulary

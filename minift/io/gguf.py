@@ -67,7 +67,10 @@ The file is memory-mapped (numpy memmap): reading the header touches only the fi
 Llama checkpoints need one more step. llama.cpp's converter permutes the rows of W_q and W_k so its
 RoPE can rotate adjacent pairs (x0, x1), (x2, x3), ... Hugging Face (and minift, `rotate_half`) rotates
 pairs (x_i, x_{i + hd/2}). Within each head the converter maps row s * hd/2 + j to row 2j + s; `unpermute_rope`
-maps it back. Qwen2 files are written without the permutation (llama.cpp uses the "NeoX" rotation for them).
+maps it back. Qwen2 and Qwen3 files are written without the permutation (llama.cpp uses the "NeoX" rotation,
+which is rotate_half, for them). Qwen3 adds one tensor pair per layer, blk.{i}.attn_q_norm / attn_k_norm (the
+per-head RMSNorm weights, width head_dim, stored as they are: no +1 and no permutation), and its head_dim
+comes from `qwen3.attention.key_length`, not from embedding_length / head_count.
 """
 
 from __future__ import annotations
@@ -441,12 +444,14 @@ NAME_MAP = [  # GGUF tensor name -> minift parameter name ({i} = layer index)
     (r"blk\.(?P<i>\d+)\.attn_k\.(?P<p>weight|bias)", "blocks.{i}.attn.k_proj.{p}"),
     (r"blk\.(?P<i>\d+)\.attn_v\.(?P<p>weight|bias)", "blocks.{i}.attn.v_proj.{p}"),
     (r"blk\.(?P<i>\d+)\.attn_output\.(?P<p>weight|bias)", "blocks.{i}.attn.o_proj.{p}"),
+    (r"blk\.(?P<i>\d+)\.attn_q_norm\.weight", "blocks.{i}.attn.q_norm.weight"),
+    (r"blk\.(?P<i>\d+)\.attn_k_norm\.weight", "blocks.{i}.attn.k_norm.weight"),
     (r"blk\.(?P<i>\d+)\.ffn_norm\.weight", "blocks.{i}.mlp_norm.weight"),
     (r"blk\.(?P<i>\d+)\.ffn_gate\.weight", "blocks.{i}.mlp.gate_proj.weight"),
     (r"blk\.(?P<i>\d+)\.ffn_up\.weight", "blocks.{i}.mlp.up_proj.weight"),
     (r"blk\.(?P<i>\d+)\.ffn_down\.weight", "blocks.{i}.mlp.down_proj.weight"),
 ]
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 def minift_name(gguf_name: str) -> str | None:
@@ -496,7 +501,7 @@ def config_from_gguf(metadata: dict[str, Any], where: str = "GGUF file") -> Mode
         hidden_dim=need("feed_forward_length"), max_seq_len=need("context_length"),
         norm="rms", norm_eps=need("attention.layer_norm_rms_epsilon", "positive number"), positions="rope",
         rope_theta=get("rope.freq_base", 10000.0, "positive number"), rope_scaling=rope_scaling,
-        mlp="swiglu", activation="silu", qkv_bias=arch == "qwen2", **special,
+        mlp="swiglu", activation="silu", qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **special,
     )
     try:
         return ModelConfig(**fields)
@@ -505,7 +510,7 @@ def config_from_gguf(metadata: dict[str, Any], where: str = "GGUF file") -> Mode
 
 
 def load_gguf(path: str | Path):
-    """(ModelConfig, state dict of float32 tensors with minift names, Tokenizer) from a Llama or Qwen2 GGUF file."""
+    """(ModelConfig, state dict of float32 tensors with minift names, Tokenizer) from a Llama, Qwen2 or Qwen3 file."""
     gguf = read_gguf(path)
     where = str(gguf.path)
     config = config_from_gguf(gguf.metadata, where)

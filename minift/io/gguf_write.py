@@ -5,7 +5,7 @@ Lesson
 minift/io/gguf.py explains the file layout and how to read every block format; this module goes the other
 way. Writing is the reader's steps backwards:
 
-    1. metadata   general.architecture = "llama", then the shape as llama.* keys (block_count,
+    1. metadata   general.architecture = "llama" (or "qwen2", "qwen3"), then the shape as <arch>.* keys (block_count,
                   embedding_length, feed_forward_length, attention.head_count(_kv), rms epsilon,
                   rope.freq_base, rope.dimension_count, context_length), the file type, and the
                   tokenizer as tokenizer.ggml.* keys (below). Integers are uint32 and reals float32,
@@ -15,6 +15,9 @@ way. Writing is the reader's steps backwards:
     3. layout     header, key/values, tensor table, padding to 32 bytes, then each tensor's bytes at an
                   offset that is a multiple of 32. The file is written to model.gguf.tmp and renamed,
                   so a crash never leaves half a file under the final name.
+
+Qwen2 and Qwen3 differ from Llama only where the reader says (minift/io/gguf.py): q/k/v biases (Qwen2),
+per-head q/k RMSNorm weights blk.{i}.attn_q_norm / attn_k_norm (Qwen3), and no row permutation.
 
 The Q/K permutation. llama.cpp's RoPE for "llama" rotates adjacent pairs (x0, x1), (x2, x3), ...; minift
 (like Hugging Face) rotates (x_j, x_{j + hd/2}). Reordering the rows of W_q and W_k turns one into the other:
@@ -338,24 +341,28 @@ def write_gguf(path: str | Path, metadata: dict[str, Value], tensors: list[Tenso
 # A minift Llama-family model -> metadata + tensors
 # ----------------------------------------------------------------------------------------------------
 
-# ModelConfig fields that must keep these values for llama.cpp's "llama" architecture to compute the same thing
+# ModelConfig fields that must keep these values for llama.cpp's architecture to compute the same thing
 LLAMA_SHAPE = {"causal": True, "norm": "rms", "post_norm": False, "positions": "rope", "mlp": "swiglu",
                "activation": "silu", "qk_norm": False, "norm_plus_one": False, "embed_scale": False,
                "branch_post_norms": False, "query_pre_attn_scalar": None, "attn_softcap": None,
                "final_softcap": None, "sliding_window": None, "rope_local_theta": None, "qkv_bias": False,
                "out_bias": False}
-ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # minift model_type -> general.architecture
+# minift model_type -> (general.architecture, the fields where that architecture differs from LLAMA_SHAPE).
+# Only "llama" gets the Q/K row permutation; llama.cpp runs qwen2 / qwen3 with the NeoX (rotate_half) RoPE.
+ARCHITECTURES = {"llama": ("llama", {}), "mistral": ("llama", {}), "qwen2": ("qwen2", {"qkv_bias": True}),
+                 "qwen3": ("qwen3", {"qk_norm": True})}
 
 
 def check_exportable(config) -> None:
-    """Refuse, in one line, a model llama.cpp's "llama" architecture would compute differently."""
+    """Refuse, in one line, a model llama.cpp's architecture for it would compute differently."""
     if config.model_type not in ARCHITECTURES:
         raise ValueError(f"--format gguf: model_type {config.model_type!r} is not supported; minift writes GGUF for "
-                         f"{sorted(ARCHITECTURES)} (the Llama family, SmolLM2 included)")
-    for field, wanted in LLAMA_SHAPE.items():
+                         f"{sorted(ARCHITECTURES)} (the Llama family, SmolLM2 included, and Qwen2 / Qwen3)")
+    arch, differences = ARCHITECTURES[config.model_type]
+    for field, wanted in {**LLAMA_SHAPE, **differences}.items():
         if getattr(config, field, wanted) != wanted:
             raise ValueError(f"--format gguf: this {config.model_type} model has {field}={getattr(config, field)!r}, "
-                             f"which llama.cpp's llama architecture does not have (expected {wanted!r})")
+                             f"which llama.cpp's {arch} architecture does not have (expected {wanted!r})")
     scaling = config.rope_scaling
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear",):
         raise ValueError(f"--format gguf: rope_scaling {scaling!r} is not supported (GGUF export writes none or linear)")
@@ -415,7 +422,9 @@ def model_tensors(model, quant: str) -> list[TensorOut]:
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
         target = gguf_name(name)
-        if ".attn_q." in target:
+        if ARCHITECTURES[config.model_type][0] != "llama":
+            pass  # qwen2 / qwen3: rows stay in rotate_half order
+        elif ".attn_q." in target:
             weight = permute_rope(weight, config.n_heads)
         elif ".attn_k." in target:
             weight = permute_rope(weight, config.n_kv_heads or config.n_heads)
@@ -501,7 +510,7 @@ def pre_tokenizer_name(tokenizer, metadata: dict[str, Value], where: str) -> str
 def model_metadata(config, tokenizer, quant: str, name: str = "minift export") -> dict[str, Value]:
     """general.*, llama.* and tokenizer.ggml.* keys for a Llama-family config."""
     check_exportable(config)
-    arch = ARCHITECTURES[config.model_type]
+    arch = ARCHITECTURES[config.model_type][0]
     head_dim = config.head_dim or config.dim // config.n_heads
     metadata = {
         "general.architecture": Value(STRING, arch),
