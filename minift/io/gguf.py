@@ -71,6 +71,13 @@ maps it back. Qwen2 and Qwen3 files are written without the permutation (llama.c
 which is rotate_half, for them). Qwen3 adds one tensor pair per layer, blk.{i}.attn_q_norm / attn_k_norm (the
 per-head RMSNorm weights, width head_dim, stored as they are: no +1 and no permutation), and its head_dim
 comes from `qwen3.attention.key_length`, not from embedding_length / head_count.
+
+Not read yet, and what they would need (from llama.cpp's converter): Gemma 1/2/3 files store every RMSNorm
+weight as 1 + w (the converter adds the 1, so llama.cpp's plain RMSNorm computes Gemma's (1 + w) scaling:
+subtract 1 to get minift's norm_plus_one weights), have no Q/K permutation, and carry a SentencePiece
+vocabulary (tokenizer.ggml.model "llama"); Phi-3 files keep the fused blk.N.attn_qkv and store gate_up_proj
+as one ffn_up of twice the width, with a SentencePiece vocabulary too. minift builds only byte-level BPE
+tokenizers from GGUF, so these are refused by architecture name; load their Hugging Face directories.
 """
 
 from __future__ import annotations
