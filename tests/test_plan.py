@@ -238,3 +238,30 @@ def test_fit_says_paged_only_for_qlora_whose_optimizer_state_alone_overflows():
                         paged=method == "qlora")
     assert [row("qlora").fit(gpu) for gpu in (56, 50, 45)] == ["yes", "paged", "no"]
     assert [row("lora").fit(gpu) for gpu in (56, 50, 45)] == ["yes", "no", "no"]
+
+
+def test_parameter_and_adapter_counts_equal_transformers_and_peft(tmp_path):
+    """The counts behind every row, against the reference libraries: a Llama with grouped-query attention and
+    a GPT-2 written as config.json, built by transformers; LoRA on every linear layer and on q,v by PEFT. (Only
+    the Llama's adapters: minift splits GPT-2's fused c_attn into q, k, v projections and so gives each its own
+    A and B, 3 r (h + h) per layer where PEFT's one adapter on c_attn has r (h + 3h).)"""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    configs = {
+        "llama": transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2),
+        "gpt2": transformers.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    }
+    for name, hf_config in configs.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        hf_config.to_json_file(folder / "config.json")
+        config, _ = plan.resolve_config(str(folder))
+        assert plan.count_parameters(config).total == transformers.AutoModelForCausalLM.from_config(
+            hf_config).num_parameters()
+        if name == "llama":
+            for targets in ("all-linear", ["q_proj", "v_proj"]):
+                lora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(hf_config),
+                                           peft.LoraConfig(r=8, target_modules=targets))
+                trainable, _ = lora.get_nb_trainable_parameters()
+                assert plan.count_parameters(config, 8, targets).adapters == trainable, targets
