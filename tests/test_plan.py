@@ -265,3 +265,19 @@ def test_parameter_and_adapter_counts_equal_transformers_and_peft(tmp_path):
                                            peft.LoraConfig(r=8, target_modules=targets))
                 trainable, _ = lora.get_nb_trainable_parameters()
                 assert plan.count_parameters(config, 8, targets).adapters == trainable, targets
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qlora_base_bytes_equal_a_model_quantized_by_minift(tied):
+    """The QLoRA weights column is what minift.quant.quantize_model leaves: NF4 linear layers (double
+    quantization, 64-blocks; bit-exact with bitsandbytes elsewhere) and the rest in bf16, byte for byte."""
+    import torch
+
+    from minift.model import Transformer
+    from minift.quant import quantize_model
+
+    config = ModelConfig(vocab_size=1000, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=320,
+                         tie_embeddings=tied)
+    model = Transformer(config).to(torch.bfloat16)
+    report = quantize_model(model)
+    assert plan.count_parameters(config).nf4_bytes == report.model_bytes
