@@ -206,6 +206,7 @@ print(f"all-reduced gradient vs one process:      max relative error {out['right
 print(f"mean of per-rank means instead:           max relative error {out['wrong']:.1e}")
 print(f"all-reduced per step: {out['sent'] / 1e6:.1f} MB of gradients per rank (a ring all-reduce sends "
       f"2(N-1)/N of that over the wire); replicas identical after the SGD step: {out['same_after_step']}")
+assert out["right"] < 1e-5 and out["wrong"] > 1e-2 and out["same_after_step"]  # the claims above, checked
 findings["by hand"] = (f"all-reduced gradient vs 1 process: max relative error {out['right']:.1e}; mean of "
                        f"per-rank means: {out['wrong']:.1e} (rank 0 holds {out['count']} of {out['global_count']} "
                        f"targets); replicas identical after a step: {out['same_after_step']}")
@@ -249,6 +250,7 @@ def with_ddp(rank: int) -> dict:
 out = launch(with_ddp)
 print(f"DDP gradient vs one process:                      max relative error {out['one_step']:.1e}")
 print(f"DDP, 2 micro-batches per rank with no_sync first: max relative error {out['accumulation']:.1e}")
+assert out["one_step"] < 1e-5 and out["accumulation"] < 1e-5
 findings["DDP"] = (f"vs 1 process: {out['one_step']:.1e}; 2 micro-batches per rank, no_sync on the first: "
                    f"{out['accumulation']:.1e}")
 
@@ -317,6 +319,7 @@ table.append(f"| all model states | {4 * out['unsharded'] / 1e6:.2f} MB | {measu
 print("\n".join(table))
 print(f"minift plan predicts {planned / 1e6:.2f} MB of model states per GPU for full fine-tuning under FSDP on "
       f"{WORLD} GPUs (16 bytes per parameter / {WORLD}); measured {measured / 1e6:.2f} MB")
+assert out["error"] < 1e-5 and measured == planned  # every dimension here splits evenly over 2 ranks: no padding
 findings["FSDP2"] = f"vs 1 process: max relative error {out['error']:.1e}"
 
 # %% [markdown]
