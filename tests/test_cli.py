@@ -4,7 +4,7 @@ import pytest
 
 from minift.cli import build_parser, main
 
-SUBCOMMANDS = ["generate", "demo", "finetune", "eval", "icl", "quantize", "merge", "export"]
+SUBCOMMANDS = ["generate", "demo", "finetune", "eval", "icl", "quantize", "merge", "export", "plan"]
 
 
 def test_every_subcommand_is_registered():
