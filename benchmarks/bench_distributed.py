@@ -148,6 +148,21 @@ def main() -> None:
                            rows)
     print(table)
     print(f"load average during the runs: {min(loads):.1f} .. {max(loads):.1f}")
+    import torch
+
+    write_result("distributed_scaling.md", (
+        "# Data parallelism on this CPU: 2 gloo processes vs 1 process at equal total threads\n\n"
+        f"`python benchmarks/bench_distributed.py --layers {args.layers} --batch {args.batch} --seq {args.seq} "
+        f"--steps {args.steps} --rounds {args.rounds}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n"
+        f"Machine: {machine_description()}. torch {torch.__version__}.\n"
+        f"Model: SmolLM2-135M shape with {args.layers} layers, random weights, full fine-tuning, AdamW; global "
+        f"batch {2 * args.batch} x {args.seq} tokens per step on both sides; median of {args.rounds} interleaved "
+        f"rounds of {args.steps} timed steps (after one warm-up step).\n"
+        f"Load average (1 min) during the runs: {min(loads):.1f} .. {max(loads):.1f} on "
+        f"{os.cpu_count()} cores: the machine was shared with other jobs, so the ratios are indicative.\n\n"
+        f"{table}\n\n"
+        "time in comm = 1 - t(step, no_sync everywhere) / t(step, DDP): the part of a step the gradient\n"
+        "all-reduce adds, after what DDP overlaps with backward.\n"))
     print(json.dumps({"machine": machine_description(), "args": vars(args), "median_tokens_per_s": median,
                       "median_step_s": step, "comm_share": share, "loads": loads, "runs": results}))
 

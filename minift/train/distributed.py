@@ -252,6 +252,8 @@ class World:
 
     def lost(self, error: BaseException, step: int, run_dir: Path) -> PeerLostError:
         """The one-line error a surviving rank raises when a collective fails."""
+        global _peers_lost
+        _peers_lost = True
         try:
             latest = ckpt.latest_checkpoint(run_dir)
         except ValueError:
@@ -342,12 +344,25 @@ def init_world(mode: str, device: torch.device, timeout_s: float = 600.0) -> Wor
                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
+_peers_lost = False  # set when a collective failed: then no rank waits for the others on the way out
+
+
 def close() -> None:
-    """Leave the process group (at exit; a finished run's processes then end cleanly)."""
+    """Leave the process group (at exit). The ranks first meet at a barrier, so that none tears down its
+    connections while another still uses them (gloo aborts a process whose peer vanished mid-teardown)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if not _peers_lost:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=30))  # names a rank that does not arrive
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -458,7 +473,7 @@ def load_sharded_weights(path: Path, model: nn.Module, names: list[str]) -> None
     params = dict(model.named_parameters())
     state = {"model": {name: params[name].detach().clone() for name in names}}
     try:
-        dcp.load(state, checkpoint_id=str(path / SHARDED))
+        dcp.load(state, checkpoint_id=str(path / SHARDED), no_dist=not torch.distributed.is_initialized())
     except Exception as error:  # a missing tensor or a damaged file, reported by DCP in several exception types
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise ValueError(f"{path / SHARDED}: the sharded checkpoint does not load ({reason}); written with "
