@@ -35,6 +35,12 @@ lm_head (a fifth of the model's GEMM work at this shape) and the softmax run onl
 minift. Peak memory is lower because no (tokens x out) temporaries are allocated per layer, and in `sft`
 because no logits are kept for the prompt.
 
+Options of minift's trainer can run as extra children, each its own provider (`--variants ckpt,compile`):
+`minift+ckpt` recomputes each block in backward (train.gradient_checkpointing), `minift+compile` compiles each
+block (train.compile; its compile seconds, spent in the warm-up steps, are a column of their own). `--profile`
+adds torch.profiler's table of one minift step and the share of its CPU time spent in GEMMs, and from it the
+most any change to the non-GEMM work could gain over PEFT.
+
     python benchmarks/bench_lora.py --threads 1        # full size, writes benchmarks/results/lora_cpu.md
     python benchmarks/bench_lora.py --layers 4 --steps 2 --no-write   # a quick look
 """
@@ -54,6 +60,8 @@ import torch
 import torch.nn as nn
 
 SHAPE = dict(vocab=49152, dim=576, heads=9, kv_heads=3, hidden=1536)
+VARIANTS = {"ckpt": "gradient checkpointing per block", "compile": "torch.compile per block",
+            "compile+ckpt": "both"}
 WORKLOADS = {"all": "every token is a target", "sft": "completion-only, the last quarter of each row is the target"}
 RESULT_NAME = "lora_cpu.md"
 
@@ -74,6 +82,15 @@ def rss_mb() -> float:
 def build(provider: str, layers: int):
     """(model, loss function of (input ids, labels)). Same shape, same LoRA settings on both sides."""
     torch.manual_seed(0)
+    if provider.startswith("minift+"):  # a trainer option on top of minift's LoRA model
+        model, loss_of = build("minift", layers)
+        options = provider.split("+")[1:]
+        model.backbone.gradient_checkpointing = "ckpt" in options
+        if "compile" in options:
+            from minift.train.compiled import compile_blocks
+
+            compile_blocks(model.backbone)
+        return model, loss_of
     if provider in ("minift", "no-lora"):
         import minift
         from minift.peft import LoRAConfig, add_lora
@@ -96,6 +113,8 @@ def build(provider: str, layers: int):
         def loss_of(ids, labels):
             out = task_model({"input_ids": ids, "labels": labels})  # shifts inside; summed loss + target count
             return out.loss_sum / out.n_targets
+
+        return task_model.train(), loss_of
     else:
         import peft
         import transformers
@@ -121,19 +140,23 @@ def worker(provider: str, layers: int, batch: int, seq: int, threads: int, workl
     labels = ids.clone()
     if workload == "sft":
         labels[:, : seq * 3 // 4] = -100  # the prompt: given, not learned
+    from minift.train.compiled import compile_seconds
+
+    compile_seconds()  # imports torch._dynamo now, so that "train extra" does not count the import
     after_build = rss_mb()
     print(json.dumps(dict(ready=True, trainable=trainable, rss_after_build=after_build)), flush=True)
     for command in sys.stdin:
         if command.strip() != "step":
             break
-        start, start_cpu = time.perf_counter(), time.process_time()
+        start, start_cpu, start_compile = time.perf_counter(), time.process_time(), compile_seconds()
         loss = loss_of(ids, labels)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-        print(json.dumps(dict(seconds=seconds, cpu_seconds=cpu_seconds, loss=loss.item())), flush=True)
+        print(json.dumps(dict(seconds=seconds, cpu_seconds=cpu_seconds, loss=loss.item(),
+                              compile_seconds=compile_seconds() - start_compile)), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     print(json.dumps(dict(peak_rss=peak, rss_after_build=after_build)), flush=True)
 
@@ -154,6 +177,7 @@ class Child:
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.losses: list[float] = []
+        self.compile_seconds = 0.0
 
     def read(self) -> dict:
         line = self.process.stdout.readline()
@@ -166,6 +190,7 @@ class Child:
         self.process.stdin.flush()
         reply = self.read()
         self.losses.append(reply["loss"])
+        self.compile_seconds += reply["compile_seconds"]
         if timed:
             self.times.append(reply["seconds"])
             self.cpu_times.append(reply["cpu_seconds"])
@@ -179,7 +204,8 @@ class Child:
 
 
 def train_step_table(args, workload: str) -> tuple[list[list[str]], dict]:
-    children = [Child(provider, args, workload) for provider in ("minift", "peft", "no-lora")]
+    providers = ["minift", "peft", "no-lora"] + [f"minift+{variant}" for variant in args.variants]
+    children = [Child(provider, args, workload) for provider in providers]
     for round_ in range(args.warmup + args.steps):
         shift = round_ % len(children)
         for child in children[shift:] + children[:shift]:  # A B C, B C A, C A B, ...
@@ -190,11 +216,12 @@ def train_step_table(args, workload: str) -> tuple[list[list[str]], dict]:
         final = child.finish()
         wall, cpu = statistics.median(child.times), statistics.median(child.cpu_times)
         summary[child.provider] = dict(tokens_per_s=tokens / wall, tokens_per_cpu_s=tokens / cpu,
-                                       peak=final["peak_rss"], extra=final["peak_rss"] - final["rss_after_build"])
+                                       peak=final["peak_rss"], extra=final["peak_rss"] - final["rss_after_build"],
+                                       cpu_step=cpu)
         rows.append([child.provider, f"{child.info['trainable']:,}", f"{wall:.2f}",
                      f"{min(child.times):.2f} / {max(child.times):.2f}", f"{tokens / wall:,.1f}", f"{cpu:.2f}",
                      f"{tokens / cpu:,.1f}", f"{final['peak_rss']:,.0f}", f"{summary[child.provider]['extra']:,.0f}",
-                     f"{child.losses[0]:.4f}"])
+                     f"{child.losses[0]:.4f}", f"{child.compile_seconds:.1f}" if "compile" in child.provider else "-"])
     return rows, summary
 
 
@@ -240,6 +267,31 @@ def layer_table(reps: int = 7) -> list[list[str]]:
             for name in layers]
 
 
+def profile_step(args) -> tuple[float, str]:
+    """(GEMMs' share of the self CPU time of one minift step, torch.profiler's table of the top ops)."""
+    model, loss_of = build("minift", args.layers)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, SHAPE["vocab"], (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    if args.workloads.split(",")[0] == "sft":
+        labels[:, : args.seq * 3 // 4] = -100
+
+    def step():
+        loss_of(ids, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm",
+                                                                  "aten::addmm_", "aten::baddbmm"))
+    table = events.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40)
+    return gemm / total, table.strip()
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -265,8 +317,17 @@ def main() -> None:
     parser.add_argument("--workloads", default="all,sft", help="comma-separated: all (every token a target), sft "
                         "(completion-only: the last quarter of each row)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not write the results file")
-    parser.add_argument("--worker", choices=["minift", "peft", "no-lora"], help=argparse.SUPPRESS)
+    parser.add_argument("--result-name", default=RESULT_NAME, help="file name under benchmarks/results/")
+    parser.add_argument("--variants", default="", help="comma-separated minift options run as extra providers: "
+                        + ", ".join(f"{name} ({text})" for name, text in VARIANTS.items()))
+    parser.add_argument("--profile", action="store_true", help="profile one minift step (in this process) and "
+                        "report the GEMMs' share of its CPU time")
+    parser.add_argument("--no-layer-table", action="store_true", help="skip the one-layer table")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.worker:
         return worker(args.worker, args.layers, args.batch, args.seq, args.threads, args.workloads)
     workloads = args.workloads.split(",")
@@ -276,7 +337,8 @@ def main() -> None:
     started, load_before = time.time(), os.getloadavg()
     tables = {workload: train_step_table(args, workload) for workload in workloads}
     torch.set_num_threads(args.threads)
-    layer_rows = layer_table()
+    layer_rows = None if args.no_layer_table else layer_table()
+    profile = profile_step(args) if args.profile else None
     load_after = os.getloadavg()
     sections = []
     for workload, (rows, summary) in tables.items():
@@ -287,10 +349,24 @@ def main() -> None:
         sections += [
             f"## Workload `{workload}`: {WORKLOADS[workload]}",
             markdown(["provider", "trainable", "median step s", "min / max s", "tokens/s", "median CPU s",
-                      "tokens / CPU s", "peak RSS MiB", "train extra MiB", "first loss"], rows),
+                      "tokens / CPU s", "peak RSS MiB", "train extra MiB", "first loss", "compile s (warm-up)"], rows),
             f"**{workload}: minift / PEFT: {ratio:.2f}x tokens/s (wall), {cpu_ratio:.2f}x tokens per CPU second; "
             f"peak memory {memory:.2f}x.** `no-lora` / PEFT: {bound:.2f}x per CPU second.",
         ]
+        for variant in args.variants:
+            ours = summary[f"minift+{variant}"]
+            sections.append(
+                f"`minift+{variant}` ({VARIANTS[variant]}) / PEFT: {ours['tokens_per_s'] / summary['peft']['tokens_per_s']:.2f}x "
+                f"tokens/s (wall), {ours['tokens_per_cpu_s'] / summary['peft']['tokens_per_cpu_s']:.2f}x per CPU second; "
+                f"peak memory {ours['peak'] / summary['peft']['peak']:.2f}x, train extra "
+                f"{ours['extra'] / summary['peft']['extra']:.2f}x.")
+        if profile is not None:
+            share, _ = profile
+            limit = summary["peft"]["cpu_step"] / (summary["minift"]["cpu_step"] * share)
+            sections.append(
+                f"GEMMs (aten::mm/addmm/bmm) are {share:.0%} of minift's step (profile below). Both libraries run "
+                f"the same GEMMs, so even with every other op free minift could reach at most PEFT's CPU seconds / "
+                f"minift's GEMM seconds = {limit:.2f}x PEFT in `{workload}`.")
     report = "\n\n".join([
         "# LoRA training step on the CPU: minift vs transformers + PEFT",
         f"Machine: {machine()}.",
@@ -302,21 +378,25 @@ def main() -> None:
         f"Model: SmolLM2-135M shape with {args.layers} layers, random weights, float32; LoRA r=8, alpha=16, all linear "
         f"layers but lm_head; AdamW; batch {args.batch} x {args.seq} tokens; {args.threads} torch thread(s); "
         f"{args.warmup} warm-up + {args.steps} timed steps per provider, interleaved; "
-        f"`python benchmarks/bench_lora.py --threads {args.threads} --warmup {args.warmup} --steps {args.steps}`.",
+        f"`python benchmarks/bench_lora.py {' '.join(sys.argv[1:])}`.",
         *sections,
         "`no-lora` is minift's model with no adapters at all, the backward still running through every block: "
         "the speed a LoRA layer that cost nothing would reach. Its speed over PEFT's is the most any LoRA layer "
         "can gain on this model; what is left is the frozen base model's own work (its GEMMs, lm_head over 49k "
         "tokens, attention, softmax). In the `sft` workload minift also skips the lm_head and softmax for the "
         "prompt rows, which carry no loss.",
-        "One LoRA layer (576 -> 1536, 4 x 256 tokens, forward + backward), median of 7 x 5 runs:",
-        markdown(["layer", "wall ms", "vs frozen", "CPU ms", "vs frozen"], layer_rows),
+        *([] if layer_rows is None else [
+            "One LoRA layer (576 -> 1536, 4 x 256 tokens, forward + backward), median of 7 x 5 runs:",
+            markdown(["layer", "wall ms", "vs frozen", "CPU ms", "vs frozen"], layer_rows)]),
+        *([] if profile is None else [
+            f"torch.profiler, one minift step of the `{workloads[0]}` workload after a warm-up step (this process, "
+            f"{args.threads} thread(s)), ops by their own CPU time:", "```\n" + profile[1] + "\n```"]),
     ])
     print(report)
     if not args.no_write:
         from common import write_result
 
-        write_result(RESULT_NAME, report + "\n")
+        write_result(args.result_name, report + "\n")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,15 @@ shape, fewer layers by default, saved to a temporary directory that minift loads
 minift runs it through its trainer's own functions (`accumulate_gradients`, `optimizer_step`, the AdamW
 param groups of `build_optimizer`); transformers runs `model(ids, labels=ids).loss` and a plain
 torch.optim.AdamW, as a user's hand-written loop would. Each provider runs in a fresh process, so peak RSS
-is its own. Target (issue "Training engine"): minift tokens/s >= transformers tokens/s.
+is its own. Target (issue "Training engine"): minift tokens/s >= transformers tokens/s; issue 16: >= 1.3x, and
+peak memory <= 0.7x.
 
-    python benchmarks/bench_train.py [--layers 6] [--batch 4] [--seq 128] [--steps 4] [--rounds 2]
+Trainer options run as extra minift providers (`--variants ckpt,compile,compile+ckpt`): gradient checkpointing
+per block (train.gradient_checkpointing) and torch.compile per block (train.compile; its compile seconds, all
+spent in the warm-up step, are reported apart). "train extra" is peak RSS minus RSS once the model is loaded:
+the memory the training itself adds (gradients, AdamW moments, activations), without the Python runtime.
+
+    python benchmarks/bench_train.py [--layers 6] [--batch 4] [--seq 128] [--steps 4] [--rounds 2] [--variants ...]
 """
 
 from __future__ import annotations
@@ -40,7 +46,18 @@ def make_checkpoint(directory: str, layers: int) -> None:
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
 
 
-def minift_step_function(directory: str):
+VARIANTS = {"ckpt": "gradient checkpointing per block", "compile": "torch.compile per block", "compile+ckpt": "both"}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def minift_step_function(directory: str, options: tuple[str, ...] = ()):
     import torch
 
     import minift
@@ -50,6 +67,11 @@ def minift_step_function(directory: str):
     from minift.train import accumulate_gradients, build_optimizer, optimizer_step
 
     backbone, _ = minift.load(directory)
+    backbone.gradient_checkpointing = "ckpt" in options
+    if "compile" in options:
+        from minift.train.compiled import compile_blocks
+
+        compile_blocks(backbone)
     model = build_task_model(backbone, "causal_lm").train()
     optimizer = build_optimizer(layer_groups(backbone), TrainConfig(lr=LR), torch.device("cpu"))
 
@@ -77,21 +99,33 @@ def transformers_step_function(directory: str):
     return step
 
 
-def time_provider(provider: str, directory: str, batch: int, seq: int, steps: int) -> dict:
+def time_provider(provider: str, directory: str, batch: int, seq: int, steps: int, threads: int | None = None) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
+    from minift.train.compiled import compile_seconds
+
     torch.manual_seed(0)
-    step = (minift_step_function if provider == "minift" else transformers_step_function)(directory)
+    if provider == "transformers":
+        step = transformers_step_function(directory)
+    else:
+        step = minift_step_function(directory, tuple(provider.split("+")[1:]))
+    compile_start = compile_seconds()  # imports torch._dynamo now, so that "train extra" does not count the import
+    after_load = rss_mb()
     ids = torch.randint(0, SMOLLM2["vocab_size"], (batch, seq))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    times = []
+    times, cpu_times = [], []
     for index in range(steps + 1):  # the first step is a warm-up (it also allocates the AdamW moments)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step(data)
         if index:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - start_cpu)
     best = min(times)
-    return {"tokens_per_s": batch * seq / best, "seconds": best}
+    return {"tokens_per_s": batch * seq / best, "seconds": best, "after_load_mb": after_load,
+            "tokens_per_cpu_s": batch * seq / min(cpu_times),
+            "compile_s": compile_seconds() - compile_start}
 
 
 def main() -> None:
@@ -101,35 +135,52 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per process (best one counts)")
     parser.add_argument("--rounds", type=int, default=2, help="alternate the providers this many times")
+    parser.add_argument("--variants", default="", help="comma-separated extra minift providers: "
+                        + ", ".join(f"{name} ({text})" for name, text in VARIANTS.items()))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each provider (default: torch's)")
+    parser.add_argument("--result-name", default="train_cpu.md", help="file name under benchmarks/results/")
     args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     here = str(Path(__file__).resolve())
-    results: dict[str, list[dict]] = {"minift": [], "transformers": []}
+    results: dict[str, list[dict]] = {"minift": [], "transformers": [], **{f"minift+{v}": [] for v in variants}}
+    load_before = __import__("os").getloadavg()
     with tempfile.TemporaryDirectory() as directory:
         make_checkpoint(directory, args.layers)
         for _ in range(args.rounds):  # alternating rounds: a busy machine slows both sides alike
             for provider in results:
                 results[provider].append(run_isolated(here, "time_provider", provider=provider, directory=directory,
-                                                      batch=args.batch, seq=args.seq, steps=args.steps))
+                                                      batch=args.batch, seq=args.seq, steps=args.steps,
+                                                      threads=args.threads))
+    load_after = __import__("os").getloadavg()
     best = {p: max(r, key=lambda x: x["tokens_per_s"]) for p, r in results.items()}
     peak = {p: max(x["peak_rss_mb"] for x in r) for p, r in results.items()}
-    ratio = best["minift"]["tokens_per_s"] / best["transformers"]["tokens_per_s"]
-    table = markdown_table(
-        ["step", "minift tok/s", "transformers tok/s", "ratio", "minift peak MB", "transformers peak MB"],
-        [["forward+backward+clip+AdamW", f"{best['minift']['tokens_per_s']:.0f}",
-          f"{best['transformers']['tokens_per_s']:.0f}", f"{ratio:.2f}x", f"{peak['minift']:.0f}",
-          f"{peak['transformers']:.0f}"]],
-    )
+    extra = {p: max(x["peak_rss_mb"] - x["after_load_mb"] for x in r) for p, r in results.items()}
+    reference = best["transformers"]["tokens_per_s"]
+    cpu = {p: max(x["tokens_per_cpu_s"] for x in r) for p, r in results.items()}
+    rows = [[provider, f"{best[provider]['tokens_per_s']:.0f}", f"{best[provider]['tokens_per_s'] / reference:.2f}x",
+             f"{cpu[provider]:.0f}", f"{cpu[provider] / cpu['transformers']:.2f}x",
+             f"{peak[provider]:.0f}", f"{peak[provider] / peak['transformers']:.2f}x", f"{extra[provider]:.0f}",
+             f"{extra[provider] / extra['transformers']:.2f}x",
+             f"{max(x['compile_s'] for x in results[provider]):.1f}" if "compile" in provider else "-"]
+            for provider in results]
+    table = markdown_table(["provider (forward+backward+clip+AdamW)", "tok/s", "vs transformers", "tok / CPU s",
+                            "vs transformers", "peak RSS MB",
+                            "vs transformers", "train extra MB", "vs transformers", "compile s (warm-up)"], rows)
     text = (f"# Full fine-tuning step on the CPU: minift trainer vs transformers + hand-written loop\n\n"
             f"SmolLM2-135M shape with {args.layers} layers, batch {args.batch} x {args.seq} tokens (all targets), "
             f"float32, AdamW lr {LR}, grad-norm clipping {MAX_GRAD_NORM}.\n\n"
-            f"Machine: {machine_description()}\n\n"
+            f"Machine: {machine_description()}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+            f"(a shared machine: the providers alternate so that load hits all alike)\n\n"
+            f"Torch threads per provider: {args.threads or 'torch default'}. "
             f"Best of {args.steps} timed steps after one warm-up, best of {args.rounds} alternating rounds; each "
             f"provider in its own process (peak RSS includes the Python runtime and libraries).\n\n{table}\n\n"
             f"minift's step uses torch's fused AdamW kernel (`build_optimizer`) and its own loss (`TaskModel`: only "
             f"target rows meet the vocabulary matrix); the hand-written loop uses `torch.optim.AdamW` defaults and "
             f"`model(..., labels=...).loss`, as most user code does. Both models are float32 with SDPA attention.\n")
     print(text)
-    write_result("train_cpu.md", text)
+    write_result(args.result_name, text)
 
 
 if __name__ == "__main__":
