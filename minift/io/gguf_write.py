@@ -43,14 +43,18 @@ The quantizers (F16 is a plain cast; every quantizer works on whole tensors at o
     Q4_K  per sub-block of 32, a weighted least-squares fit of scale and min (llama.cpp's
           make_qkx2_quants): weights w = rms(x) + |x|; try 21 candidate scales (nmax - 1 + 0.1 s)/(max - min),
           for each round to levels 0..15 and solve the 2x2 normal equations for the best (scale, min)
-          given those levels; keep the candidate with the smallest weighted squared error. Then the 8
+          given those levels; keep the candidate with the smallest weighted squared error (ggml keeps
+          one `min` variable, so after a candidate wins the later ones are cut from its min, not the
+          data's: we do the same). Then the 8
           scales and 8 mins of a super-block are themselves quantized to 6 bits against d = max scale / 63
           and dmin = max min / 63 (two float16s), and the levels recomputed against those rounded values.
 
 Q8_0, Q4_0 and Q5_0 follow ggml's reference quantizers operation for operation in float32 and are
 byte-identical to gguf.quants.quantize (tests/test_gguf_write.py). The gguf package has no Q4_K quantizer;
-ours follows ggml's quantize_row_q4_K_ref step by step, accumulating sums in the same sequential order;
-benchmarks/llamacpp_check.py compares its bytes with ggml's own when llama-cpp-python is installed.
+ours follows ggml's quantize_row_q4_K_ref step by step, accumulating sums in the same sequential order, and
+is byte-identical to a scalar, loop-by-loop transcription of that C function in float32 (the test). Compiled
+ggml may still differ in rare last bits where the compiler fuses a multiply-add (x86 FMA) that C leaves as
+two roundings; benchmarks/llamacpp_check.py counts identical blocks against ggml's own library.
 
 Which tensor gets which type: 1-D tensors (norms) stay F32, as llama.cpp's converter keeps them. With a
 4-bit choice the token embedding is written Q8_0: with tied embeddings it is also the output layer, and
