@@ -19,7 +19,8 @@ in a cycle; tests/test_layers.py reads every import (lazy ones too) and holds th
     1  model                 one Transformer for every supported family, KV cache, generate
     2  kernels (kernels/)    Triton kernels, each beside its pure-torch reference; the NF4 code tables
     3  quant                 the NF4 format (bitsandbytes-exact) and NF4Linear
-    4  io, and this package  checkpoint formats: files, HF dirs, 4-bit dirs, GGUF, bundled names; load/save
+    4  io, and this package  checkpoint formats: files, HF dirs, 4-bit dirs, GGUF (read and write), bundled
+                             names; load/save
                              (library modules import minift.io, never `minift` itself)
     5  peft                  LoRA family, (IA)^3, bottleneck adapters, prompt tuning, QLoRA, PEFT files
     6  losses, fused_loss, data, datasets, schedules
