@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import re
 import statistics
@@ -344,6 +345,11 @@ def step_qlora(check: Check, dry: bool, device: str, sizes: dict) -> None:
 
     providers = ("minift", "reference")
     shape = sizes["model"]
+    missing = [m for m in ("transformers", "peft", "bitsandbytes") if importlib.util.find_spec(m) is None]
+    if missing:
+        check.add("4 QLoRA step", "tokens/s vs transformers + PEFT + bitsandbytes", f"{', '.join(missing)} not "
+                  "installed", f">= {TARGETS['qlora_vs_reference']}x", False)
+        return
     with tempfile.TemporaryDirectory() as directory:
         write_checkpoint(directory, shape)
         ids = torch.randint(0, shape["vocab"], (sizes["batch"], sizes["seq"]),
@@ -395,6 +401,33 @@ def step_qlora(check: Check, dry: bool, device: str, sizes: dict) -> None:
 # ---------------------------------------------------------------- driver
 
 
+def ensure_minift() -> bool:
+    """minift.kernels needs the package installed (pyproject maps kernels/ to it). On a bare machine, install
+    this checkout in place, without dependencies or downloads; False if that is not possible."""
+    try:
+        import minift.kernels  # noqa: F401
+
+        return True
+    except ImportError:
+        pass
+    print("gpu_check: minift is not installed here; pip install --no-deps --no-build-isolation -e .", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
+                           str(ROOT)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:])
+        return False
+    import importlib
+    import site
+
+    importlib.reload(site)  # pick up the new .pth file in this process
+    importlib.invalidate_caches()
+    try:
+        import minift.kernels  # noqa: F401, F811
+    except ImportError:
+        return False
+    return True
+
+
 def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
@@ -410,6 +443,9 @@ def run(dry: bool = False, budget: float = 420.0, out: str | None = None) -> int
     device = "cpu" if dry else "cuda"
     if not dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here; run it on the GPU machine, or use --dry to check the script itself")
+        return 2
+    if not ensure_minift():
+        print("gpu_check: could not make minift importable; install it with pip install -e . and rerun")
         return 2
     name = "dry" if dry else torch.cuda.get_device_name(0)
     gpu = None if dry else gpu_for(name)
