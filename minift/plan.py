@@ -362,8 +362,8 @@ def parse_targets(text: str) -> list[str] | str:
     return names
 
 
-def gib(n: int) -> str:
-    return f"{n / GiB:.1f}"
+def human_bytes(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
 
 def human_count(n: int) -> str:
@@ -401,22 +401,25 @@ def report(source: str, gpus: int = 1, methods=METHODS, seq_len: int = 2048, bat
                   f"attention {attention}",
                   f"LoRA / QLoRA adapters: r={lora_r} on {targets}: {human_count(counts.adapters)} trainable "
                   f"({100 * counts.adapters / counts.total:.2f}%); QLoRA base in NF4: "
-                  f"{counts.nf4_bytes / GiB:.1f} GiB", ""]
+                  f"{human_bytes(counts.nf4_bytes)}", ""]
         if fmt == "markdown":  # one bullet per line, or markdown would run them together
             lines = [f"- {line}" for line in lines[:-1]] + [""]
+    unit, scale = ("GiB", GiB) if max(row.total for row in rows) >= GiB else ("MiB", 2**20)  # small models: MiB
     header = ["method", "sharding", "ckpt", "weights", "grads", "optimizer", "activations", "buffers", "total",
               f"fits {gpu_memory:g} GiB"]
     table = [[row.method, row.strategy if gpus > 1 else "1 GPU", "on" if row.checkpointing else "off",
-              gib(row.weights), gib(row.gradients), gib(row.optimizer), gib(row.activations), gib(row.buffers),
-              gib(row.total), row.fit(gpu_bytes)] for row in rows]
+              *(f"{n / scale:.1f}" for n in (row.weights, row.gradients, row.optimizer, row.activations, row.buffers,
+                                              row.total)), row.fit(gpu_bytes)] for row in rows]
+    lines.append(f"{unit} per GPU:")
     if fmt == "markdown":
+        lines.append("")
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in table]
     else:
         widths = [max(len(str(r[k])) for r in [header, *table]) for k in range(len(header))]
         lines += ["  ".join(c.ljust(w) if k < 3 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths)))
                   for r in [header, *table]]
-        lines += ["", "GiB per GPU. weights/grads/optimizer: 2/2/12 bytes per trainable parameter (bf16, bf16, "
+        lines += ["", "weights/grads/optimizer: 2/2/12 bytes per trainable parameter (bf16, bf16, "
                   "fp32 master + m + v); frozen base bf16 (lora) or NF4 (qlora: adapters bf16, paged 32-bit "
                   "AdamW, 'paged' = fits once the optimizer state pages to CPU). fsdp divides model states by "
                   "the GPU count; buffers = two gathered units + one unit's gradients. Activations: Korthikanti "

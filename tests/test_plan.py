@@ -152,7 +152,7 @@ def test_cli_plan_reads_config_json_and_gguf_headers_only(tmp_path, capsys):
         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}))
     assert main(["plan", "--model", str(tmp_path), "--method", "lora", "--format", "markdown"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("- ") and "\n| method |" in out and out.count("\n| lora |") == 2
+    assert out.startswith("- ") and "MiB per GPU:\n\n| method |" in out and out.count("\n| lora |") == 2
     assert main(["plan", "--model", "smollm2-135m", "--method", "full"]) == 0  # a GGUF inside the wheel
     assert "134.5M parameters" in capsys.readouterr().out
 
