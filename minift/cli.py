@@ -13,6 +13,7 @@ status; errors in user input (a missing file, a bad field) print one line `minif
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -210,36 +211,6 @@ def interrupted_message(run_dir, args) -> str:
     again = [item for override in (args.overrides or []) for item in ("--set", override)] if args.resume else []
     command = shlex.join(["minift", "finetune", "--resume", str(run_dir), *again])
     return f"minift: interrupted; the last complete checkpoint is {latest}; resume with: {command}"
-
-
-def cmd_pairs(args) -> int:
-    """DPO pairs from the policy's own samples, ranked by a reward model (minift/align/sampled_pairs.py)."""
-    import torch
-
-    from minift.align.reward import load_reward_model
-    from minift.align.sampled_pairs import sample_preference_pairs, write_pairs
-    from minift.io import load
-    from minift.train.batches import read_source
-
-    if args.samples < 2 or args.max_new_tokens < 1 or (args.max_prompts is not None and args.max_prompts < 1):
-        raise ValueError("pairs: --samples must be >= 2, --max-new-tokens and --max-prompts >= 1")
-    records = read_source(args.prompts, args.split)
-    prompts = []
-    for record in records[: args.max_prompts] if args.max_prompts else records:
-        if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise ValueError(f"{record.where}: field 'prompt' must be a non-empty string")
-        prompts.append(record["prompt"])
-    reward_model, reward_tokenizer = load_reward_model(args.reward)
-    if reward_tokenizer is None:
-        raise ValueError(f"{args.reward}: the reward model directory has no tokenizer.json")
-    torch.manual_seed(args.seed)
-    policy, tokenizer = load(args.policy)
-    pairs = sample_preference_pairs(policy, tokenizer, reward_model, reward_tokenizer, prompts, args.samples,
-                                    args.max_new_tokens, args.temperature, args.top_k, None, args.seed)
-    write_pairs(pairs, args.out)
-    print(f"{args.out}: {len(pairs)} pairs from {len(prompts)} prompts x {args.samples} samples "
-          f"({len(prompts) - len(pairs)} skipped: best and worst alike)")
-    return EXIT_OK
 
 
 def cmd_pairs(args) -> int:
@@ -564,23 +535,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling (default 0)")
     p.set_defaults(func=cmd_pairs)
 
-    p = sub.add_parser("pairs", help="DPO pairs: the policy's own samples ranked by a reward model",
-                       epilog="example: minift pairs --policy smollm2-135m --reward runs/reward_tweets/final "
-                              "--prompts tweet-prompts --max-prompts 512 --out runs/tweet_pairs.jsonl",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, metavar="SOURCE", help="the model that samples (bundled name, .gguf, dir)")
-    p.add_argument("--reward", required=True, metavar="DIR", help="a reward model directory (kind = reward run's final/)")
-    p.add_argument("--prompts", required=True, metavar="DATA", help='.jsonl/.csv of {"prompt": text}, or tweet-prompts')
-    p.add_argument("--split", default="train", help="split of a bundled dataset (default train)")
-    p.add_argument("--out", required=True, metavar="FILE", help="JSONL to write: {prompt, chosen, rejected, ...}")
-    p.add_argument("--samples", type=int, default=4, help="completions per prompt (default 4)")
-    p.add_argument("--max-prompts", type=int, metavar="N", help="use the first N prompts")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per completion, at most (default 32)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampling (default 0)")
-    p.set_defaults(func=cmd_pairs)
-
     p = sub.add_parser("eval", help="perplexity on a text file, or loss/accuracy on a labelled file",
                        epilog="examples: minift eval --model smollm2-135m --text notes.txt\n"
                               "          minift eval --run runs/tweet_sentiment --data test.csv --text-field text",
@@ -619,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # `minift ... | head` stopped reading: not an error; end quietly like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 128 + 13  # the shell's status for a process ended by SIGPIPE
     except (ValueError, OSError) as e:  # bad input, or the system refused (a missing file, no space, no permission)
         print(f"minift: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -52,3 +52,16 @@ def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minift: error:") and "No space left on device" in lines[0]
     assert str(tmp_path / "out" / "model.safetensors") in lines[0]
+
+
+def test_closed_pipe_ends_quietly():
+    """`minift plan ... | head -1`: the reader goes away before minift writes; no 'minift: error' and no traceback."""
+    import subprocess
+    import sys
+    process = subprocess.Popen([sys.executable, "-m", "minift", "plan", "--model", "7b", "--gpus", "8", "--method",
+                                "lora", "--seq-len", "512", "--batch", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line is written
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141
+    assert stderr == ""
