@@ -2,7 +2,7 @@
 
 Lesson
 ------
-GPT-2, Llama (2, 3, Mistral, Qwen2, Qwen3, SmolLM2), Gemma (1, 2, 3) and BERT are the same machine with
+GPT-2, Llama (2, 3, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3), Gemma (1, 2, 3) and BERT are the same machine with
 different switches:
 
     switch          GPT-2        Llama family          Gemma 1 / 2 / 3                 BERT
@@ -21,6 +21,9 @@ different switches:
                                  use a sliding window) query_pre_attn_scalar
     q/k norm        none         none (Qwen3: RMSNorm  none (3: RMSNorm per head)      none
                                  per head on q and k)
+    fused layers    none         none (Phi-3: one      none                            none
+                                 qkv_proj, one
+                                 gate_up_proj)
     soft-capping    none         none                  2: attention and final logits   none
                                                        3: final logits if configured
     embeddings      as stored    as stored             times sqrt(d) (embed_scale)     as stored
@@ -49,7 +52,7 @@ class ModelConfig:
     """Shape and switches of one transformer. Field names follow the papers (d, heads), spelled out."""
 
     model_type: str = "llama"  # the Hugging Face model_type written back on save: llama, mistral, qwen2, qwen3,
-    # gemma, gemma2, gemma3_text, gpt2, bert
+    # phi3, gemma, gemma2, gemma3_text, gpt2, bert
     vocab_size: int = 32000
     dim: int = 512  # d_model, the residual-stream width
     n_layers: int = 8
@@ -67,6 +70,8 @@ class ModelConfig:
     positions: str = "rope"  # "rope" | "learned"
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # Llama-3 style: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    # or Phi-3's {"rope_type": "longrope", "short_factor", "long_factor", "original_max_position_embeddings", ...}
+    partial_rotary_factor: float = 1.0  # RoPE turns only the first int(head_dim * this) dims of each head (Phi-4-mini)
     mlp: str = "swiglu"  # "swiglu" | "gelu"
     activation: str = "silu"  # "silu" | "gelu" (erf) | "gelu_tanh" (GPT-2's gelu_new)
     qkv_bias: bool = False  # bias on q, k, v projections (GPT-2, BERT, Qwen2)
@@ -83,6 +88,8 @@ class ModelConfig:
     # slides when sliding_window is set (Mistral), none otherwise
     rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3); None: as the rest
     mlp_bias: bool = False  # biases in the MLP (GPT-2, BERT)
+    fused_qkv: bool = False  # one qkv_proj whose output rows are [q; k; v] instead of q/k/v_proj (Phi-3)
+    fused_gate_up: bool = False  # one gate_up_proj whose output rows are [gate; up] (Phi-3)
     tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
     type_vocab_size: int = 0  # BERT token types (segment A/B); 0 = none
     lm_head: bool = True  # False for an encoder that returns hidden states
@@ -112,6 +119,13 @@ class ModelConfig:
         ]:
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
+        factor = self.partial_rotary_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1 or \
+                (factor != 1 and (int(self.head_dim * factor) < 2 or int(self.head_dim * factor) % 2)):
+            raise ValueError(f"ModelConfig.partial_rotary_factor={factor!r}; expected 0 < factor <= 1 leaving an even "
+                             f"number of rotated dims of head_dim={self.head_dim}")
+        if self.fused_gate_up and self.mlp != "swiglu":
+            raise ValueError("ModelConfig.fused_gate_up needs the gated MLP (mlp='swiglu')")
         for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
             value = getattr(self, name)
             positive = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

@@ -1,4 +1,4 @@
-"""The Transformer: one readable model for GPT-2, the Llama family (Mistral, Qwen2, Qwen3), Gemma 1-3 and BERT.
+"""The Transformer: one readable model for GPT-2, the Llama family (Mistral, Qwen2, Qwen3, Phi-3), Gemma 1-3 and BERT.
 
 Lesson
 ------
@@ -34,6 +34,14 @@ A transformer (Vaswani et al. 2017) is a stack of identical blocks over a residu
   KV cache grow with W instead of the whole context, while "global" (full) layers keep long-range reach.
   Mistral slides on every layer; Gemma 2 alternates local and global; Gemma 3 has five local layers per
   global one, and gives the local ones their own RoPE base (10k) while the global ones use 1M.
+* Phi-3. A Llama block whose q, k, v projections are one matrix (qkv_proj, output rows [q; k; v]) and whose
+  gate and up projections are one (gate_up_proj, rows [gate; up]): one matmul instead of three or two, the
+  same numbers. minift keeps them fused (fused_qkv, fused_gate_up), so LoRA adapts the layers Phi-3 has and
+  adapter files carry Phi-3's own names. Phi-3's long-context checkpoints use LongRoPE (Ding et al. 2024):
+  each frequency i is divided by its own factor, short_factor[i] while the sequence fits the pretraining
+  context (original_max_position_embeddings), long_factor[i] beyond it, and cos/sin are multiplied by
+  sqrt(1 + ln(s) / ln(L)) (s = context / L), which keeps attention sharp over the longer context.
+  partial_rotary_factor < 1 (Phi-4-mini) rotates only the first dims of each head and leaves the rest alone.
 * KV cache. While generating, the keys and values of past tokens never change, so we keep them and feed
   only the new token: each step costs O(T) instead of O(T^2).
 
@@ -100,17 +108,31 @@ def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def rope_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d) for i < d/2, with Llama-3 scaling when configured. (head_dim/2,)
+def rotary_dims(config: ModelConfig) -> int:
+    """How many dims of each head RoPE turns: head_dim, or its first int(head_dim * partial_rotary_factor)."""
+    return int(config.head_dim * config.partial_rotary_factor)
+
+
+def rope_frequencies(config: ModelConfig, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) for i < d/2 (d = rotary_dims), with Llama-3, linear or LongRoPE scaling
+    when configured. (d/2,)
 
     local=True: the sliding layers' frequencies when they have a base of their own (Gemma 3's
-    rope_local_theta, never scaled)."""
-    d = config.head_dim
+    rope_local_theta, never scaled). long=True: LongRoPE's long_factor set (sequences beyond
+    original_max_position_embeddings); otherwise its short_factor set."""
+    d = rotary_dims(config)
     theta = config.rope_local_theta if local else config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+    inv_freq = 1.0 / (theta ** exponents)
     scaling = {} if local else (config.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "llama3":
+    if kind == "longrope":  # Phi-3: one divisor per frequency, a set for short and one for long sequences
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        if factors.shape != (d // 2,):
+            raise ValueError(f"rope_scaling.{'long' if long else 'short'}_factor has {factors.numel()} entries; "
+                             f"LongRoPE needs one per frequency, {d // 2} (rotated dims / 2)")
+        inv_freq = 1.0 / (factors * theta ** exponents)
+    elif kind == "llama3":
         # Llama 3.1: keep high frequencies, divide low frequencies by `factor`, blend smoothly in between.
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -124,8 +146,30 @@ def rope_frequencies(config: ModelConfig, local: bool = False) -> torch.Tensor:
     elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind not in ("default", None):
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, longrope)")
     return inv_freq
+
+
+def longrope_context(config: ModelConfig) -> int | None:
+    """LongRoPE's original_max_position_embeddings (the length where it switches to long_factor); None without it."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "longrope":
+        return None
+    return int(scaling["original_max_position_embeddings"])
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """LongRoPE's multiplier of cos and sin: attention_factor if given, else sqrt(1 + ln s / ln L) with
+    s = factor (or max_position_embeddings / L) and L = original_max_position_embeddings; 1 when s <= 1 or
+    without LongRoPE."""
+    original = longrope_context(config)
+    if original is None:
+        return 1.0
+    scaling = config.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = scaling.get("factor") or config.max_seq_len / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +179,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k (B, H, T, hd) by the angles of their positions; cos/sin are (B, 1, T, hd)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate q or k (B, H, T, hd) by the angles of their positions; cos/sin are (B, 1, T, d), d = the rotated
+    dims: all of hd, or (partial_rotary_factor < 1) the first d, the rest passing through unturned."""
+    d = cos.size(-1)
+    if d == x.size(-1):
+        return x * cos + rotate_half(x) * sin
+    turned, kept = x[..., :d], x[..., d:]
+    return torch.cat((turned * cos + rotate_half(turned) * sin, kept), dim=-1)
 
 
 class KVCache:
@@ -176,9 +225,12 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         hd, H, Hkv = config.head_dim, config.n_heads, config.n_kv_heads
-        self.q_proj = nn.Linear(config.dim, H * hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
+        if config.fused_qkv:  # Phi-3: one matrix, output rows [q (H*hd); k (Hkv*hd); v (Hkv*hd)]
+            self.qkv_proj = nn.Linear(config.dim, (H + 2 * Hkv) * hd, bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(config.dim, H * hd, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(config.dim, Hkv * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * hd, config.dim, bias=config.out_bias)
         if config.qk_norm:  # Qwen3, Gemma 3: one RMSNorm of width head_dim, shared by all heads, for q and one for k
             self.q_norm = RMSNorm(hd, config.norm_eps, config.norm_plus_one)
@@ -189,9 +241,13 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         hd, H, Hkv = self.config.head_dim, self.config.n_heads, self.config.n_kv_heads
-        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        if self.config.fused_qkv:
+            q, k, v = self.qkv_proj(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         if self.config.qk_norm:  # normalise each head's vector over hd, then rotate: the norm sees raw q, k
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -231,9 +287,13 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        if self.swiglu:
-            self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+        self.fused = config.fused_gate_up
+        if self.fused:  # Phi-3: one matrix, output rows [gate; up]
+            self.gate_up_proj = nn.Linear(config.dim, 2 * config.hidden_dim, bias=config.mlp_bias)
+        else:
+            if self.swiglu:
+                self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
+            self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
         self.activation = config.activation
 
@@ -243,6 +303,9 @@ class MLP(nn.Module):
         return F.gelu(x, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)  # (B, T, d)
         if self.swiglu:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (B, T, d)
         return self.down_proj(self.act(self.up_proj(x)))  # (B, T, d)
@@ -355,6 +418,8 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
             if config.rope_local_theta is not None:  # Gemma 3: the sliding layers turn at their own base
                 self.register_buffer("inv_freq_local", rope_frequencies(config, local=True), persistent=False)
+            if longrope_context(config) is not None:  # Phi-3 LongRoPE: the set for sequences past the original context
+                self.register_buffer("inv_freq_long", rope_frequencies(config, long=True), persistent=False)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
@@ -381,6 +446,8 @@ class Transformer(nn.Module):
             self.inv_freq = rope_frequencies(self.config).to(device)
             if self.config.rope_local_theta is not None:
                 self.inv_freq_local = rope_frequencies(self.config, local=True).to(device)
+            if longrope_context(self.config) is not None:
+                self.inv_freq_long = rope_frequencies(self.config, long=True).to(device)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, total = set(), 0
@@ -391,11 +458,20 @@ class Transformer(nn.Module):
         return total
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False):
-        """cos and sin of position * frequency, (B, 1, T, hd), each frequency used for both halves."""
+        """cos and sin of position * frequency, (B, 1, T, d), each frequency used for both halves (d = rotated dims).
+
+        LongRoPE (Phi-3) picks its long_factor set for the whole call when the largest position is at or past
+        original_max_position_embeddings (as transformers does), and scales cos and sin by its attention factor."""
         inv_freq = self.inv_freq_local if local else self.inv_freq
-        freqs = position_ids[:, :, None].float() * inv_freq.float()  # (B, T, hd/2)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        original = None if local else longrope_context(self.config)
+        if original is not None and int(position_ids.max()) + 1 > original:
+            inv_freq = self.inv_freq_long
+        freqs = position_ids[:, :, None].float() * inv_freq.float()  # (B, T, d/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, d)
+        cos, sin = angles.cos(), angles.sin()
+        if original is not None and (scale := rope_attention_factor(self.config)) != 1.0:
+            cos, sin = cos * scale, sin * scale
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self,
@@ -535,7 +611,12 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         ids = input_ids
         step_ids, step_pos = input_ids, positions
+        switch = longrope_context(self.config)  # LongRoPE: keys cached with short factors go stale past this length
         for _ in range(max_new_tokens):
+            if cache is not None and switch is not None and ids.size(1) > switch >= cache.length > 0:
+                # as transformers: the first step past the original context recomputes every key with long factors
+                cache = KVCache(self.config, B, T + max_new_tokens, dtype, device)
+                step_ids, step_pos = ids, positions
             step_mask = mask if (padded or not use_cache) else None
             logits = self(step_ids, attention_mask=step_mask, position_ids=step_pos, cache=cache)[:, -1]  # (B, V)
             next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)  # (B,)

@@ -16,6 +16,8 @@ is a table of (Hugging Face pattern, minift pattern) pairs per family, read in b
                                                           and transposed, because GPT-2 used Conv1D layers
                                                           that store weights as (in, out))
     encoder.layer.{i}.attention.self.query.weight   <->  blocks.{i}.attn.q_proj.weight       (BERT)
+    model.layers.{i}.self_attn.qkv_proj.weight      <->  blocks.{i}.attn.qkv_proj.weight     (Phi-3: kept fused,
+                                                          as are mlp.gate_up_proj; fused_qkv, fused_gate_up)
     model.layers.{i}.post_attention_layernorm       <->  blocks.{i}.mlp_norm (Llama: the norm before the MLP)
                                                     <->  blocks.{i}.attn_post_norm (Gemma 2, 3: the norm
                                                          after attention; pre_feedforward_layernorm is the
@@ -52,7 +54,8 @@ from minift.tokenizer import Tokenizer
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm2", "qwen3", "gemma")
 GEMMA2_FAMILY = ("gemma2", "gemma3_text")  # Llama's names, plus the norms after each branch
-DECODERS = LLAMA_FAMILY + GEMMA2_FAMILY  # model types read by the same rules (config_from_hf's first branch)
+PHI3_FAMILY = ("phi3",)  # Llama's names with q/k/v and gate/up fused
+DECODERS = LLAMA_FAMILY + GEMMA2_FAMILY + PHI3_FAMILY  # model types read by the same rules (decoder_fields)
 
 # (Hugging Face name, minift name); "{i}" is a layer number. Tensors not listed here are an error on load.
 NAME_TABLES: dict[str, list[tuple[str, str]]] = {
@@ -99,14 +102,20 @@ NAME_TABLES["gemma2"] = [pair for pair in NAME_TABLES["llama"] if "post_attentio
     ("model.layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
     ("model.layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.mlp_post_norm.weight"),
 ]
+NAME_TABLES["phi3"] = [pair for pair in NAME_TABLES["llama"]
+                       if not any(f".{p}." in pair[0] for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))] + [
+    ("model.layers.{i}.self_attn.qkv_proj.weight", "blocks.{i}.attn.qkv_proj.weight"),
+    ("model.layers.{i}.mlp.gate_up_proj.weight", "blocks.{i}.mlp.gate_up_proj.weight"),
+]
 # Switches a model_type always has (config.json has no key for them); any other model_type has them all off.
 FIXED_SWITCHES: dict[str, dict[str, bool]] = {
     "qwen3": dict(qk_norm=True),
     "gemma": dict(norm_plus_one=True, embed_scale=True),
     "gemma2": dict(norm_plus_one=True, embed_scale=True, branch_post_norms=True),
     "gemma3_text": dict(norm_plus_one=True, embed_scale=True, branch_post_norms=True, qk_norm=True),
+    "phi3": dict(fused_qkv=True, fused_gate_up=True),
 }
-SWITCH_NAMES = ("qk_norm", "norm_plus_one", "embed_scale", "branch_post_norms")
+SWITCH_NAMES = ("qk_norm", "norm_plus_one", "embed_scale", "branch_post_norms", "fused_qkv", "fused_gate_up")
 
 
 def fixed_switches(model_type: str) -> dict[str, bool]:
@@ -118,11 +127,13 @@ IGNORED = re.compile(r"(position_ids$|^pooler\.|\.attn\.bias$|\.attn\.masked_bia
 
 
 def family(model_type: str) -> str:
-    """The name table a model_type uses: "llama", "gemma2", "gpt2" or "bert"."""
+    """The name table a model_type uses: "llama", "gemma2", "phi3", "gpt2" or "bert"."""
     if model_type in LLAMA_FAMILY:
         return "llama"
     if model_type in GEMMA2_FAMILY:
         return "gemma2"
+    if model_type in PHI3_FAMILY:
+        return "phi3"
     if model_type in ("gpt2", "bert"):
         return model_type
     hint = ""
@@ -170,7 +181,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return json_field(hf, key, where, kind, default=default)
 
     special = {key: get(key, None, "token id") for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    if fam in ("llama", "gemma2"):
+    if fam in ("llama", "gemma2", "phi3"):
         fields = decoder_fields(hf, model_type, where)
     elif fam == "gpt2":
         act = get("activation_function", "gelu_new", "str")
@@ -202,7 +213,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 DEFAULTS = {
     "head_dim": {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256},
     "num_key_value_heads": {"gemma": 16, "gemma2": 4, "gemma3_text": 4},  # others: num_attention_heads
-    "max_position_embeddings": {"gemma": 8192, "gemma2": 8192, "gemma3_text": 131072},
+    "max_position_embeddings": {"gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "phi3": 4096},
+    "rms_norm_eps": {"phi3": 1e-5},  # others: 1e-6
     "tie_word_embeddings": {"gemma": True, "gemma2": True, "gemma3_text": True},
 }
 GELU_NAMES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
@@ -221,9 +233,17 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
         query_pre_attn_scalar                   query_pre_attn_scalar  Gemma 2, 3
         attn_logit_softcapping                  attn_softcap           Gemma 2
         final_logit_softcapping                 final_softcap          Gemma 2, 3
-        sliding_window                          sliding_window         Mistral (every layer), Qwen2/3 (with
-        use_sliding_window, max_window_layers,  layer_types            use_sliding_window), Gemma 2, 3
+        sliding_window                          sliding_window         Mistral, Phi-3 (every layer), Qwen2/3
+        use_sliding_window, max_window_layers,  layer_types            (with use_sliding_window), Gemma 2, 3
         layer_types, sliding_window_pattern
+        (model_type phi3)                       fused_qkv,             Phi-3 (FIXED_SWITCHES); no biases
+                                                fused_gate_up
+        hidden_act                              activation             Phi-3 (silu; the GELUs)
+        partial_rotary_factor (top level or     partial_rotary_factor  Phi-3 (Phi-4-mini: 0.75)
+          in rope_parameters)
+        rope_scaling {"type": "longrope",       rope_scaling           Phi-3 long-context checkpoints ("su" and
+          short_factor, long_factor, ...},      (rope_type longrope)   "yarn" read as "longrope", as transformers
+          original_max_position_embeddings                             does)
     """
     def get(key, default, kind):
         return json_field(hf, key, where, kind, default=default)
@@ -238,7 +258,11 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
     if gemma and get("use_bidirectional_attention", False, "bool"):
         raise ValueError(f"{where}: use_bidirectional_attention = true (an encoder-style Gemma) is not supported; "
                          "minift's Gemma is a causal language model")
-    theta, scaling, local_theta = rope_fields(hf, model_type, where, get)
+    if model_type == "phi3":
+        theta, scaling, partial = phi3_rope_fields(hf, where, get)
+        local_theta = None
+    else:
+        theta, scaling, local_theta = rope_fields(hf, model_type, where, get)
     n_layers = json_field(hf, "num_hidden_layers", where, "positive int")
     window, layer_types = sliding_fields(hf, model_type, where, get, nullable, n_layers)
     bias = get("attention_bias", None, "bool")
@@ -250,7 +274,7 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
         head_dim=get("head_dim", default("head_dim"), "positive int"),
         hidden_dim=json_field(hf, "intermediate_size", where, "positive int"),
         max_seq_len=get("max_position_embeddings", default("max_position_embeddings", 2048), "positive int"),
-        norm="rms", norm_eps=get("rms_norm_eps", 1e-6, "positive number"), positions="rope",
+        norm="rms", norm_eps=get("rms_norm_eps", default("rms_norm_eps", 1e-6), "positive number"), positions="rope",
         rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta, mlp="swiglu", activation="silu",
         qkv_bias=model_type == "qwen2" if bias is None else bias, out_bias=bool(bias),
         mlp_bias=get("mlp_bias", False, "bool"),
@@ -266,6 +290,13 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
             raise ValueError(f"{where}: {key} = {act!r} is not supported for {model_type} (supported: "
                              f"{', '.join(GELU_NAMES)})")
         fields["activation"] = GELU_NAMES[act]
+    if model_type == "phi3":  # transformers' Phi-3 has no biases whatever the config says
+        act = get("hidden_act", "silu", "str")
+        names = {"silu": "silu", **GELU_NAMES}
+        if act not in names:
+            raise ValueError(f"{where}: hidden_act = {act!r} is not supported for phi3 (supported: {', '.join(names)})")
+        fields.update(activation=names[act], qkv_bias=False, out_bias=False, mlp_bias=False,
+                      partial_rotary_factor=partial)
     if model_type in GEMMA2_FAMILY:
         fields["query_pre_attn_scalar"] = get("query_pre_attn_scalar", 256, "positive number")
         fields["final_softcap"] = nullable("final_logit_softcapping", 30.0 if model_type == "gemma2" else None,
@@ -318,6 +349,7 @@ def sliding_fields(hf: dict, model_type: str, where: str, get, nullable, n_layer
     """(sliding_window, layer_types) as transformers reads them for each model_type:
 
         mistral        sliding_window on every layer (missing: 4096; null: none); layer_types ignored
+        phi3           sliding_window on every layer (missing or null: none)
         qwen2, qwen3   only if use_sliding_window; then layer_types, or the layers from max_window_layers on
         gemma2         layer_types, or alternating: layers 0, 2, 4, ... local (sliding_window 4096 if missing)
         gemma3_text    layer_types, or sliding_window_pattern (6): every 6th layer global, the rest local
@@ -325,6 +357,8 @@ def sliding_fields(hf: dict, model_type: str, where: str, get, nullable, n_layer
     """
     if model_type == "mistral":
         return nullable("sliding_window", 4096, "positive int"), None
+    if model_type == "phi3":  # Phi3Config's default is no window
+        return nullable("sliding_window", None, "positive int"), None
     if model_type in ("qwen2", "qwen3"):
         if not get("use_sliding_window", False, "bool"):
             return None, None
@@ -352,6 +386,47 @@ def sliding_fields(hf: dict, model_type: str, where: str, get, nullable, n_layer
     return window, kinds
 
 
+def phi3_rope_fields(hf: dict, where: str, get) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling, partial_rotary_factor) of a Phi-3 config.json, read as Phi3Config reads it:
+    rope_scaling (older files) or rope_parameters; rope type "su" or "yarn" means "longrope"; LongRoPE's
+    original_max_position_embeddings is the top-level key (default 4096), which wins over one inside the dict;
+    short_factor and long_factor need one number per rotated frequency."""
+    legacy = get("rope_scaling", None, "object")
+    rope = dict(legacy or get("rope_parameters", {}, "object"))
+    section = "rope_scaling" if legacy else "rope_parameters"
+    theta = json_field(rope, "rope_theta", where, "positive number", section=section,
+                       default=get("rope_theta", 10000.0, "positive number"))
+    partial = json_field(rope, "partial_rotary_factor", where, "positive number", section=section,
+                         default=get("partial_rotary_factor", 1.0, "positive number"))
+    n_heads = json_field(hf, "num_attention_heads", where, "positive int")
+    head_dim = get("head_dim", json_field(hf, "hidden_size", where, "positive int") // n_heads, "positive int")
+    rotated = int(head_dim * partial)
+    if partial > 1 or rotated < 2 or rotated % 2:
+        raise ValueError(f"{where}: partial_rotary_factor = {partial} must be in (0, 1] and leave an even number "
+                         f"of rotated dims of head_dim {head_dim}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = "longrope" if kind in ("su", "yarn") else kind
+    if kind == "default":
+        return theta, None, partial
+    if kind != "longrope":
+        raise ValueError(f"{where}: {section}.type = {kind!r} is not supported for phi3 (supported: default, "
+                         "longrope)")
+    scaling = {"rope_type": "longrope"}
+    for key in ("short_factor", "long_factor"):
+        factors = json_field(rope, key, where, "list", section=section)
+        if len(factors) != rotated // 2 or not all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                                                   and f > 0 for f in factors):
+            raise ValueError(f"{where}: {section}.{key} must list {rotated // 2} positive numbers (one per rotated "
+                             f"frequency), got {len(factors)} entries")
+        scaling[key] = [float(f) for f in factors]
+    scaling["original_max_position_embeddings"] = get("original_max_position_embeddings", 4096, "positive int")
+    for key in ("factor", "attention_factor"):
+        value = json_field(rope, key, where, "positive number", section=section, default=None)
+        if value is not None:
+            scaling[key] = value
+    return theta, scaling, partial
+
+
 def check_rope_scaling(scaling: dict, where: str, section: str) -> None:
     """The rope scaling kinds minift computes (model.rope_frequencies), with numbers of the right type."""
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -374,7 +449,7 @@ def config_to_hf(config: ModelConfig) -> dict:
     fam = family(c.model_type)
     special = {k: v for k, v in dict(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                                      pad_token_id=c.pad_token_id).items() if v is not None}
-    if fam in ("llama", "gemma2"):
+    if fam in ("llama", "gemma2", "phi3"):
         return {**decoder_config(c), **special, "torch_dtype": "float32"}
     if fam == "gpt2":
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=c.vocab_size, n_embd=c.dim,
@@ -390,7 +465,7 @@ def config_to_hf(config: ModelConfig) -> dict:
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3_text": "Gemma3ForCausalLM"}
+                 "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 def decoder_config(c: ModelConfig) -> dict:
@@ -414,7 +489,15 @@ def decoder_config(c: ModelConfig) -> dict:
     )
     if c.rope_scaling:
         out["rope_scaling"] = dict(c.rope_scaling)
-    if model_type in ("llama", "qwen3") or gemma:
+        if c.rope_scaling.get("rope_type") == "longrope" and model_type != "phi3":
+            refuse("LongRoPE rope_scaling (only phi3 reads it)")
+    if model_type == "phi3":
+        phi3_config(c, out, refuse)
+    elif c.partial_rotary_factor != 1.0:
+        refuse(f"partial_rotary_factor={c.partial_rotary_factor}")
+    if model_type == "phi3":
+        pass  # no biases (phi3_config checked)
+    elif model_type in ("llama", "qwen3") or gemma:
         out["attention_bias"] = c.qkv_bias
         if c.qkv_bias != c.out_bias:
             raise ValueError(f"a {model_type} config.json cannot express q/k/v biases without an o_proj bias")
@@ -434,9 +517,10 @@ def decoder_config(c: ModelConfig) -> dict:
     sliding = "sliding_attention" in kinds
     if model_type in ("llama", "gemma") and sliding:
         refuse(f"sliding_window={c.sliding_window}")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         if sliding and "full_attention" in kinds:
-            refuse(f"layer_types={kinds} (Mistral slides on every layer or none)")
+            refuse(f"layer_types={kinds} ({'Mistral' if model_type == 'mistral' else 'Phi-3'} slides on every layer "
+                   "or none)")
         out["sliding_window"] = c.sliding_window if sliding else None
     if model_type in ("qwen2", "qwen3"):
         out.update(use_sliding_window=sliding, sliding_window=c.sliding_window if sliding else None)
@@ -465,6 +549,23 @@ def decoder_config(c: ModelConfig) -> dict:
     elif c.rope_local_theta is not None:
         refuse(f"rope_local_theta={c.rope_local_theta}")
     return out
+
+
+def phi3_config(c: ModelConfig, out: dict, refuse) -> None:
+    """Phi-3's own keys of config.json, in place: no bias keys (Phi-3 has none), hidden_act, the rotated fraction,
+    LongRoPE's original context at the top level where Phi3Config reads it."""
+    if c.qkv_bias or c.out_bias or c.mlp_bias:
+        refuse(f"biases (qkv_bias={c.qkv_bias}, out_bias={c.out_bias}, mlp_bias={c.mlp_bias}); Phi-3 has none")
+    if c.mlp != "swiglu":
+        refuse(f"mlp={c.mlp!r} (Phi-3's MLP is gated)")
+    del out["mlp_bias"]
+    out["hidden_act"] = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[c.activation]
+    out["partial_rotary_factor"] = c.partial_rotary_factor
+    scaling = c.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "longrope"):
+        refuse(f"rope_scaling of type {scaling.get('rope_type', scaling.get('type'))!r} (Phi-3 reads longrope only)")
+    if scaling.get("rope_type") == "longrope":
+        out["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
 
 
 # ----------------------------------------------------------------------------------------------------

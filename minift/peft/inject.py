@@ -152,7 +152,11 @@ def find_targets(model: nn.Module, targets: list[str] | str, kind: str = "LoRA")
         for suffix in targets:
             matches = [n for n in modules if (n == suffix or n.endswith("." + suffix))]
             if not matches:
-                raise ValueError(f"{kind} target {suffix!r} matches no module; linear layers here end in "
+                fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                         "up_proj": "gate_up_proj"}.get(suffix)
+                hint = f"; this model fuses it into {fused} (Phi-3): target {fused!r}" \
+                    if fused and any(n.endswith("." + fused) for n in layers) else ""
+                raise ValueError(f"{kind} target {suffix!r} matches no module{hint}; linear layers here end in "
                                  f"{_suffixes(layers)} (or use 'all-linear' or a regex)")
             not_linear = [n for n in matches if n not in layers]
             if not_linear:

@@ -21,8 +21,8 @@ So a method is one registry entry: a name, a dataclass of options (its fields ar
 Options are read like every other table of a run config (minift/train/fields.py): an unknown key is an
 error with a did-you-mean suggestion, `--set method.r=16` is converted to the declared type, and the
 options' own checks (LoRAConfig.__post_init__, ...) run when the config is read, before any model loads.
-Each method keeps its own defaults: plain LoRA adapts q_proj and v_proj (Hu et al. 2021 §7.1), QLoRA every
-linear layer (Dettmers et al. 2023 §4).
+Each method keeps its own defaults: plain LoRA adapts q_proj and v_proj (Hu et al. 2021 §7.1; on Phi-3, which
+fuses q, k, v, the qkv_proj holding them), QLoRA every linear layer (Dettmers et al. 2023 §4).
 
 The techniques themselves live in minift/peft and minift/quant and never import the trainer; this file
 is the only place that knows both. `model` is the backbone (a minift Transformer); the trainer adds the
@@ -170,9 +170,18 @@ def prepare_full(model: nn.Module, options: FullOptions) -> MethodPlan:
 
 
 def prepare_lora(model: nn.Module, options: LoRAConfig) -> MethodPlan:
+    options = fused_default_targets(model, options)
     add_lora(model, options)
     return _plan(model, f"LoRA r={options.r} alpha={options.alpha:g} on {_targets(options.targets)}; {_count(model)}",
                  export_adapter)
+
+
+def fused_default_targets(model: nn.Module, options: LoRAConfig) -> LoRAConfig:
+    """LoRA's default targets, q_proj and v_proj, on a model that keeps q, k and v in one qkv_proj (Phi-3):
+    that fused layer, the only one holding q and v (its adapter then also reaches k). Other targets as given."""
+    if options.targets == ["q_proj", "v_proj"] and getattr(getattr(model, "config", None), "fused_qkv", False):
+        return dataclasses.replace(options, targets=["qkv_proj"])
+    return options
 
 
 def _targets(targets) -> str:
