@@ -342,3 +342,37 @@ def test_gpu_fused_loss_equals_unfused_with_less_memory(dtype):
     for name, a, b in zip(("hidden", "weight"), results["fused"][1:], results["unfused"][1:]):
         assert_relative(a, b, tol, name)
     assert peaks["fused"] <= 0.5 * peaks["unfused"], peaks
+
+
+def test_final_softcap_of_the_model_config_is_applied():
+    """A Gemma-2-style decoder (config.final_softcap): the fused task loss equals the loss on the model's own
+    logits (Transformer.logits caps them), and the gradients equal the unfused path's."""
+    from minift.config import ModelConfig
+    from minift.losses import token_loss_sum
+    from minift.model import Transformer
+    from minift.train.tasks import build_task_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(model_type="llama", vocab_size=41, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                         hidden_dim=64, max_seq_len=64, tie_embeddings=True, final_softcap=0.5)
+    model = Transformer(config)
+    ids = torch.randint(0, 41, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    task = build_task_model(model, "causal_lm")
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        task.fused_loss = fused
+        out = task(batch)
+        out.loss_sum.backward()
+        results.append((out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    expected, _ = token_loss_sum(model(ids), labels)
+    uncapped = F.cross_entropy(model.lm_head(model(ids, return_hidden=True))[:, :-1].reshape(-1, 41),
+                               labels[:, 1:].reshape(-1), reduction="sum")
+    assert abs(float(expected.detach()) - float(uncapped.detach())) > 1e-2  # the cap matters at this scale
+    assert_relative(results[0][0], expected.detach(), 1e-5, "loss")
+    floor = 1e-3 * max(float(g.abs().max()) for g in results[1][1].values())
+    for name, grad in results[0][1].items():
+        assert_relative(grad, results[1][1][name], 1e-5, name, floor)
