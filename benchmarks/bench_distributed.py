@@ -10,9 +10,11 @@ full fine-tuning, every token a target:
 so each optimizer step sees 2B sequences of T tokens on both sides, with the same total number of threads.
 The share of time in communication is measured, not estimated: the 2-process step is timed once as it
 trains (gradients all-reduced in DDP's buckets during backward) and once with every micro-batch under
-no_sync (the same computation, no all-reduce); share = 1 - t(no_sync) / t(sync). The two sides are run
-interleaved (A B A B ...) and the median per side is reported, with the load average, since the machine
-may be shared.
+no_sync (the same computation, no all-reduce); share = 1 - t(no_sync) / t(sync); and the all-reduce of a
+gradient-sized buffer is timed alone, the upper bound of that share. A fourth row, 1 process
+with 1 thread, shows what the second thread buys (on an oversubscribed machine it can cost). The sides are
+run interleaved (A B C D A B C D ...) and the median per side is reported, with the load average, since the
+machine may be shared.
 
     python benchmarks/bench_distributed.py [--layers 2] [--batch 2] [--seq 128] [--steps 3] [--rounds 2]
 
@@ -76,14 +78,28 @@ def worker(layers: int, batch: int, seq: int, steps: int, mode: str, device: str
     step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start, tokens = time.perf_counter(), 0
+    start, cpu_start, tokens = time.perf_counter(), time.process_time(), 0
     for _ in range(steps):
         tokens += step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    cpu_s = world.sum([time.process_time() - cpu_start])[0]  # CPU seconds of every thread of every process
+    allreduce_s = None
+    if world.active:  # the all-reduce of one step's gradients alone, timed on a flat buffer of their size
+        import torch.distributed as dist
+
+        flat = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad), device=device)
+        dist.all_reduce(flat)
+        began = time.perf_counter()
+        for _ in range(3):
+            dist.all_reduce(flat)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        allreduce_s = (time.perf_counter() - began) / 3
     return {"tokens_per_s": tokens / seconds, "step_s": seconds / steps, "world_size": world.size,
-            "threads": torch.get_num_threads()}
+            "cpu_ms_per_token": 1000 * cpu_s / tokens,
+            "threads": torch.get_num_threads(), "allreduce_s": allreduce_s}
 
 
 def run_side(side: str, args) -> dict:
@@ -91,9 +107,10 @@ def run_side(side: str, args) -> dict:
     common = ["--worker", "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq),
               "--steps", str(args.steps)]
     env = dict(os.environ)
-    if side == "1proc":
-        env["OMP_NUM_THREADS"] = "2"
-        command = [sys.executable, __file__, *common, "--mode", "none", "--threads", "2"]
+    if side.startswith("1proc"):
+        threads = "1" if side == "1proc_1thread" else "2"
+        env["OMP_NUM_THREADS"] = threads
+        command = [sys.executable, __file__, *common, "--mode", "none", "--threads", threads]
     else:
         env["OMP_NUM_THREADS"] = "1"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
@@ -128,7 +145,7 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
 
-    sides = ["1proc", "2proc", "2proc_nosync"]
+    sides = ["1proc", "2proc", "2proc_nosync", "1proc_1thread"]
     results = {side: [] for side in sides}
     loads = [os.getloadavg()[0]]
     for round_ in range(args.rounds):
@@ -138,15 +155,22 @@ def main() -> None:
             print(f"round {round_ + 1} {side}: {results[side][-1]['tokens_per_s']:.0f} tokens/s", flush=True)
     median = {side: statistics.median(r["tokens_per_s"] for r in results[side]) for side in sides}
     step = {side: statistics.median(r["step_s"] for r in results[side]) for side in sides}
+    cpu = {side: statistics.median(r["cpu_ms_per_token"] for r in results[side]) for side in sides}
     share = 1 - step["2proc_nosync"] / step["2proc"]
-    rows = [["1 process x 2 threads, 2 micro-batches", f"{median['1proc']:.0f}", f"{step['1proc']:.2f}", "1.00", "-"],
-            ["2 processes x 1 thread (DDP, gloo)", f"{median['2proc']:.0f}", f"{step['2proc']:.2f}",
-             f"{median['2proc'] / median['1proc']:.2f}", f"{share:.0%}"],
-            ["2 processes, no_sync everywhere (no communication)", f"{median['2proc_nosync']:.0f}",
-             f"{step['2proc_nosync']:.2f}", f"{median['2proc_nosync'] / median['1proc']:.2f}", "0%"]]
-    table = markdown_table(["setup (same global batch)", "tokens/s", "s/step", "vs 1 process", "time in comm"],
-                           rows)
+    allreduce = statistics.median(r["allreduce_s"] for r in results["2proc"])
+    names = {"1proc": "1 process x 2 threads, 2 micro-batches", "2proc": "2 processes x 1 thread (DDP, gloo)",
+             "2proc_nosync": "2 processes, no_sync everywhere (no communication)",
+             "1proc_1thread": "1 process x 1 thread, 2 micro-batches (half the threads)"}
+    comm = {"2proc": f"{share:.0%}", "2proc_nosync": "0%"}
+    rows = [[names[side], f"{median[side]:.0f}", f"{step[side]:.2f}", f"{median[side] / median['1proc']:.2f}",
+             f"{cpu[side]:.1f}", comm.get(side, "-")] for side in sides]
+    table = markdown_table(["setup (same global batch)", "tokens/s", "s/step", "vs 1 process",
+                            "CPU ms/token (all processes)", "time in comm"], rows)
     print(table)
+    note = (f"One all-reduce of a step's gradients (a flat float32 buffer of the trainable size), timed alone: "
+            f"{allreduce:.3f} s, {allreduce / step['2proc']:.0%} of a 2-process step if none of it overlapped "
+            f"backward.")
+    print(note)
     print(f"load average during the runs: {min(loads):.1f} .. {max(loads):.1f}")
     import torch
 
@@ -162,7 +186,10 @@ def main() -> None:
         f"{os.cpu_count()} cores: the machine was shared with other jobs, so the ratios are indicative.\n\n"
         f"{table}\n\n"
         "time in comm = 1 - t(step, no_sync everywhere) / t(step, DDP): the part of a step the gradient\n"
-        "all-reduce adds, after what DDP overlaps with backward.\n"))
+        "all-reduce adds, after what DDP overlaps with backward (negative: below the run-to-run noise).\n"
+        "CPU ms/token: CPU time of every thread of every process per token, which the share of a busy machine\n"
+        "a process gets does not change (spin-waiting threads count).\n"
+        f"{note}\n"))
     print(json.dumps({"machine": machine_description(), "args": vars(args), "median_tokens_per_s": median,
                       "median_step_s": step, "comm_share": share, "loads": loads, "runs": results}))
 
