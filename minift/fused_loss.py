@@ -34,8 +34,10 @@ the summed loss by the number of targets, so grad_output is 1 / N_total). The pe
 instead of the full (N, V) tensor and its copies; the FLOPs are the same three GEMMs autograd would run.
 The default chunk holds at most 2^23 logits (32 MiB in float32): C = 170 rows for SmolLM2.
 
-What the gradients are only computed for what needs them: with LoRA the lm_head is frozen, so grad_W (a V x d
+Gradients are only computed for what needs them: with LoRA the lm_head is frozen, so grad_W (a V x d
 GEMM per chunk and a V x d accumulator) is skipped; under torch.no_grad (evaluation) only the loss is computed.
+What it costs: grad_hidden (N x d) and, when lm_head trains, grad_W (V x d, float32) live from forward to
+backward: the size of the hidden states and of the weight's gradient, which the unfused backward makes too.
 
 Per-token log-probabilities (DPO and the other preference losses need log p(y_i) of every completion token,
 to be summed per sequence and weighted by the loss) cannot use the same trick: their upstream gradient differs
