@@ -68,6 +68,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -473,7 +474,9 @@ def load_sharded_weights(path: Path, model: nn.Module, names: list[str]) -> None
     params = dict(model.named_parameters())
     state = {"model": {name: params[name].detach().clone() for name in names}}
     try:
-        dcp.load(state, checkpoint_id=str(path / SHARDED), no_dist=not torch.distributed.is_initialized())
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(path / SHARDED), no_dist=not torch.distributed.is_initialized())
     except Exception as error:  # a missing tensor or a damaged file, reported by DCP in several exception types
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise ValueError(f"{path / SHARDED}: the sharded checkpoint does not load ({reason}); written with "
