@@ -353,7 +353,7 @@ def main() -> None:
             markdown(["provider", "trainable", "median step s", "min / max s", "tokens/s", "median CPU s",
                       "tokens / CPU s", "peak RSS MiB", "train extra MiB", "first loss", "compile s (warm-up)"], rows),
             f"**{workload}: minift / PEFT: {ratio:.2f}x tokens/s (wall), {cpu_ratio:.2f}x tokens per CPU second; "
-            f"peak memory {memory:.2f}x.** `no-lora` / PEFT: {bound:.2f}x per CPU second.",
+            f"peak memory {memory:.2f}x.**" + ("" if args.no_bound else f" `no-lora` / PEFT: {bound:.2f}x per CPU second."),
         ]
         for variant in args.variants:
             ours = summary[f"minift+{variant}"]
