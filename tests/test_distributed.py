@@ -4,7 +4,7 @@ Two launches of two processes (tests/distributed_worker.py, started with the env
 workers) run every case of this file; everything else runs in this process:
 
     launch 1   DDP full, DDP LoRA, FSDP full, FSDP LoRA: 4 steps of 2 ranks x 1 micro-batch of 2 examples;
-               DDP QLoRA, IA3, bottleneck adapters, prompt tuning: 2 steps each;
+               DDP QLoRA, IA3, bottleneck adapters, prompt tuning: 2 steps each; FSDP with bf16 compute;
                then an FSDP LoRA run whose rank 1 dies (os._exit) at the start of step 3
     launch 2   that run resumed by 2 processes from its step-2 sharded checkpoint
     in-process the same runs in 1 process with 2 micro-batches of 2 (the same global batch of 4);
@@ -133,6 +133,8 @@ def runs(tiny):
              for name, (mode, method) in CASES.items()]
     cases += [{"argv": ["finetune", str(config), *settings(root / f"ddp_{method}", method, "ddp", 1, steps=2)]}
               for method in OTHER_METHODS]
+    cases.append({"argv": ["finetune", str(config), *settings(root / "fsdp_bf16", "full", "fsdp", 1, steps=2),
+                           "--set", "train.fsdp_param_dtype=bfloat16"]})
     cases.append({"argv": ["finetune", str(config), *settings(root / "broken", "lora", "fsdp", 1)],
                   "die": {"rank": 1, "step": 3}})
     first = launch(root, "launch1", cases)
@@ -148,7 +150,7 @@ def runs(tiny):
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     root, first, _ = runs
-    assert statuses(root, "launch1", 0)[:8] == [0] * 8, first[0].stderr[-3000:]
+    assert statuses(root, "launch1", 0)[:9] == [0] * 9, first[0].stderr[-3000:]
     for name, (mode, method) in CASES.items():
         assert_same_curve(root / name, root / f"single_{method}")
         worst = assert_same_export(root / name, root / f"single_{method}", EXPORT[method])
@@ -174,10 +176,20 @@ def test_ddp_trains_every_method_as_one_process(runs):
         print(f"ddp_{method}: max |weight - 1 process| = {worst:.3g}")
 
 
+def test_fsdp_mixed_precision_computes_in_bfloat16_and_exports_float32(runs):
+    root, _, _ = runs  # MixedPrecisionPolicy: blocks gathered in bf16 for compute; shards, grads, AdamW fp32
+    got = [r["loss"] for r in read_metrics(root / "fsdp_bf16") if "loss" in r]
+    fp32 = [r["loss"] for r in read_metrics(root / "single_full") if "loss" in r][:2]
+    assert len(got) == 2 and got != fp32  # bf16 rounding shows in the loss...
+    assert got == pytest.approx(fp32, rel=1e-2)  # ...and only at bf16's precision (8 bits of mantissa)
+    exported = load_file(root / "fsdp_bf16" / "final" / EXPORT["full"])
+    assert {t.dtype for t in exported.values()} == {torch.float32}  # the fp32 shards, gathered
+
+
 def test_a_dead_rank_stops_the_other_with_a_clear_error_and_no_corrupt_checkpoint(runs):
     root, first, _ = runs
     assert first[1].returncode == 1  # rank 1 died during step 3 of the last case
-    assert statuses(root, "launch1", 0)[8] == 2, first[0].stderr[-3000:]
+    assert statuses(root, "launch1", 0)[9] == 2, first[0].stderr[-3000:]
     error = [line for line in first[0].stderr.splitlines() if line.startswith("minift: error:")]
     assert len(error) == 1 and "rank 0 of 2: another process of the run stopped" in error[0], first[0].stderr[-3000:]
     assert "during step 3" in error[0] and "step-000002" in error[0]
