@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import write_result  # noqa: E402
 from minift.machine import describe_machine  # noqa: E402
 
 
@@ -157,9 +159,7 @@ def main() -> None:
         f"TRL + PEFT CPU time / minift CPU time: **{ratio:.2f}x**.", ""])
     print(report)
     if not args.no_write:
-        out = Path(__file__).resolve().parent / "results" / "dpo_cpu.md"
-        out.write_text(report)
-        print("wrote", out)
+        write_result("dpo_cpu.md", report)  # benchmarks/results/, or $MINIFT_BENCH_RESULTS (run_all --quick)
 
 
 if __name__ == "__main__":

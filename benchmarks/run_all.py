@@ -84,6 +84,9 @@ BENCHMARKS = [
               [("all tokens", r"\*\*all: minift fused / transformers\+PEFT = ([0-9.]+x)"),
                ("sft", r"\*\*sft: minift fused / transformers\+PEFT = ([0-9.]+x)")],
               quick=["--batch", "1", "--seq", "32", "--rounds", "1"]),
+    Benchmark("dpo", "bench_dpo.py", "dpo_cpu.md", "DPO + LoRA step faster than TRL DPOTrainer + PEFT on the same "
+              "weights (issue 13)", [("TRL+PEFT CPU s / minift CPU s", r"minift CPU time: \*\*([0-9.]+x)\*\*")],
+              quick=["--layers", "1", "--pairs", "2", "--length", "16", "--steps", "1"]),
     Benchmark("nf4_gpu", "bench_nf4.py", "nf4_*.md", "GEMV >= 85% of bandwidth and >= 1.5x bitsandbytes; "
               "M=4096 GEMM >= 0.9x cuBLAS bf16", [], quick=["--shapes", "smollm2", "--rows", "1,16"], gpu=True),
 ]
