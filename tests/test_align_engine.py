@@ -1,9 +1,12 @@
-"""Reward models and DPO as tasks of `minift finetune` (minift/train/preference_tasks.py, preference_data.py).
+"""Preference and RL tasks of `minift finetune` (minift/train/preference_tasks.py, preference_data.py, rl_tasks.py,
+rl_data.py), the four tweet configs and `minift pairs`.
 
 The formulas are checked against TRL in tests/test_align.py; here the engine is: the loss the loop trains on is
 minift.align's on the same batch (reference = adapters off, or a frozen copy), TRL's metric names reach
-metrics.jsonl, a killed-and-resumed run equals the uninterrupted one bit for bit, the reward export scores in
-transformers as in minift, and bad records or options are one line naming the file, line or field.
+metrics.jsonl, a killed-and-resumed run equals the uninterrupted one bit for bit (DPO, reward, GRPO, and PPO stopped
+between two epochs of a rollout), the reward export scores in transformers as in minift, rollouts are `generate`
+sampled with the same seed, a GRPO step's loss and gradients and PPO's losses and advantages equal plain loops, and
+bad records or options are one line naming the file, line or field.
 """
 
 import json
