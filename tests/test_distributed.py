@@ -4,7 +4,7 @@ Two launches of two processes (tests/distributed_worker.py, started with the env
 workers) run every case of this file; everything else runs in this process:
 
     launch 1   DDP full, DDP LoRA, FSDP full, FSDP LoRA: 4 steps of 2 ranks x 1 micro-batch of 2 examples;
-               DDP QLoRA, IA3, bottleneck adapters, prompt tuning: 2 steps each; FSDP with bf16 compute;
+               DDP QLoRA, IA3, bottleneck adapters, prompt tuning: 2 steps each; FSDP with bf16 compute; DDP DPO;
                then an FSDP LoRA run whose rank 1 dies (os._exit) at the start of step 3
     launch 2   that run resumed by 2 processes from its step-2 sharded checkpoint
     in-process the same runs in 1 process with 2 micro-batches of 2 (the same global batch of 4);
@@ -74,6 +74,11 @@ def tiny(tmp_path_factory):
     config = root / "run.toml"
     config.write_text(f'[model]\nsource = "{model}"\n[data]\ntrain = "{data}"\nformat = "alpaca"\n'
                       'max_length = 64\n[method]\nname = "full"\n')
+    pairs = write_jsonl(root / "pairs.jsonl", [{"prompt": f"the {a} cat sat on the", "chosen": f" {c} mat",
+                                                "rejected": f" {d} mat"} for a in ("big", "small", "red")
+                                               for c, d in (("blue", "green"), ("green", "blue"))])
+    (root / "dpo.toml").write_text(f'[model]\nsource = "{model}"\n[task]\nkind = "preference"\n[data]\n'
+                                   f'train = "{pairs}"\nmax_length = 32\n[method]\nname = "lora"\n')
     return root, config
 
 
@@ -135,6 +140,7 @@ def runs(tiny):
               for method in OTHER_METHODS]
     cases.append({"argv": ["finetune", str(config), *settings(root / "fsdp_bf16", "full", "fsdp", 1, steps=2),
                            "--set", "train.fsdp_param_dtype=bfloat16"]})
+    cases.append({"argv": ["finetune", str(root / "dpo.toml"), *settings(root / "ddp_dpo", "lora", "ddp", 1, steps=2)]})
     cases.append({"argv": ["finetune", str(config), *settings(root / "broken", "lora", "fsdp", 1)],
                   "die": {"rank": 1, "step": 3}})
     first = launch(root, "launch1", cases)
@@ -145,12 +151,13 @@ def runs(tiny):
         assert main(["finetune", str(config), *settings(root / f"single_{method}", method, "none", 2)]) == 0
     for method in OTHER_METHODS:
         assert main(["finetune", str(config), *settings(root / f"single_{method}", method, "none", 2, steps=2)]) == 0
+    assert main(["finetune", str(root / "dpo.toml"), *settings(root / "single_dpo", "lora", "none", 2, steps=2)]) == 0
     return root, first, second
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
     root, first, _ = runs
-    assert statuses(root, "launch1", 0)[:9] == [0] * 9, first[0].stderr[-3000:]
+    assert statuses(root, "launch1", 0)[:10] == [0] * 10, first[0].stderr[-3000:]
     for name, (mode, method) in CASES.items():
         assert_same_curve(root / name, root / f"single_{method}")
         worst = assert_same_export(root / name, root / f"single_{method}", EXPORT[method])
@@ -176,6 +183,17 @@ def test_ddp_trains_every_method_as_one_process(runs):
         print(f"ddp_{method}: max |weight - 1 process| = {worst:.3g}")
 
 
+def test_ddp_dpo_logs_the_global_batch_metrics_of_one_process(runs):
+    root, _, _ = runs  # DPO's rewards and log-probs are summed over all ranks before rank 0 logs them
+    got, expected = read_metrics(root / "ddp_dpo"), read_metrics(root / "single_dpo")
+    assert len(got) == len(expected) == 3 and "rewards/margins" in got[1]
+    for a, b in zip(got, expected):
+        assert set(a) == set(b)
+        for key in a:
+            if key != "tokens_per_s":
+                assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL, abs=1e-7), (key, a, b)
+
+
 def test_fsdp_mixed_precision_computes_in_bfloat16_and_exports_float32(runs):
     root, _, _ = runs  # MixedPrecisionPolicy: blocks gathered in bf16 for compute; shards, grads, AdamW fp32
     got = [r["loss"] for r in read_metrics(root / "fsdp_bf16") if "loss" in r]
@@ -189,7 +207,7 @@ def test_fsdp_mixed_precision_computes_in_bfloat16_and_exports_float32(runs):
 def test_a_dead_rank_stops_the_other_with_a_clear_error_and_no_corrupt_checkpoint(runs):
     root, first, _ = runs
     assert first[1].returncode == 1  # rank 1 died during step 3 of the last case
-    assert statuses(root, "launch1", 0)[9] == 2, first[0].stderr[-3000:]
+    assert statuses(root, "launch1", 0)[10] == 2, first[0].stderr[-3000:]
     error = [line for line in first[0].stderr.splitlines() if line.startswith("minift: error:")]
     assert len(error) == 1 and "rank 0 of 2: another process of the run stopped" in error[0], first[0].stderr[-3000:]
     assert "during step 3" in error[0] and "step-000002" in error[0]

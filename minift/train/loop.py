@@ -346,8 +346,10 @@ def accumulate_gradients(model: TaskModel, micro_batches: list[dict], precision:
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_total += value
         tokens += count_tokens(batch)
-    if world.active:  # the global batch's loss and tokens, the same on every rank
-        loss_total, tokens = world.sum([loss_total, tokens])
+    if world.active:  # the global batch's loss, tokens and task metrics, the same on every rank
+        keys = sorted(sums)
+        loss_total, tokens, *values = world.sum([loss_total, tokens, *(float(sums[key]) for key in keys)])
+        sums = dict(zip(keys, values))
         tokens = int(tokens)
     return {"loss": loss_total / n_total, "targets": n_total, "tokens": tokens,
             "metrics": {key: value / n_total for key, value in sums.items()}}
