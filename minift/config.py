@@ -142,11 +142,6 @@ class ModelConfig:
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("ModelConfig.layer_types has sliding_attention layers but sliding_window is None")
 
-    @property
-    def final_logit_softcapping(self) -> float | None:
-        """final_softcap under transformers' name (minift.fused_loss reads the config by that name)."""
-        return self.final_softcap
-
     def is_sliding(self, layer: int) -> bool:
         """Does this layer attend only within the sliding window?"""
         if self.sliding_window is None:

@@ -259,6 +259,7 @@ def fusable_head(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
 
 
 def final_softcap(config) -> float | None:
-    """The soft-cap of a model's final logits (Gemma 2's final_logit_softcapping), None when it has none."""
-    value = getattr(config, "final_logit_softcapping", None)
+    """The soft-cap of a model's final logits (ModelConfig.final_softcap, Gemma 2's final_logit_softcapping in
+    config.json), None when it has none or there is no config."""
+    value = getattr(config, "final_softcap", None)
     return float(value) if value else None

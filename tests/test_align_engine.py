@@ -498,3 +498,25 @@ def test_rl_tweets_configs(files, tweet_reward, tmp_path, name):
     assert [r["step"] for r in metrics if "loss" in r] == [1, 2]
     assert all("reward" in r and "kl" in r for r in metrics if "loss" in r)
     assert any("eval_reward" in r for r in metrics) and (out / "final" / "adapter_config.json").is_file()
+
+
+def test_policy_logprobs_keep_the_final_soft_cap():
+    """A Gemma-2-style decoder caps its final logits; the RL log-probs must come from the capped logits too."""
+    from minift.train.rl_tasks import policy_outputs
+    from tests.train_helpers import tiny_decoder
+
+    backbone = tiny_decoder(40, seed=3)
+    backbone.config.final_softcap = 0.5  # small enough to change every log-prob
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (2, 7))
+    completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    attention_mask = torch.cat([torch.ones(2, 3, dtype=torch.long), completion_mask], dim=1)
+    batch = {"input_ids": ids, "attention_mask": attention_mask, "position_ids": torch.arange(7).expand(2, 7),
+             "completion_mask": completion_mask, "prompt_length": 3}
+    with torch.no_grad():
+        ours = policy_outputs(backbone, batch, temperature=0.7)["logps"]
+        expected = plain_token_logps(backbone, batch, temperature=0.7)
+        backbone.config.final_softcap = None
+        uncapped = policy_outputs(backbone, batch, temperature=0.7)["logps"]
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert (ours - uncapped).abs().max() > 1e-2  # the cap matters here

@@ -173,7 +173,7 @@ def test_token_logprobs_and_their_gradients(softcap):
 def test_helpers_and_bad_input():
     assert default_chunk_size(49_152) == 170 and default_chunk_size(10) == 838_860
     assert fusable_head(nn.Linear(4, 9)) is not None and fusable_head(nn.Sequential(nn.Linear(4, 9))) is None
-    assert final_softcap(type("C", (), {"final_logit_softcapping": 30.0})()) == 30.0 and final_softcap(None) is None
+    assert final_softcap(type("C", (), {"final_softcap": 30.0})()) == 30.0 and final_softcap(None) is None
     hidden, weight, bias, targets = problem()
     with pytest.raises(ValueError, match="weight"):
         linear_cross_entropy(hidden, weight[:, :3], targets)

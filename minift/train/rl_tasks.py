@@ -175,7 +175,7 @@ def policy_outputs(backbone: nn.Module, batch: dict, temperature: float = 1.0, v
                       return_hidden=True)  # (N, P + C, d)
     states = hidden[:, P - 1 : -1]  # (N, C, d)
     targets = batch["input_ids"][:, P:]  # (N, C)
-    logits = backbone.lm_head(states[mask]).float() / temperature  # (M, V)
+    logits = backbone.logits(states[mask]).float() / temperature  # (M, V); logits(): lm_head + Gemma's final cap
     logps_rows = logits.log_softmax(-1)
     out = {"logps": torch.zeros(mask.shape, device=logits.device).masked_scatter(
         mask, logps_rows.gather(-1, targets[mask][:, None]).squeeze(-1))}
