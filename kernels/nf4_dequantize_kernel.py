@@ -67,7 +67,7 @@ from __future__ import annotations
 import torch
 
 from .nf4_codes import DYNAMIC_MAP, NF4_CODE
-from .triton_support import is_interpreted, tl, triton, use_triton
+from .triton_support import is_interpreted, tile_configs, tl, triton, use_triton
 
 # --------------------------------------------------------------------------------------------------
 # The reference: the spec, in whole-tensor torch ops (and the CPU fallback)
@@ -262,3 +262,72 @@ def nf4_dequantize(q, dtype: torch.dtype | None = None) -> torch.Tensor:
         num_warps=4, enable_fp_fusion=False,
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (kernels/aot.py compiles them for sm_80 and sm_90 without a GPU)
+# --------------------------------------------------------------------------------------------------
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # minift.quant.nf4.VALID_BLOCKSIZES (a test checks)
+
+
+def quant_state_aot_constants(blocksize: int = 64, double_quant: bool = True) -> tuple[dict, dict]:
+    """(pointer types, constexprs) of the quant-state arguments, as quant_state_arguments passes them."""
+    pointers = dict(absmax_ptr="*u8" if double_quant else "*fp32", nested_absmax_ptr="*fp32",
+                    offset_ptr="*fp32", code_ptr="*fp32", dynamic_map_ptr="*fp32")
+    return pointers, dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=256, DOUBLE_QUANT=double_quant)
+
+
+def matmul_aot_cases(module: str, kernel: str, tiles: list, order: tuple, activation: str, output: str,
+                     has_bias: bool | None) -> list:
+    """Compile cases of a fused NF4 GEMM-shaped kernel (this one and the backward): every tile in `tiles` x
+    {bf16, fp16, fp32 with IEEE dot (the default), fp32 with TF32 dot (allow_tf32)} at blocksize 64, double
+    quantization (and bias); every tile again at blocksize 32 in bf16; blocksize 128 and 4096, no double
+    quantization (and no bias) on the first tile."""
+    from .aot import DTYPE_NAMES, CompileCase, config_label, pointer_type
+
+    configs = tile_configs(tiles, order)
+    dot = {torch.bfloat16: "tl.bfloat16", torch.float16: "tl.float16", torch.float32: "tl.float32"}
+
+    def case(config, dtype, precision="tf32", blocksize=64, double_quant=True, bias=has_bias, variant="default"):
+        pointers, constants = quant_state_aot_constants(blocksize, double_quant)
+        pointers.update({activation: pointer_type(dtype), "packed_ptr": "*u8", output: pointer_type(dtype)})
+        if has_bias is not None:
+            pointers["bias_ptr"] = pointer_type(dtype)
+            constants["HAS_BIAS"] = bias
+        return CompileCase(
+            module=module, kernel=kernel, dtype=DTYPE_NAMES[str(dtype)] + ("-tf32" if dtype == torch.float32
+                                                                            and precision == "tf32" else ""),
+            config=config_label(config.kwargs, config.num_warps, config.num_stages), pointers=pointers,
+            constexprs=dict(constants, DOT_DTYPE=dot[dtype], DOT_PRECISION=precision, **config.kwargs),
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False, variant=variant)
+
+    dtypes = [(torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "ieee"), (torch.float32, "tf32")]
+    cases = [case(config, dtype, precision) for config in configs for dtype, precision in dtypes]
+    cases += [case(config, torch.bfloat16, blocksize=32, variant="blocksize 32") for config in configs]
+    cases += [case(configs[0], torch.bfloat16, blocksize=bs, variant=f"blocksize {bs}") for bs in (128, 4096)]
+    cases += [case(configs[0], torch.bfloat16, double_quant=False, variant="no double quant")]
+    if has_bias is not None:
+        cases += [case(configs[0], torch.bfloat16, bias=False, variant="no bias")]
+    return cases
+
+
+def aot_cases() -> list:
+    """The specializations nf4_dequantize launches on a GPU: each output dtype with and without double
+    quantization at blocksize 64, and every other blocksize in bf16 (num_warps 4, ELEMENTS_PER_PROGRAM)."""
+    from .aot import CompileCase, DTYPE_NAMES, pointer_type
+
+    variants = [(dtype, 64, dq, "default" if dq else "no double quant") for dtype in OUTPUT_DTYPES
+                for dq in (True, False)]
+    variants += [(torch.bfloat16, bs, True, f"blocksize {bs}") for bs in BLOCKSIZES if bs != 64]
+    cases = []
+    for dtype, blocksize, double_quant, variant in variants:
+        pointers, constants = quant_state_aot_constants(blocksize, double_quant)
+        per_program = max(1, ELEMENTS_PER_PROGRAM // blocksize)
+        cases.append(CompileCase(
+            module="nf4_dequantize_kernel", kernel="_nf4_dequantize_kernel",
+            config=f"BLOCKS_PER_PROGRAM={per_program} w4", dtype=DTYPE_NAMES[str(dtype)],
+            pointers=dict(pointers, packed_ptr="*u8", out_ptr=pointer_type(dtype)),
+            constexprs=dict(constants, BLOCKS_PER_PROGRAM=per_program), num_warps=4, num_stages=3,
+            enable_fp_fusion=False, unaligned=(), variant=variant))
+    return cases

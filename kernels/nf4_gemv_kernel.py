@@ -15,7 +15,7 @@ CUDA cores: each program owns BLOCK_N rows of W, streams them once, and reduces 
 Spec: the same as nf4_matmul_reference (nf4_matmul_kernel.py): y = x @ dequantize(W).T + b.
 
 The tile. W rows are cut along K into groups of GROUP_K elements that each lie inside one quantization
-block (GROUP_K = min(blocksize, 128) divides the blocksize, and K is a multiple of the blocksize), and a
+block (GROUP_K = min(blocksize, MAX_GROUP_K = 64) divides the blocksize, and K is a multiple of the blocksize), and a
 program handles GROUPS groups per step, as a 3-D tile of packed bytes:
 
     bytes (BLOCK_N, GROUPS, GROUP_K / 2)      one contiguous run of GROUPS * GROUP_K / 2 bytes per row
@@ -39,6 +39,9 @@ Discussion
   reading W; benchmarks/bench_nf4.py reports its GB/s on the NF4 bytes.
 * Parallelism without split-K: BLOCK_N is small (4-32 rows), so even a 576-row layer gets 18+ programs
   and a 4096-row layer 128+; the autotuner picks BLOCK_N, GROUPS and the warp count per shape.
+* GROUP_K is at most 64 even for blocksizes of 128 and more (two or more groups then share one scale).
+  Compiled ahead of time (kernels/aot.py, benchmarks/results/kernels_static.md), GROUP_K = 128 doubled the
+  register tile of every config and 4 of the 10 configs spilled (up to 888 bytes on sm_90); at 64 none does.
 * No rounding of W to x's dtype: products are formed in fp32 from the fp32 decoded weight, which is at
   least as accurate as dequantize-then-matmul (the tests bound both against a float64 reference).
 """
@@ -47,7 +50,8 @@ from __future__ import annotations
 
 import torch
 
-from .nf4_dequantize_kernel import nf4_block_scale, nf4_decode_nibbles, quant_state_arguments
+from .nf4_dequantize_kernel import (OUTPUT_DTYPES, nf4_block_scale, nf4_decode_nibbles, quant_state_aot_constants,
+                                    quant_state_arguments)
 from .triton_support import is_interpreted, tl, triton
 
 
@@ -93,6 +97,9 @@ def _nf4_gemv_kernel(
     tl.store(y_ptr + m.to(tl.int64) * N + rows_n, y.to(y_ptr.dtype.element_ty), mask=n_valid)
 
 
+MAX_GROUP_K = 64  # elements per group; larger groups spill registers (see the Discussion)
+
+
 def _gemv_configs() -> list:
     """CUDA configs: (BLOCK_N, GROUPS, warps). With GROUP_K = 64 a step reads GROUPS * 32 bytes per row."""
     shapes = [(4, 8, 2), (8, 4, 2), (8, 8, 4), (16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 8, 8), (8, 16, 4),
@@ -115,13 +122,40 @@ def nf4_gemv(x2d: torch.Tensor, q, bias: torch.Tensor | None) -> torch.Tensor:
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)  # (M, N)
     arguments = dict(
         x_ptr=x2d, packed_ptr=q.packed, bias_ptr=bias if bias is not None else x2d, y_ptr=y,
-        M=M, N=N, K=K, HAS_BIAS=bias is not None, GROUP_K=min(q.blocksize, 128),
+        M=M, N=N, K=K, HAS_BIAS=bias is not None, GROUP_K=min(q.blocksize, MAX_GROUP_K),
         **quant_state_arguments(q, x2d.device),
     )
     grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     if is_interpreted(_nf4_gemv_kernel):  # one fixed, large tile: the interpreter pays per program
-        tile = dict(BLOCK_N=256, GROUPS=max(1, 1024 // min(q.blocksize, 128)))
+        tile = dict(BLOCK_N=256, GROUPS=max(1, 1024 // min(q.blocksize, MAX_GROUP_K)))
         _nf4_gemv_kernel[grid(tile)](**arguments, **tile, enable_fp_fusion=True)
     else:
         _nf4_gemv_autotuned[grid](**arguments, enable_fp_fusion=True)  # FMA accumulation
     return y
+
+
+def aot_cases() -> list:
+    """The GPU specializations nf4_gemv can launch (compiled by kernels/aot.py): every autotuning config x
+    every dtype at blocksize 64 (GROUP_K 64), double quantization, with bias; every config again with
+    GROUP_K 32 (blocksize 32), and blocksize 128 (GROUP_K 64, two groups per block) in bf16; blocksize 4096,
+    no double quantization and no bias on one config each."""
+    from .aot import DTYPE_NAMES, CompileCase, config_label, pointer_type
+
+    def case(config, dtype, blocksize=64, double_quant=True, has_bias=True, variant="default"):
+        pointers, constants = quant_state_aot_constants(blocksize, double_quant)
+        pointers.update(x_ptr=pointer_type(dtype), packed_ptr="*u8", bias_ptr=pointer_type(dtype),
+                        y_ptr=pointer_type(dtype))
+        return CompileCase(
+            module="nf4_gemv_kernel", kernel="_nf4_gemv_kernel", dtype=DTYPE_NAMES[str(dtype)],
+            config=config_label(config.kwargs, config.num_warps, config.num_stages), pointers=pointers,
+            constexprs=dict(constants, HAS_BIAS=has_bias, GROUP_K=min(blocksize, MAX_GROUP_K), **config.kwargs),
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True, variant=variant)
+
+    configs = _gemv_configs()
+    cases = [case(config, dtype) for config in configs for dtype in OUTPUT_DTYPES]
+    cases += [case(config, torch.bfloat16, blocksize=bs, variant=f"blocksize {bs}") for config in configs
+              for bs in (32, 128)]
+    cases += [case(configs[0], torch.bfloat16, blocksize=4096, variant="blocksize 4096"),
+              case(configs[0], torch.bfloat16, double_quant=False, variant="no double quant"),
+              case(configs[0], torch.bfloat16, has_bias=False, variant="no bias")]
+    return cases

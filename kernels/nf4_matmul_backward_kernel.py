@@ -38,6 +38,9 @@ Discussion
   blocksize, a row of the W tile carries BLOCK_K / blocksize scales, broadcast by nf4_decode_tile.
 * Compiled for sm_90 (checked without a GPU through triton.compile), the dot lowers to wgmma with the
   decoded W^T as the register operand.
+* Tiles that spill registers, or need more shared memory than a block has, on one GPU generation for one
+  dtype (mostly float32 with an IEEE dot on sm_80) are left out of autotuning there, as in the forward
+  (nf4_matmul_kernel.py, Discussion; kernels/spilling_configs.py).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from __future__ import annotations
 import torch
 
 from .nf4_dequantize_kernel import (OUTPUT_DTYPES, check_nf4_tensor, dot_arguments, fused_path_supported,
-                                    nf4_decode_tile, nf4_dequantize, nf4_dequantize_reference, quant_state_arguments)
+                                    matmul_aot_cases, nf4_decode_tile, nf4_dequantize, nf4_dequantize_reference,
+                                    quant_state_arguments)
 from .triton_support import (interpreter_rows_tile, is_interpreted, largest_power_of_2_dividing, next_power_of_2,
-                             prune_tile_configs, tile_configs, tl, triton, use_triton)
+                             tile_configs, tile_pruner, tl, triton, use_triton)
 
 
 def nf4_matmul_backward_input_reference(grad_y: torch.Tensor, q) -> torch.Tensor:
@@ -109,7 +113,7 @@ BACKWARD_TILES = [
 _nf4_backward_autotuned = triton.autotune(
     configs=tile_configs(BACKWARD_TILES, ("BLOCK_K", "BLOCK_M", "BLOCK_N")),
     key=["N", "K", "M_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT"],
-    prune_configs_by={"early_config_prune": prune_tile_configs},
+    prune_configs_by={"early_config_prune": tile_pruner("_nf4_matmul_backward_input_kernel", "grad_y_ptr")},  # no spilling tiles
 )(_nf4_matmul_backward_input_kernel)
 
 
@@ -144,3 +148,9 @@ def nf4_matmul_backward_input(grad_y: torch.Tensor, q) -> torch.Tensor:
     else:
         _nf4_backward_autotuned[grid](**arguments, enable_fp_fusion=False)
     return grad_x.reshape(*grad_y.shape[:-1], K)
+
+
+def aot_cases() -> list:
+    """The GPU specializations of the backward kernel (compiled by kernels/aot.py), see matmul_aot_cases."""
+    return matmul_aot_cases("nf4_matmul_backward_kernel", "_nf4_matmul_backward_input_kernel", BACKWARD_TILES,
+                            ("BLOCK_K", "BLOCK_M", "BLOCK_N"), "grad_y_ptr", "grad_x_ptr", has_bias=None)

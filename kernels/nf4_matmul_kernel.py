@@ -61,6 +61,15 @@ Discussion
   tl.gather avoids the prefetch copies but adds barriers per K step: one of the things to measure.
 * float32 inputs: tl.dot uses IEEE fp32 unless torch.backends.cuda.matmul.allow_tf32 is set, the same
   rule as torch.matmul, so float32 results match F.linear's precision.
+* Registers and shared memory of every tile, dtype and GPU generation are checked without a GPU
+  (kernels/aot.py compiles them for sm_80 and sm_90; benchmarks/results/kernels_static.md lists them). The
+  tiles were picked for Hopper and bf16, yet 2 of the 17 spill registers there, 5 on Ampere, and with
+  float32 operands most large tiles spill (an IEEE float32 dot runs on the CUDA cores, with twice the
+  register bytes per operand); the largest float32 backward tile also needs more shared memory than an
+  A100 block has. Rather than shrink the list for every GPU and dtype, the autotuner leaves a tile out only
+  where it spills: triton_support.spill_free reads kernels/spilling_configs.py (per kernel, target, dtype),
+  which benchmarks/kernels_static.py writes and tests/test_aot_compile.py checks against the compiler.
+  No tile the autotuner can pick spills registers or overflows shared memory.
 * Triton's interpreter (TRITON_INTERPRET=1, our CPU tests) multiplies bfloat16 dot operands as raw
   uint16 bit patterns (triton-lang/triton#11584), so under the interpreter the operands are upcast to
   float32 just before tl.dot (DOT_DTYPE). The upcast is exact, so the result is the one a bf16 tensor
@@ -73,11 +82,12 @@ import torch
 import torch.nn.functional as F
 
 from .nf4_dequantize_kernel import (OUTPUT_DTYPES, check_nf4_tensor, dot_arguments, fused_path_supported,
-                                    nf4_decode_tile, nf4_dequantize, nf4_dequantize_reference, quant_state_arguments)
+                                    matmul_aot_cases, nf4_decode_tile, nf4_dequantize, nf4_dequantize_reference,
+                                    quant_state_arguments)
 from .nf4_gemv_kernel import nf4_gemv
 from .nf4_matmul_backward_kernel import nf4_matmul_backward_input
 from .triton_support import (interpreter_rows_tile, is_interpreted, largest_power_of_2_dividing, next_power_of_2,
-                             prune_tile_configs, tile_configs, tl, triton, use_triton)
+                             tile_configs, tile_pruner, tl, triton, use_triton)
 
 GEMV_MAX_ROWS = 4  # M <= this: the matrix-vector kernel (nf4_gemv_kernel.py)
 LARGE_M_DEQUANTIZE_ROWS = None  # M >= this: dequantize + cuBLAS instead of fused (None: always fused)
@@ -157,7 +167,7 @@ GEMM_TILES = [
 _nf4_matmul_autotuned = triton.autotune(
     configs=tile_configs(GEMM_TILES, ("BLOCK_N", "BLOCK_M", "BLOCK_K")),
     key=["N", "K", "M_BUCKET", "BLOCKSIZE", "DOUBLE_QUANT", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": prune_tile_configs},
+    prune_configs_by={"early_config_prune": tile_pruner("_nf4_matmul_kernel", "x_ptr")},  # no spilling tiles
 )(_nf4_matmul_kernel)
 
 
@@ -258,3 +268,9 @@ def nf4_matmul(x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Te
         check_matmul_inputs(x, q, bias)
         return NF4MatmulFunction.apply(x, q, bias)
     return nf4_matmul_forward(x, q, bias)
+
+
+def aot_cases() -> list:
+    """The GPU specializations of the fused GEMM (compiled by kernels/aot.py), see matmul_aot_cases."""
+    return matmul_aot_cases("nf4_matmul_kernel", "_nf4_matmul_kernel", GEMM_TILES, ("BLOCK_N", "BLOCK_M", "BLOCK_K"),
+                            "x_ptr", "y_ptr", has_bias=True)

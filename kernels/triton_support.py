@@ -96,3 +96,41 @@ def prune_tile_configs(configs, named_args, **kwargs) -> list:
     K, m_bucket = kwargs["K"], kwargs["M_BUCKET"]
     fits = [c for c in configs if K % c.kwargs["BLOCK_K"] == 0]
     return [c for c in fits if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or fits[-1:]
+
+
+DTYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+COMPILE_TARGETS = {8: "sm_80", 9: "sm_90"}  # GPU major version -> the target kernels/aot.py compiled for
+
+
+def config_label(kwargs: dict, num_warps: int, num_stages: int) -> str:
+    """'BLOCK_N=128 BLOCK_M=64 BLOCK_K=64 GROUP_M=8 w4 s4': how kernels/aot.py and its tables name a config."""
+    return " ".join(f"{k}={v}" for k, v in kwargs.items()) + f" w{num_warps} s{num_stages}"
+
+
+def dtype_label(dtype: torch.dtype, dot_precision: str | None = None) -> str:
+    """'bf16', 'fp16', 'fp32' (IEEE dot) or 'fp32-tf32': the dtype column of kernels/aot.py's cases."""
+    name = DTYPE_NAMES[str(dtype)]
+    return name + "-tf32" if name == "fp32" and dot_precision == "tf32" else name
+
+
+def spill_free(configs: list, kernel: str, tensor: torch.Tensor, dot_precision: str | None = None) -> list:
+    """`configs` without those kernels/spilling_configs.py lists for this kernel, dtype and GPU generation
+    (they spill registers when compiled for it); all of them if that would leave none."""
+    from .spilling_configs import SPILLING
+
+    if not tensor.is_cuda:
+        return configs
+    target = COMPILE_TARGETS.get(torch.cuda.get_device_capability(tensor.device)[0])
+    spilling = set(SPILLING.get(kernel, {}).get(target, {}).get(dtype_label(tensor.dtype, dot_precision), ()))
+    return [c for c in configs if config_label(c.kwargs, c.num_warps, c.num_stages) not in spilling] or configs
+
+
+def tile_pruner(kernel: str, activation: str):
+    """prune_tile_configs after dropping the configs that spill (spill_free) for `kernel`'s `activation`."""
+
+    def prune(configs, named_args, **kwargs) -> list:
+        tensor = kwargs.get(activation, named_args.get(activation))
+        return prune_tile_configs(spill_free(configs, kernel, tensor, kwargs.get("DOT_PRECISION")), named_args,
+                                  **kwargs)
+
+    return prune

@@ -156,7 +156,7 @@ FORWARD_CASES = [
     (64, 576, 1536, 128, True, torch.float16, False),
     (64, 320, 384, 128, False, torch.float32, False),  # N=320: N tile partly masked
     (300, 192, 320, 64, True, torch.bfloat16, True),  # several M tiles
-    (2, 64, 512, 256, True, torch.float32, True),  # GEMV: two groups of 128 columns share one scale
+    (2, 64, 512, 256, True, torch.float32, True),  # GEMV: four groups of 64 columns share one scale
 ]
 
 
