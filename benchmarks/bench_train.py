@@ -143,7 +143,8 @@ def profile_minift(directory: str, batch: int, seq: int, threads: int | None) ->
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     gemm = sum(e.self_cpu_time_total for e in events  # GEMMs, and the AdamW update both sides must run
-               if e.key in ("aten::mm", "aten::addmm", "aten::bmm") or e.key.startswith("aten::_fused_adam"))
+               if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+               or e.key.startswith("aten::_fused_adam"))
     return gemm / total, events.table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40).strip()
 
 
@@ -204,7 +205,7 @@ def main() -> None:
     if profile is not None:
         share, table_text = profile
         limit = cpu["minift"] / cpu["transformers"] / share
-        text += (f"\nIn torch.profiler's elapsed times of one minift step, GEMMs (aten::mm/addmm/bmm) and the "
+        text += (f"\nIn torch.profiler's elapsed times of one minift step, GEMMs (aten::mm/addmm/addmm_/bmm) and the "
                  f"fused AdamW kernel are {share:.0%}. Both libraries run the same GEMMs (forward, grad of the input, "
                  f"grad of the weight) and an AdamW update of every weight, so with every other op free minift could reach at most {limit:.2f}x transformers per CPU second.\n\n```\n"
                  f"{table_text}\n```\n")
