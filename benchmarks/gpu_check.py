@@ -28,7 +28,7 @@ lent, and its ratios mean nothing (the table says "dry" instead of pass/fail). t
 
 Timing on the GPU: medians of CUDA-graph replays (triton.testing.do_bench_cudagraph) where the call can be
 captured, else of plain launches; training steps are timed alternately (A B A B ...) after a warm-up step.
-Each step has a time budget, and the whole run stops starting new steps after --budget seconds (420 by
+Each step has a time budget, and the whole run stops starting new steps after --budget seconds (360 by
 default), so it ends inside 8 minutes even when something is slow; a step cut short says so in the table.
 """
 
@@ -435,7 +435,7 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run(dry: bool = False, budget: float = 420.0, out: str | None = None) -> int:
+def run(dry: bool = False, budget: float = 360.0, out: str | None = None) -> int:
     """Run the four steps; returns 0 when every check passes (always 0 in dry mode unless a step crashed)."""
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are imported (first nf4_matmul)
@@ -457,7 +457,7 @@ def run(dry: bool = False, budget: float = 420.0, out: str | None = None) -> int
     started = time.perf_counter()
     print(f"gpu_check on {name}{' (dry: tiny shapes, CPU, Triton interpreter; ratios meaningless)' if dry else ''}",
           flush=True)
-    steps = [("1 GPU tests", lambda: step_gpu_tests(check, dry, timeout=max(30.0, budget * 0.4))),
+    steps = [("1 GPU tests", lambda: step_gpu_tests(check, dry, timeout=max(30.0, budget * 0.5))),
              ("2 NF4 GEMV/GEMM", lambda: step_nf4(check, dry, device, sizes, gpu)),
              ("3 fused loss", lambda: step_fused_loss(check, dry, device, sizes)),
              ("4 QLoRA step", lambda: step_qlora(check, dry, device, sizes))]
@@ -494,7 +494,7 @@ def run(dry: bool = False, budget: float = 420.0, out: str | None = None) -> int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no new step starts")
+    parser.add_argument("--budget", type=float, default=360.0, help="seconds after which no new step starts")
     parser.add_argument("--out", help="folder for the result file (default benchmarks/results)")
     args = parser.parse_args(argv)
     return run(dry=args.dry, budget=args.budget, out=args.out)
