@@ -87,6 +87,18 @@ BENCHMARKS = [
     Benchmark("dpo", "bench_dpo.py", "dpo_cpu.md", "DPO + LoRA step faster than TRL DPOTrainer + PEFT on the same "
               "weights (issue 13)", [("TRL+PEFT CPU s / minift CPU s", r"minift CPU time: \*\*([0-9.]+x)\*\*")],
               quick=["--layers", "1", "--pairs", "2", "--length", "16", "--steps", "1"]),
+    Benchmark("grpo", "bench_grpo.py", "grpo_cpu.md", "a GRPO iteration (sample, score, step) with LoRA vs TRL "
+              "GRPOTrainer + PEFT on the same weights (issue 13; reported, no target set)",
+              [("TRL+PEFT CPU s / minift CPU s", r"minift CPU time: \*\*([0-9.]+x)\*\*")],
+              quick=["--layers", "1", "--prompts", "2", "--group", "2", "--new-tokens", "4", "--iterations", "1"]),
+    Benchmark("distributed", "bench_distributed.py", "distributed_scaling.md", "2 gloo processes (DDP) vs 1 "
+              "process at equal total threads, same global batch: tokens/s and the share of a step in "
+              "communication (issue 14)",
+              [("2 processes / 1 process tokens/s", r"\| 2 processes x 1 thread \(DDP, gloo\) \|(?:[^|]*\|){2} ([0-9.]+) \|"),
+               ("CPU ms/token 2 proc", r"\| 2 processes x 1 thread \(DDP, gloo\) \|(?:[^|]*\|){3} ([0-9.]+) \|"),
+               ("time in comm", r"\| 2 processes x 1 thread \(DDP, gloo\) \|(?:[^|]*\|){4} (-?[0-9]+%) \|")],
+              full=["--layers", "1", "--batch", "2", "--seq", "64", "--steps", "2", "--rounds", "2"],
+              quick=["--layers", "1", "--batch", "1", "--seq", "16", "--steps", "1", "--rounds", "1"]),
     Benchmark("nf4_gpu", "bench_nf4.py", "nf4_*.md", "GEMV >= 85% of bandwidth and >= 1.5x bitsandbytes; "
               "M=4096 GEMM >= 0.9x cuBLAS bf16", [], quick=["--shapes", "smollm2", "--rows", "1,16"], gpu=True),
 ]
