@@ -223,12 +223,14 @@ def test_a_killed_run_resumed_equals_the_uninterrupted_run(runs):
     assert assert_same_export(root / "broken", root / "fsdp_lora", EXPORT["lora"]) == 0.0  # same ranks: bitwise
 
 
-def test_fsdp_checkpoint_resumes_at_another_world_size(runs, monkeypatch):
+def test_fsdp_checkpoint_resumes_at_another_world_size(runs, monkeypatch, capsys):
     root, _, _ = runs
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
     try:  # 1 process with 2 micro-batches reads the same global batches as 2 processes with 1
+        assert main(["finetune", "--resume", str(root / "broken_world1")]) == 2  # 1 x 1 x 2: half the batch
+        assert "= a global batch of 4; this run has 1 x 1 x 2 = 2" in capsys.readouterr().err
         assert main(["finetune", "--resume", str(root / "broken_world1"), "--set", "train.grad_accum_steps=2"]) == 0
     finally:
         distributed.close()

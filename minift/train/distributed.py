@@ -42,7 +42,9 @@ What minift adds, so that N ranks x k micro-batches of b examples equal *one* ba
 
     the data      step s takes global micro-batches p .. p + N*k - 1 of the one seeded stream
                   (p = micro-batches consumed so far); rank r reads p + r*k .. p + r*k + k - 1.
-                  A checkpoint stores p, so a resumed run reads the same shards, at any world size.
+                  A checkpoint stores p, so a resumed run reads the same shards, at any world size, as long
+                  as N x k x b stays the same and b too (p counts micro-batches of b): a checkpoint records its
+                  N, k and b, and resuming with another N checks them (k' = N k / N'), refused otherwise.
     the loss      each micro-batch's summed loss is divided by the number of targets of the whole global
                   batch: each rank counts its own, one all-reduce adds them up (before any forward).
     randomness    dropout and masking draw from generators reseeded every step from (seed, step, rank):
@@ -54,6 +56,17 @@ What minift adds, so that N ranks x k micro-batches of b examples equal *one* ba
                   rank 0 when every rank has finished.
     export        FSDP all-gathers each parameter whole into rank 0's model, which writes the Hugging Face
                   directory or PEFT adapter; then the shards go back in place.
+
+Ctrl-C. A terminal sends SIGINT to its foreground process group: torchrun's agent (and `--nproc`'s
+launcher), not the workers, which torchrun starts each in a session of its own. The agent forwards one SIGINT
+to every worker, waits for them (30 s, TORCH_ELASTIC_SHUTDOWN_TIMEOUT, then SIGKILL), logs "Received 2 death
+signal" with a SignalException traceback of its own and exits 1 (`--nproc` exits 130). Each worker finishes
+its step as one process would (minift/train/guards.py); the ranks agree through one all-reduce of the flag
+after every step, so all of them stop after the same step; the checkpoint is written and rank 0 alone prints
+the notice and the line saying how to resume (`--nproc N`). A step longer than the agent's 30 s is killed:
+raise TORCH_ELASTIC_SHUTDOWN_TIMEOUT (or torchrun --shutdown_timeout) for long steps. A second Ctrl-C reaches
+only the agent (torch.distributed.elastic's code, not tested here): it stops waiting, and the workers still
+finish their step and checkpoint.
 
 When a rank dies, the others find out at their next collective (the connection closes, or
 train.distributed_timeout passes) and stop with an error naming the last complete checkpoint; a
@@ -379,11 +392,64 @@ def torchrun_command(nproc: int, minift_args: list[str]) -> list[str]:
 
 
 def relaunch(nproc: int, minift_args: list[str]) -> int:
-    """Run torchrun as a child and return its exit status (2 when a worker failed, as the CLI's errors)."""
+    """Run torchrun as a child and return its exit status: 0, 130 after a Ctrl-C, else 2 (as the CLI's errors).
+
+    Ctrl-C. The terminal sends SIGINT to its foreground process group: this process and torchrun's agent, not
+    the workers (torchrun starts each in a session of its own). The agent forwards one SIGINT to every worker,
+    waits for them (30 s, TORCH_ELASTIC_SHUTDOWN_TIMEOUT, then SIGKILL), logs "Received 2 death signal" and
+    exits 1 with a SignalException traceback of its own. The workers finish their step, rank 0 checkpoints and
+    prints how to resume. This process must not raise KeyboardInterrupt meanwhile (subprocess.call would
+    SIGKILL the agent and return while the workers still write): it only notes the Ctrl-C and keeps waiting."""
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}; must be >= 1")
-    status = subprocess.call(torchrun_command(nproc, minift_args))
-    return 0 if status == 0 else (130 if status in (130, -2) else 2)
+    import signal
+    import threading
+
+    interrupted = []
+    handling = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if handling else None
+    try:
+        status = subprocess.call(torchrun_command(nproc, minift_args))
+    finally:
+        if handling:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if interrupted or status in (130, -2):
+        return 130
+    return 0 if status == 0 else 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming at another world size: the same global batch, cut differently
+# ----------------------------------------------------------------------------------------------------
+
+
+def batch_layout(world: World, train) -> dict:
+    """How a step's global batch is cut, saved in every checkpoint (one process included): processes x
+    micro-batches per process x examples per micro-batch."""
+    return {"world_size": world.size, "grad_accum_steps": train.grad_accum_steps, "batch_size": train.batch_size}
+
+
+def check_batch_layout(saved, world: World, train, path: Path) -> None:
+    """A checkpoint resumed by another number of processes must keep its global batch, N x k x b, and its
+    micro-batch size b (the data position counts micro-batches): then the resumed run reads the same examples
+    per step and, with the global target count, computes the same update. Only k may change (k' = N k / N').
+    A checkpoint written before minift recorded its layout is not checked."""
+    if not isinstance(saved, dict) or saved.get("world_size", world.size) == world.size:
+        return
+    now = batch_layout(world, train)
+    n, k, b = (saved.get(key) for key in ("world_size", "grad_accum_steps", "batch_size"))
+    if not all(isinstance(value, int) for value in (n, k, b)):
+        return
+    if b == now["batch_size"] and n * k == world.size * now["grad_accum_steps"]:
+        return
+    hint = (f"; set train.grad_accum_steps = {n * k // world.size}" if (n * k) % world.size == 0 else
+            f"; resume with a number of processes that divides {n * k}") if b == now["batch_size"] else \
+        f"; keep train.batch_size = {b}"
+    raise ValueError(f"{path}: written by {n} processes x {k} micro-batches x {b} examples = a global batch of "
+                     f"{n * k * b}; this run has {world.size} x {now['grad_accum_steps']} x {now['batch_size']} = "
+                     f"{world.size * now['grad_accum_steps'] * now['batch_size']}, so it would not continue the "
+                     f"same training{hint}")
 
 
 # ----------------------------------------------------------------------------------------------------

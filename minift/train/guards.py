@@ -220,6 +220,8 @@ class StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.requested = True
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every worker gets the Ctrl-C: rank 0 speaks
+            return
         # os.write, not print: a handler may run while the main program is inside print() itself
         then = "saving a checkpoint" if self.saving else "stopping (train.save_checkpoints = false)"
         message = f"\nminift: Ctrl-C: finishing this step, then {then} (Ctrl-C again stops at once)\n".encode()

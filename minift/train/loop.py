@@ -56,9 +56,9 @@ from minift.dtypes import parse_dtype
 from minift.io.files import WriteError, check_output_dir, read_json_file
 from minift.train import checkpoint as ckpt
 from minift.train.batches import BatchStream, load_datasets
-from minift.train.distributed import (World, check_config as check_distributed_config, init_world,
-                                      is_collective_failure, is_sharded, load_sharded, load_sharded_weights,
-                                      save_sharded)
+from minift.train.distributed import (World, batch_layout, check_batch_layout, check_config as check_distributed_config,
+                                      init_world, is_collective_failure, is_sharded, load_sharded,
+                                      load_sharded_weights, save_sharded)
 from minift.train.compiled import CompileClock, compile_blocks
 from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
                                  weight_norm)
@@ -558,7 +558,8 @@ def save(run: Run) -> Path:
     """Write a checkpoint. Distributed: DDP ranks hold equal copies, so rank 0 writes the ordinary checkpoint;
     FSDP ranks each write their shards (torch.distributed.checkpoint, minift/train/distributed.py)."""
     if run.world.mode == "fsdp":
-        state = {"loop": asdict(run.state), "scheduler": run.scheduler.state_dict(), "labels": run.labels}
+        state = {"loop": asdict(run.state), "scheduler": run.scheduler.state_dict(), "labels": run.labels,
+                 "batch_layout": batch_layout(run.world, run.config.train)}
         return save_sharded(run.run_dir, run.state.step, run.model, run.optimizer, state, run.world,
                             keep=run.config.train.keep_checkpoints)
     return run.world.on_main(lambda: write_checkpoint(run))
@@ -568,7 +569,8 @@ def write_checkpoint(run: Run) -> Path:
     params = dict(run.model.named_parameters())
     weights = {name: params[name] for name in run.checkpoint_names}
     state = {"loop": asdict(run.state), "scheduler": run.scheduler.state_dict(),
-             "scaler": run.scaler.state_dict() if run.scaler is not None else None, "labels": run.labels}
+             "scaler": run.scaler.state_dict() if run.scaler is not None else None, "labels": run.labels,
+             "batch_layout": batch_layout(run.world, run.config.train)}  # checked when resumed at another world size
     return ckpt.save_checkpoint(run.run_dir, run.state.step, weights, run.optimizer, run.parameter_names, state,
                                 generators={"masking": run.generator}, keep=run.config.train.keep_checkpoints)
 
@@ -583,6 +585,7 @@ def restore_checkpoint(run: Run, path: Path) -> None:
     if run.world.mode != "fsdp":
         raise ValueError(f"{path}: a sharded FSDP checkpoint; resume it with train.distributed = \"fsdp\" "
                          f"(any number of processes, even --nproc 1)")
+    check_batch_layout(read_json_file(path / "state.json").get("batch_layout"), run.world, run.config.train, path)
     state = load_sharded(path, run.model, run.optimizer)  # any world size: DCP reshards
     if state.get("labels") != run.labels:
         raise ValueError(f"{path}: labels {state.get('labels')} differ from this run's {run.labels}")
@@ -598,6 +601,7 @@ def restore_checkpoint(run: Run, path: Path) -> None:
 
 def restore(run: Run, checkpoint: ckpt.Checkpoint) -> None:
     """Put weights, optimizer, schedule, grad scaler, RNG and loop position back as they were at the checkpoint."""
+    check_batch_layout(checkpoint.state.get("batch_layout"), run.world, run.config.train, checkpoint.path)
     saved_labels = checkpoint.state.get("labels")
     if saved_labels != run.labels:
         raise ValueError(f"{checkpoint.path}: labels {saved_labels} differ from this run's {run.labels}")
