@@ -209,7 +209,7 @@ def test_bytes_per_parameter():
 
 
 def test_dequantize_dtypes_and_device_moves():
-    x = torch.randn(5, 37, dtype=torch.bfloat16)
+    x = torch.randn(5, 37, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
     q = quantize_nf4(x)
     assert q.dequantize().dtype == torch.bfloat16
     as_float32 = q.dequantize(torch.float32)
@@ -218,7 +218,8 @@ def test_dequantize_dtypes_and_device_moves():
     moved = q.to("cpu")
     assert torch.equal(moved.dequantize(), q.dequantize()) and moved.device.type == "cpu"
     error = (q.dequantize(torch.float32) - x.float()).abs().max()
-    assert error <= x.float().abs().max() * (1 - NF4_CODE[-2]) / 2 + 1e-2  # at most half the widest code gap
+    widest_gap = (NF4_CODE[1:] - NF4_CODE[:-1]).max()  # 0.304, between -1 and -0.696 (1 - 0.723 was too small:
+    assert error <= x.float().abs().max() * widest_gap / 2 + 1e-2  # unseeded, ~1 draw in 12 failed)
     assert "double-quantized" in repr(q)
 
 

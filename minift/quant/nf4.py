@@ -312,6 +312,8 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out[:n].view(q.shape)
 
 
+# torch.compile (train.compile) runs this as it is: traced, its chunk loop would unroll into one op per chunk.
+@torch.compiler.disable
 def dequantize_cpu(q: NF4Tensor, dtype: torch.dtype, chunk_values: int = CPU_CHUNK_VALUES) -> torch.Tensor:
     """The same values as `dequantize`, computed on the CPU in cache-sized chunks.
 
