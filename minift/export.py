@@ -235,7 +235,8 @@ def write_gguf_file(model: nn.Module, tokenizer, out: Path, quant: str, report: 
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANTS)}")
     if not has_logits(model):
-        raise ValueError("--format gguf writes causal language models; this model has no language-model head")
+        raise ValueError(f"--format gguf writes causal language models; this model (model_type "
+                         f"{model.config.model_type!r}) has no language-model head")
     check_exportable(model.config)  # before the slow part
     bar = PhaseBar("export", 3)
     ids = probe_ids(tokenizer, model.config.vocab_size)
@@ -323,9 +324,10 @@ def merge(source: str | Path, adapter: str | Path, out: str | Path, dtype: str |
 
 
 def export_model(source: str | Path, out: str | Path, adapter: str | Path | None = None, format: str = "hf",
-                 dtype: str | None = None, quant: str = "f16") -> Report:
+                 dtype: str | None = None, quant: str | None = None) -> Report:
     """Any source minift loads (+ an optional adapter) as a dense Hugging Face directory, or a GGUF file."""
     check_format(format)
+    quant = gguf_quant(format, quant, dtype)
     if format == "gguf":
         from minift.peft import load_adapter
 
@@ -349,13 +351,14 @@ def export_model(source: str | Path, out: str | Path, adapter: str | Path | None
 
 
 def export_run(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str | None = None,
-               quant: str = "f16") -> Report:
+               quant: str | None = None) -> Report:
     """A fine-tuning run's latest checkpoint as a dense Hugging Face directory (any foldable method) with the
     task head beside it, or (--format peft) its LoRA or (IA)^3 adapter as a PEFT adapter directory."""
     from minift.train.tasks import save_head
     from minift.train import load_trained
 
     check_format(format)
+    quant = gguf_quant(format, quant, dtype)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"--run {run_dir}: not a directory (expected a `minift finetune` output_dir)")
@@ -410,3 +413,16 @@ def export_adapter(backbone: nn.Module, tokenizer, out: Path, base: str, report:
 def check_format(format: str) -> None:
     if format not in FORMATS:
         raise ValueError(f"--format {format!r} is not supported; choose one of {', '.join(FORMATS)}")
+
+
+def gguf_quant(format: str, quant: str | None, dtype: str | None) -> str | None:
+    """--quant belongs to --format gguf, and --dtype does not: refuse the other pairings (before any work);
+    returns the storage type (default f16) for gguf, None otherwise."""
+    if format != "gguf":
+        if quant is not None:
+            raise ValueError(f"--quant {quant} goes with --format gguf; --format {format} does not quantize")
+        return None
+    if dtype is not None:
+        raise ValueError(f"--dtype {dtype} does not apply to --format gguf: --quant chooses how the matrices are "
+                         "stored (f16, q8_0, q4_0, q4_k) and norms stay float32")
+    return quant or "f16"

@@ -272,6 +272,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if n_dims > 4:
             raise ValueError(f"{path}: tensor {name!r} has {n_dims} dimensions; GGUF allows at most 4")
         dims = [cursor.scalar("<Q", what) for _ in range(n_dims)]
+        if 0 in dims:
+            raise ValueError(f"{path}: tensor {name!r} has a dimension of 0 (dims {dims}); a weight holds values")
         raw_infos.append((name, tuple(reversed(dims)), cursor.scalar("<I", what), cursor.scalar("<Q", what)))
 
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
@@ -290,7 +292,17 @@ def read_gguf(path: str | Path) -> GGUFFile:
                 end = data_start + relative + n_bytes
                 raise ValueError(f"{path}: tensor {name!r} ({type_name}) ends at byte {end}, past the end of the "
                                  f"file ({len(data)} bytes): the file is truncated")
+        if relative % alignment:
+            raise ValueError(f"{path}: tensor {name!r} ({type_name}) starts at data offset {relative}, not a multiple "
+                             f"of general.alignment {alignment}: the tensor table is corrupt")
         tensors[name] = TensorInfo(name, shape, ggml_type, type_name, data_start + relative, n_bytes)
+    # tensors must not overlap: a wrong type (or shape) makes one tensor run into the next one's bytes
+    placed = sorted((t for t in tensors.values() if t.n_bytes is not None), key=lambda t: t.offset)
+    for first, second in zip(placed, placed[1:]):
+        if first.offset + first.n_bytes > second.offset:
+            raise ValueError(f"{path}: tensor {first.name!r} ({first.type_name}, shape {first.shape}) needs "
+                             f"{first.n_bytes} bytes but tensor {second.name!r} starts {second.offset - first.offset} "
+                             "bytes after it: its type or shape in the tensor table is wrong")
     return GGUFFile(path, version, metadata, tensors, data)
 
 
