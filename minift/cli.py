@@ -167,6 +167,8 @@ def cmd_finetune(args) -> int:
               f"{config.train.batch_size} examples{ranks}, precision {config.train.precision}, device {run.device}")
         last = fit(run)
     except KeyboardInterrupt:  # fit() has saved what it could (minift/train/guards.py); no traceback
+        if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 alone says how to resume
+            return EXIT_INTERRUPTED
         sys.stdout.flush()
         print(interrupted_message(run_dir, args), file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -209,7 +211,9 @@ def interrupted_message(run_dir, args) -> str:
         return "minift: interrupted; no checkpoint was written, so there is nothing to resume"
     # config.toml in the run directory holds the settings the run started with; --set given with --resume is not in it
     again = [item for override in (args.overrides or []) for item in ("--set", override)] if args.resume else []
-    command = shlex.join(["minift", "finetune", "--resume", str(run_dir), *again])
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    launcher = ["--nproc", str(world)] if world > 1 else []  # a torchrun worker: resume with as many processes
+    command = shlex.join(["minift", "finetune", "--resume", str(run_dir), *again, *launcher])
     return f"minift: interrupted; the last complete checkpoint is {latest}; resume with: {command}"
 
 
