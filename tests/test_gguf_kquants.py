@@ -98,3 +98,33 @@ def test_truncated_k_quant_names_tensor_and_type(tmp_path):
         read_gguf(cut)
     message = str(info.value)
     assert "\n" not in message and "'blk.0.ffn_up.weight' (Q6_K)" in message and str(cut) in message
+
+
+def patched(path: Path, tmp_path: Path, name: str, field: str, fmt: str, value) -> Path:
+    """A copy of `path` with one field of tensor `name`'s table entry (2 dims) overwritten."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    encoded = name.encode()
+    start = bytes(data).index(struct.pack("<Q", len(encoded)) + encoded) + 8 + len(encoded)
+    at = {"dim1": start + 12, "type": start + 20, "offset": start + 24}[field]
+    struct.pack_into(fmt, data, at, value)
+    out = tmp_path / f"{field}.gguf"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("field,fmt,value,words", [
+    ("type", "<I", 14, ["needs", "its type or shape in the tensor table is wrong"]),  # Q4_K bytes read as Q6_K
+    ("offset", "<Q", 3, ["not a multiple of general.alignment"]),
+    ("dim1", "<Q", 0, ["dimension of 0"]),
+])
+def test_a_garbled_tensor_table_names_the_tensor(tmp_path, field, fmt, value, words):
+    first, second = "blk.0.ffn_down.weight", "blk.1.ffn_down.weight"
+    path = write_raw(tmp_path / "two.gguf", {first: (random_blocks("Q4_K", 4, 0), (2, 512), "Q4_K"),
+                                             second: (random_blocks("Q4_K", 4, 1), (2, 512), "Q4_K")})
+    read_gguf(path)  # the untouched file reads
+    with pytest.raises(ValueError) as info:
+        read_gguf(patched(path, tmp_path, first, field, fmt, value))
+    message = str(info.value)
+    assert "\n" not in message and repr(first) in message and all(word in message for word in words), message

@@ -391,6 +391,11 @@ def test_bad_export_input_gets_one_line(tmp_path, tokenizer, capsys):
     assert run("export", "--model", words, "--format", "gguf", "--out", tmp_path / "w.gguf") == 2
     assert "WordLevel" in error_of(capsys)
     assert not any(tmp_path.glob("*.gguf*"))
+    assert run("export", "--model", base, "--quant", "q4_k", "--out", tmp_path / "hf") == 2
+    assert "--quant q4_k goes with --format gguf" in error_of(capsys)
+    assert run("export", "--model", base, "--format", "gguf", "--dtype", "bfloat16", "--out", tmp_path / "x.gguf") == 2
+    assert "--dtype bfloat16 does not apply to --format gguf" in error_of(capsys)
+    assert not (tmp_path / "hf").exists()
     with pytest.raises(SystemExit):
         run("export", "--model", base, "--format", "gguf", "--quant", "q3_k", "--out", tmp_path / "x.gguf")
     assert "invalid choice: 'q3_k'" in capsys.readouterr().err
