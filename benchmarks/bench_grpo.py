@@ -74,6 +74,23 @@ def prompt_records(n: int, words: list[str], length: int, seed: int = 0) -> list
             for k in range(n)]  # lengths differ by one word each, so the prompts are left-padded
 
 
+def ppo_note(trl) -> str:
+    """Whether this TRL has a PPO trainer to compare minift's `kind = "ppo"` with (checked, not assumed)."""
+    import importlib.util
+
+    places = [f"trl.{name}" for name in ("PPOTrainer",) if hasattr(trl, name)]
+    for module in ("trl.trainer.ppo_trainer", "trl.experimental.ppo"):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                places.append(module)
+        except ModuleNotFoundError:
+            pass
+    if places:
+        return f"PPO: TRL {trl.__version__} has a PPO trainer ({', '.join(places)}); not benchmarked here."
+    return (f"PPO: not benchmarked. TRL {trl.__version__} has no PPO trainer: `trl.PPOTrainer` does not exist and "
+            "neither trl.trainer.ppo_trainer nor trl.experimental.ppo is importable (checked when this ran).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -185,6 +202,9 @@ def main() -> None:
     ours_ids = ours_prompts[0]["input_ids"].repeat_interleave(G, 0)
     trl_ids = first["TRL + PEFT"][0]["prompt_ids"]
     assert torch.equal(ours_ids, trl_ids), f"the prompts differ:\n{ours_ids}\n{trl_ids}"
+    trainable = {"minift": sum(p.numel() for p in task_model.parameters() if p.requires_grad),
+                 "TRL + PEFT": sum(p.numel() for p in trl_model.parameters() if p.requires_grad)}
+    assert trainable["minift"] == trainable["TRL + PEFT"], f"different trainable parameters: {trainable}"
     print("first-iteration loss:", {name: loss for name, (_, loss) in first.items()})
 
     phases = ("generate", "optimize", "iteration")
@@ -249,8 +269,13 @@ def main() -> None:
         "reward that both scored with the same function. The loss of iteration 1 is 0 on both sides (printed: "
         f"minift {first['minift'][1]:.1e}, TRL {first['TRL + PEFT'][1]:.1e}): LoRA B = 0 makes the policy the "
         "reference, and group-centred advantages average to 0. With num_iterations 1 the loss stays about beta x KL, "
-        "so the KL to the reference after the last step is shown instead; it is close on the two sides, not equal "
-        "(each library draws its own LoRA A and its own samples).", "",
+        "so the KL to the reference after the last step is shown instead: the same order on the two sides, not "
+        "equal (each library draws its own LoRA A and its own samples, and Adam's first steps move every weight by "
+        "about lr whatever the gradient's size). Not the same work: TRL's loss forward also computes each "
+        "completion token's entropy over the whole vocabulary (compute_entropy=True, for its metrics); minift's "
+        "GRPO forward computes only the sampled tokens' log-probs. Both sides train the same "
+        f"{trainable['minift']:,} LoRA parameters, and the prompts are the same token ids (both checked).", "",
+        ppo_note(trl), "",
         f"TRL + PEFT CPU time / minift CPU time: **{ratio['iteration']:.2f}x** per iteration (generate "
         f"{ratio['generate']:.2f}x, optimize {ratio['optimize']:.2f}x); wall time {wall_ratio:.2f}x.", ""])
     print(report)
