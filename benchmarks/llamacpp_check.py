@@ -4,8 +4,8 @@ What it checks, on the bundled SmolLM2-135M-Instruct exported by `minift export 
 
 1. tokenization: llama.cpp's tokenizer (built from the file's tokenizer.ggml.* keys) gives the ids minift's gives;
 2. greedy decoding: for each prompt, llama.cpp's argmax tokens (its own logits, no sampler) against minift's
-   `generate` on the same file, for the f16 and the q8_0 export; the first position where they part is listed
-   with both logits there;
+   `generate` on the same file, for the f16, q8_0, q4_0 and q4_k exports; the first position where they part
+   is listed with minift's top-2 logit gap there;
 3. logits over the prompt: max |llama.cpp - minift| per file;
 4. quantizer bytes: minift's Q8_0, Q4_0 and Q4_K against ggml's own `ggml_quantize_chunk` (the C code
    llama-quantize runs) on SmolLM2's MLP weights and on random data: share of blocks byte-identical, and
@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/llamacpp_check", type=Path)
     parser.add_argument("--tokens", default=32, type=int, help="greedy tokens per prompt")
     parser.add_argument("--threads", default=2, type=int)
+    parser.add_argument("--quants", default="f16,q8_0,q4_0,q4_k", help="exports to run, joined by commas")
     parser.add_argument("--out", default=HERE / "results" / "llamacpp_check.md", type=Path)
     args = parser.parse_args()
     llama_cpp = import_llama_cpp(args.llamacpp_venv, args.path)
@@ -185,7 +186,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = minift.load("smollm2-135m")
     files = {}
-    for quant in ("f16", "q8_0"):
+    for quant in args.quants.split(","):
         files[quant] = export_gguf(model, tokenizer, args.workdir / f"smollm2-135m-{quant}.gguf", quant)
     table, summaries = [], {}
     for quant, path in files.items():
@@ -205,7 +206,7 @@ def main() -> None:
         f"Machine: {machine_description()}; load average {load[0]:.1f} (shared with other jobs).",
         f"llama-cpp-python {llama_cpp.__version__} (llama.cpp built from its vendored source by pip, CPU); "
         f"torch {torch.__version__}; model: bundled SmolLM2-135M-Instruct (its Q4_1 file dequantized, then "
-        "exported by minift at f16 and q8_0).",
+        f"exported by minift at {args.quants}).",
         f"llama.cpp system info: {llama_cpp.llama_print_system_info().decode().strip()}", "",
         "## Greedy decoding and logits", "",
         f"{args.tokens} greedy tokens per prompt (or up to EOS). llama.cpp's tokens are the argmax of its own "
