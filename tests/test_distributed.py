@@ -44,6 +44,7 @@ CASES = {"ddp_full": ("ddp", "full"), "ddp_lora": ("ddp", "lora"), "fsdp_full": 
          "fsdp_lora": ("fsdp", "lora")}
 EXPORT = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
 OTHER_METHODS = ("qlora", "ia3", "adapters", "prompt_tuning")  # DDP only, 2 steps: checkpoints compared
+DROPOUT = ["--set", "method.dropout=0.1", "--set", "model.dropout=0.1"]
 
 
 def free_port() -> int:
@@ -141,6 +142,9 @@ def runs(tiny):
     cases.append({"argv": ["finetune", str(config), *settings(root / "fsdp_bf16", "full", "fsdp", 1, steps=2),
                            "--set", "train.fsdp_param_dtype=bfloat16"]})
     cases.append({"argv": ["finetune", str(root / "dpo.toml"), *settings(root / "ddp_dpo", "lora", "ddp", 1, steps=2)]})
+    for mode in ("ddp", "fsdp"):  # LoRA and model dropout on: the masks are drawn per micro-batch, not per rank
+        cases.append({"argv": ["finetune", str(config), *settings(root / f"{mode}_dropout", "lora", mode, 1, steps=2),
+                               *DROPOUT]})
     cases.append({"argv": ["finetune", str(config), *settings(root / "broken", "lora", "fsdp", 1)],
                   "die": {"rank": 1, "step": 3}})
     first = launch(root, "launch1", cases)
@@ -152,6 +156,7 @@ def runs(tiny):
     for method in OTHER_METHODS:
         assert main(["finetune", str(config), *settings(root / f"single_{method}", method, "none", 2, steps=2)]) == 0
     assert main(["finetune", str(root / "dpo.toml"), *settings(root / "single_dpo", "lora", "none", 2, steps=2)]) == 0
+    assert main(["finetune", str(config), *settings(root / "single_dropout", "lora", "none", 2, steps=2), *DROPOUT]) == 0
     return root, first, second
 
 
@@ -194,6 +199,18 @@ def test_ddp_dpo_logs_the_global_batch_metrics_of_one_process(runs):
                 assert a[key] == pytest.approx(b[key], rel=LOSS_RTOL, abs=1e-7), (key, a, b)
 
 
+def test_dropout_masks_are_drawn_per_micro_batch_so_two_processes_equal_one(runs):
+    root, first, _ = runs  # each micro-batch reseeds dropout from (seed, step, its index in the global batch)
+    assert statuses(root, "launch1", 0)[10:12] == [0, 0], first[0].stderr[-3000:]
+    for mode in ("ddp", "fsdp"):
+        assert_same_curve(root / f"{mode}_dropout", root / "single_dropout")
+        worst = assert_same_export(root / f"{mode}_dropout", root / "single_dropout", EXPORT["lora"])
+        print(f"{mode} with dropout: max |weight - 1 process| = {worst:.3g}")
+    no_dropout = [r["loss"] for r in read_metrics(root / "single_lora") if "loss" in r][:2]
+    with_dropout = [r["loss"] for r in read_metrics(root / "single_dropout") if "loss" in r]
+    assert len(with_dropout) == 2 and with_dropout != no_dropout  # dropout was on: the losses moved
+
+
 def test_fsdp_mixed_precision_computes_in_bfloat16_and_exports_float32(runs):
     root, _, _ = runs  # MixedPrecisionPolicy: blocks gathered in bf16 for compute; shards, grads, AdamW fp32
     got = [r["loss"] for r in read_metrics(root / "fsdp_bf16") if "loss" in r]
@@ -207,7 +224,7 @@ def test_fsdp_mixed_precision_computes_in_bfloat16_and_exports_float32(runs):
 def test_a_dead_rank_stops_the_other_with_a_clear_error_and_no_corrupt_checkpoint(runs):
     root, first, _ = runs
     assert first[1].returncode == 1  # rank 1 died during step 3 of the last case
-    assert statuses(root, "launch1", 0)[10] == 2, first[0].stderr[-3000:]
+    assert statuses(root, "launch1", 0)[12] == 2, first[0].stderr[-3000:]
     error = [line for line in first[0].stderr.splitlines() if line.startswith("minift: error:")]
     assert len(error) == 1 and "rank 0 of 2: another process of the run stopped" in error[0], first[0].stderr[-3000:]
     assert "during step 3" in error[0] and "step-000002" in error[0]

@@ -47,8 +47,15 @@ What minift adds, so that N ranks x k micro-batches of b examples equal *one* ba
                   N, k and b, and resuming with another N checks them (k' = N k / N'), refused otherwise.
     the loss      each micro-batch's summed loss is divided by the number of targets of the whole global
                   batch: each rank counts its own, one all-reduce adds them up (before any forward).
-    randomness    dropout and masking draw from generators reseeded every step from (seed, step, rank):
-                  ranks differ from each other, and a resumed run draws what the uninterrupted one drew.
+    randomness    dropout and masking draw from generators reseeded before every micro-batch from (seed,
+                  step, index of the micro-batch in the global batch) — in one process too. Micro-batch j of
+                  a step holds the same examples (same shapes) whether one process reads it as its j-th of
+                  N k, or rank r as its (j - r k)-th: it draws the same dropout masks and masked positions,
+                  so N ranks equal one process bit for bit even with dropout, and a resumed run draws what
+                  the uninterrupted one drew. The seed travels in the micro-batch (DROPOUT_SEED), read by a
+                  forward pre-hook of the task model (reseed_dropout), so torch.manual_seed runs right before
+                  that micro-batch's forward and nothing between two forwards can shift the draws. Cost: one
+                  manual_seed per micro-batch (microseconds; on a GPU it also reseeds the CUDA generators).
     checkpoints   DDP: every rank holds the same weights, so rank 0 writes the ordinary checkpoint.
                   FSDP: every rank writes its shards with torch.distributed.checkpoint (DCP) into one
                   folder (a shared file system across machines); DCP records how the tensors were cut, so
@@ -255,14 +262,9 @@ class World:
         """Where this rank's micro-batches of a global batch start in the seeded stream."""
         return position + self.rank * per_rank
 
-    def seed_step(self, seed: int, step: int, generator: torch.Generator | None = None) -> None:
-        """Reseed dropout (torch's generator) and masking from (seed, step, rank) at the start of a step."""
-        if not self.active:
-            return
-        value = (seed * 1_000_003 + step * 7_919 + self.rank) % 2**63
-        torch.manual_seed(value)
-        if generator is not None:
-            generator.manual_seed(value + 1)
+    def first_micro_batch(self, per_rank: int) -> int:
+        """The index, within the step's global batch, of this rank's first micro-batch."""
+        return self.rank * per_rank
 
     def lost(self, error: BaseException, step: int, run_dir: Path) -> PeerLostError:
         """The one-line error a surviving rank raises when a collective fails."""
@@ -277,6 +279,23 @@ class World:
                 f"`minift finetune --resume {run_dir}`" if latest is not None else "no checkpoint was written yet")
         return PeerLostError(f"rank {self.rank} of {self.size}: another process of the run stopped or stopped "
                              f"answering during step {step} ({reason}); {kept}")
+
+
+DROPOUT_SEED = "dropout_seed"  # the key a training micro-batch carries its seed in
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The seed of micro-batch `index` (0 .. N k - 1, over all ranks) of optimizer step `step`: the same
+    micro-batch gets the same seed whichever rank reads it, at any world size, and in a resumed run."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + index) % 2**63
+
+
+def reseed_dropout(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of the task model: a training micro-batch carrying DROPOUT_SEED reseeds torch's
+    generator (dropout masks) right before its forward. The key is removed, so the forward never sees it;
+    batches without it (evaluation) draw as they come."""
+    if args and isinstance(args[0], dict) and DROPOUT_SEED in args[0]:
+        torch.manual_seed(args[0].pop(DROPOUT_SEED))
 
 
 def is_collective_failure(error: BaseException) -> bool:

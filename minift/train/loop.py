@@ -20,8 +20,10 @@ Dividing every micro-batch by the *total* N makes the k accumulated gradients ad
 gradient of one batch of k micro-batches (minift/losses.py explains the common bug). Mixed precision:
 `bf16` runs the forward under torch.autocast (CPU or GPU); `fp16` also scales the loss with a GradScaler
 so small gradients do not underflow (GPU only). One seed fixes the head's init, the data order (a fresh
-permutation per epoch from seed + epoch), dropout and masking; a checkpoint stores all of their states,
-so a resumed run reproduces the uninterrupted one bit for bit on the CPU.
+permutation per epoch from seed + epoch), dropout and masking (both reseeded before every micro-batch from
+seed, step and the micro-batch's index in the step, so N processes draw what one process draws: see
+minift/train/distributed.py); a checkpoint stores every generator's state, so a resumed run reproduces the
+uninterrupted one bit for bit on the CPU.
 
 Run directory:  config.toml  metrics.jsonl  training.svg (loss, eval, learning rate per step; minift/svg_chart.py)
                 checkpoints/step-NNNNNN/  final/ (the exported model)
@@ -56,9 +58,10 @@ from minift.dtypes import parse_dtype
 from minift.io.files import WriteError, check_output_dir, read_json_file
 from minift.train import checkpoint as ckpt
 from minift.train.batches import BatchStream, load_datasets
-from minift.train.distributed import (World, batch_layout, check_batch_layout, check_config as check_distributed_config,
-                                      init_world, is_collective_failure, is_sharded, load_sharded,
-                                      load_sharded_weights, save_sharded)
+from minift.train.distributed import (DROPOUT_SEED, World, batch_layout, check_batch_layout,
+                                      check_config as check_distributed_config, init_world, is_collective_failure,
+                                      is_sharded, load_sharded, load_sharded_weights, micro_batch_seed,
+                                      reseed_dropout, save_sharded)
 from minift.train.compiled import CompileClock, compile_blocks
 from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
                                  weight_norm)
@@ -196,6 +199,7 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
         compile_blocks(model)  # in place: parameter names, hence checkpoints, unchanged
     task_model.to(device).train()
     world.wrap(task_model, train.fsdp_param_dtype)  # DDP wrapper, or FSDP shards: before the optimizer sees them
+    task_model.register_forward_pre_hook(reseed_dropout)  # each training micro-batch's own dropout seed
     if align:
         prepare_align_run(task_model, train_data, eval_data, config, tokenizer)
 
@@ -437,14 +441,17 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
     try:
         while state.step < run.total_steps and not state.stopped_early and not interrupt.requested:
             step = state.step + 1
-            run.world.seed_step(train.seed, step, run.generator)  # distributed: dropout/masks from (seed, step, rank)
             if run.unfreezing is not None:
                 run.unfreezing.apply((step - 1) // train.gradual_unfreezing)
-            micro_batches = [prepare_batch(to_device(b, run.device), run.model.kind, run.tokenizer,
-                                           run.config.task.mlm_probability, run.generator)
-                             for b in run.train_stream.take(run.world.shard_start(state.micro_batches,
+            micro_batches, first = [], run.world.first_micro_batch(train.grad_accum_steps)
+            for index, b in enumerate(run.train_stream.take(run.world.shard_start(state.micro_batches,
                                                                                   train.grad_accum_steps),
-                                                            train.grad_accum_steps)]  # this rank's share
+                                                            train.grad_accum_steps)):  # this rank's share
+                seed = micro_batch_seed(train.seed, step, first + index)  # the same on any rank, any world size
+                run.generator.manual_seed(seed + 1)  # masked LM: the masked positions
+                batch = prepare_batch(to_device(b, run.device), run.model.kind, run.tokenizer,
+                                      run.config.task.mlm_probability, run.generator)
+                micro_batches.append({**batch, DROPOUT_SEED: seed})  # dropout: reseed_dropout, before its forward
             lr = run.optimizer.param_groups[-1]["lr"]
             stats = accumulate_gradients(run.model, micro_batches, train.precision, run.scaler, step,
                                          **({"world": run.world} if run.world.active else {}))
