@@ -29,6 +29,10 @@ checkpoint to resume from) and must never export a broken model to final/:
                        After the step, the state is exactly the one a `save_every` checkpoint would hold at that
                        step, so the resumed run continues bit for bit like the uninterrupted one.
 
+                       Under torchrun the agent forwards one SIGINT to every worker (minift/train/distributed.py);
+                       the ranks agree on the flag after each step, so all stop after the same one, and only
+                       rank 0 prints the notice.
+
     DivergenceMonitor  Training that blows up must stop with a clear error, not export a broken model. After each
                        optimizer step (f = divergence_factor, 10 by default):
                          the gradient norm is NaN or infinite                  -> stop before the step (optimizer_step)
