@@ -12,9 +12,9 @@ the adapters, next-token cross-entropy on every token of a B x T batch. Three pr
 
 Same weights: the parent writes one random checkpoint with `save_pretrained` to a temporary directory and
 every provider loads it (never a hub). minift quantizes bitsandbytes-exactly, so the parent checks that both
-NF4 models hold the same 4-bit codes byte for byte, counts the differing 8-bit double-quant codes (bitsandbytes'
-CPU backend rounds those through a 65,536-bin table; REFERENCE.md), and requires logits and first loss to agree
-more closely than NF4 agrees with the dense model.
+NF4 models hold the same 4-bit codes byte for byte, counts the differing 8-bit double-quant codes (0 expected:
+minift rounds them through bitsandbytes' CPU 65,536-point table, minift/quant/nf4.py), and requires logits and
+first loss to agree more closely than NF4 agrees with the dense model.
 
 How (as benchmarks/bench_lora.py): one child process per provider, stepping in turn (A B C, B C A, ...) so a
 shared machine's drifting load hits all alike; medians of wall seconds and of each child's own CPU seconds
@@ -378,8 +378,8 @@ def agreement(summary: dict, nf4: dict) -> tuple[str, bool]:
     ours, theirs = summary["minift"]["first_loss"], summary["bnb"]["first_loss"]
     lines = [f"4-bit codes identical in {nf4['packed_equal']} of {nf4['layers']} layers ({nf4['packed_bytes']:,} "
              f"bytes); double-quant scale codes: {nf4['scale_codes_differ']:,} of {nf4['scale_codes']:,} differ, by at "
-             f"most {nf4['scale_max_step']} step(s) (bitsandbytes' CPU backend rounds them through a 65,536-bin "
-             "table, minift to the nearest code; REFERENCE.md)",
+             f"most {nf4['scale_max_step']} step(s) (0 expected: both round through bitsandbytes' CPU 65,536-point "
+             "table; minift/quant/nf4.py)",
              f"max |logit difference| minift vs bnb: {nf4['logits_minift_vs_bnb']:.2e}",
              f"first loss: minift {ours:.6f}, bnb {theirs:.6f}, |difference| {abs(ours - theirs):.2e}"]
     same = nf4["packed_equal"] == nf4["layers"]

@@ -46,11 +46,31 @@ Three ideas make 4 bits enough:
        plain NF4:     4 + 32 / 64                      = 4.5     bits  (0.5625 bytes)
        double quant:  4 + 8 / 64 + 32 / (64 * 256)     = 4.127   bits  (0.5159 bytes)   vs 16 for bf16: 3.88x
 
-   The 8-bit codes are the nearest DYNAMIC_MAP entry (ties to the lower one). bitsandbytes' CPU backend
-   instead first rounds the value to a grid of 65,536 points over [-1, 1], so a value within half a grid
-   step (1/65535) of a midpoint can land on the other side of it (near 0, where the map is denser than
-   the grid, even a few codes away); its CUDA backend searches exactly, as we do. All 4-bit codes and
-   all float32 statistics agree bit for bit.
+   Which 8-bit code? Not simply the nearest one. bitsandbytes' CPU kernel (csrc/cpu_ops.cpp,
+   quantize_cpu_impl, called through cquantize_blockwise_cpu_fp32) never compares a value with the map. It
+   first snaps the scaled value s = x * (1/absmax) to a grid of 65,536 points over [-1, 1], all in float32:
+
+       grid index  i = truncate(((clamp(s, -1, 1) + 1) * 0.5) * 65535 + 0.5)      (round half up)
+       grid point  g_i = -1 + (2 * i) / 65535
+       code        = a table built once (build_quantize_lut): the nearest map entry to g_i, i.e. the number
+                     of float32 midpoints 0.5 * (map[k] + map[k+1]) strictly below g_i (a tie goes LOWER)
+
+   So the code is decided by the grid point, not by s: a value up to half a grid step (1/65535 = 1.5e-5)
+   past a midpoint can land on the far side of it, and near 0, where the map is denser than the grid, a
+   few codes away. (In a Phi-3 test model one block scale lay 3e-8 from the midpoint of codes 59 and 60,
+   on 59's side; its grid point lay on 60's side, and bitsandbytes stored 60.) `lut_code` does exactly
+   these steps, vectorized. The index arithmetic as written and with a fused multiply-add give the same
+   index for every float32 value within 8 ulps of each grid rounding boundary (checked), and the ARM path's
+   single multiply by 32767.5 equals the two above (* 0.5 is exact), so the build does not matter.
+   This rule is the CPU kernel's. bitsandbytes' CUDA kernel (csrc/kernels.cu, dQuantize<0>) instead runs
+   a 7-step binary search over the map and compares with float32 midpoints, so it picks the truly nearest
+   code except at exact ties, which go to whichever neighbour the search ended on. Both can be read, only
+   the CPU one can be checked here (no GPU), so minift follows the CPU kernel on every device: a CUDA build
+   of bitsandbytes may differ in a rare 8-bit code (for a value within 1.5e-5 of a midpoint).
+   The 4-bit codes have no such table on the CPU: bitsandbytes' CPU backend quantizes them in torch
+   (backends/default/ops.py, quantize_4bit), with float32 midpoints and torch.bucketize, ties to the lower
+   code, which is `nearest_code` below; its CUDA kernel (dQuantizeNF4) compares with decimal constants.
+   All 4-bit codes and all float32 statistics agree with the CPU backend bit for bit.
 
 `quantize_nf4` returns an NF4Tensor; `dequantize` (or `NF4Tensor.dequantize`) undoes it:
     value = NF4_CODE[index] * block_scale       (float32 product, then cast to the requested dtype)
@@ -82,6 +102,35 @@ def nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """
     midpoints = (code[:-1] + code[1:]) / 2  # (len(code) - 1,)
     return torch.bucketize(scaled, midpoints.to(scaled.device), out_int32=True)  # same shape, int32
+
+
+LUT_SIZE = 65536  # bitsandbytes' CPU 8-bit quantizer snaps scaled values to this many grid points in [-1, 1]
+LUT_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(code) -> (code, its grid-point codes)
+
+
+def lut_grid_codes(code: torch.Tensor) -> torch.Tensor:
+    """(LUT_SIZE,) int32: for each grid point -1 + 2i/65535 (float32), the index of its nearest `code` entry.
+
+    The table bitsandbytes' CPU kernel builds once per code map (build_quantize_lut): count the float32
+    midpoints strictly below the grid point, so a grid point exactly on a midpoint takes the lower code.
+    """
+    i = torch.arange(LUT_SIZE, dtype=torch.float32)  # exact: integers below 2^24
+    grid = -1.0 + (2.0 * i) / (LUT_SIZE - 1)  # (LUT_SIZE,) float32, each step rounded as in C
+    return nearest_code(grid, code)
+
+
+@torch.compiler.disable  # a compiler could fuse the index arithmetic and round differently
+def lut_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The code bitsandbytes' CPU kernel gives each scaled value: its grid point's code (module lesson).
+
+    index = truncate(((clamp(s) + 1) * 0.5) * 65535 + 0.5), every step in float32; then a table lookup.
+    """
+    key = id(code)
+    if key not in LUT_CACHE or LUT_CACHE[key][0] is not code:
+        LUT_CACHE[key] = (code, lut_grid_codes(code.cpu()))
+    table = LUT_CACHE[key][1].to(scaled.device)  # (LUT_SIZE,) int32
+    index = (((scaled.float().clamp(-1, 1) + 1.0) * 0.5) * (LUT_SIZE - 1) + 0.5).to(torch.int32)  # truncates
+    return table[index.long()]  # same shape as scaled, int32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,8 +264,9 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
 def quantize_absmax_8bit(absmax: torch.Tensor, nested_blocksize: int = 256):
     """Double quantization of the block scales: (uint8 codes (n_blocks,), nested_absmax, offset).
 
-    Every 256-block (the last one may be partial) is scaled by multiplying with 1/max|absmax - offset|.
-    A block that is all zeros gets code 0 and nested absmax 0, as in bitsandbytes (any code decodes to 0).
+    Every 256-block (the last one may be partial) is scaled by multiplying with 1/max|absmax - offset|
+    and coded through bitsandbytes' CPU lookup table (`lut_code`). A block that is all zeros gets code 0
+    and nested absmax 0, as in bitsandbytes (any code decodes to 0).
     """
     offset = absmax.mean()  # () float32
     centred = absmax - offset  # (n_blocks,)
@@ -226,10 +276,11 @@ def quantize_absmax_8bit(absmax: torch.Tensor, nested_blocksize: int = 256):
     padded[:n_blocks] = centred
     blocks = padded.view(n_nested, nested_blocksize)  # (n_nested, 256); zero padding leaves max|.| alone
     nested_absmax = blocks.abs().amax(dim=1)  # (n_nested,)
-    reciprocal = 1.0 / nested_absmax  # (n_nested,), inf for an all-zero block
+    zero = nested_absmax == 0  # (n_nested,) all-zero blocks: bitsandbytes skips them, writing code 0
+    reciprocal = torch.where(zero, 0.0, 1.0 / nested_absmax)  # (n_nested,); 0 keeps 0 * inf = NaN away
     scaled = (blocks * reciprocal[:, None]).clamp(-1, 1)  # (n_nested, 256)
-    codes = nearest_code(scaled, DYNAMIC_MAP)  # (n_nested, 256)
-    codes[nested_absmax == 0] = 0
+    codes = lut_code(scaled, DYNAMIC_MAP)  # (n_nested, 256) int32
+    codes[zero] = 0
     return codes.reshape(-1)[:n_blocks].to(torch.uint8), nested_absmax, offset
 
 
