@@ -25,7 +25,7 @@ layer immediately:
         loss += sum of the rows' cross-entropy
         G   = dL/dz                               (C, V)   written over z (same buffer)
         grad_hidden[c]  = G @ W                   (C, d)
-        grad_W         += G.T @ hidden[c]         (V, d)   float32 accumulator
+        grad_W         += G.T @ hidden[c]         (V, d)   float32 accumulator (chunk 0 writes it: no fill)
         grad_b         += G.sum(0)                (V,)
         (drop z / G)
 
@@ -125,16 +125,21 @@ def _accumulate_grads(G, h, weight, grad_h, grad_w, grad_b, start, end):
     """One chunk's gradient of the logits G (C, V) into grad_hidden rows, grad_W and grad_b."""
     if grad_h is not None:
         torch.mm(G, weight, out=grad_h[start:end])  # (C, d)
-    if grad_w is not None:
-        grad_w.addmm_(G.t().to(grad_w.dtype), h.to(grad_w.dtype))  # (V, d) in float32
+    if grad_w is not None:  # (V, d) in float32; the first chunk writes the buffer, the others add into it
+        if start == 0:
+            torch.mm(G.t().to(grad_w.dtype), h.to(grad_w.dtype), out=grad_w)
+        else:
+            grad_w.addmm_(G.t().to(grad_w.dtype), h.to(grad_w.dtype))
     if grad_b is not None:
         grad_b += G.sum(0, dtype=torch.float32)  # (V,)
 
 
 def _new_grads(hidden, weight, bias, need):
-    """Empty gradient buffers for the inputs that need one (need: hidden, weight, bias flags)."""
+    """Gradient buffers for the inputs that need one (need: hidden, weight, bias flags). grad_W is left unfilled
+    (the first chunk writes it, saving a V x d fill per step) unless there are no rows, when it stays zero."""
     grad_h = torch.empty_like(hidden) if need[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+    new_w = torch.empty if hidden.size(0) > 0 else torch.zeros
+    grad_w = new_w(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
     grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=weight.device) if need[2] else None
     return grad_h, grad_w, grad_b
 
