@@ -135,6 +135,11 @@ def test_a_bad_value_is_one_line_naming_the_field(base_config, override, message
     ('[task]\nlabels = ["a", "b", "a"]', r"task\.labels = \['a', 'b', 'a'\]"),
     ('[task]\nkind = "classification"\n[train]\nearly_stopping_metric = "eval_perplexity"',
      r"classification task reports eval_loss and eval_accuracy"),
+    # grpo/ppo evaluations report no perplexity: accepting it would make early stopping silently never stop
+    ('[task]\nkind = "grpo"\nreward_function = "m:f"\n[train]\nearly_stopping_metric = "eval_perplexity"',
+     r"grpo task reports eval_loss only; use eval_loss"),
+    ('[task]\nkind = "preference"\n[train]\nearly_stopping_metric = "eval_accuracy"',
+     r"preference task reports eval_loss only; use eval_loss"),
 ])
 def test_a_bad_value_in_a_file_names_the_file(tmp_path, table, message, capsys):
     path = tmp_path / "bad.toml"

@@ -6,7 +6,8 @@ A fine-tuning run is decided by five groups of settings, each a dataclass whose 
 where they are declared (so `help(TrainConfig)` is the manual):
 
     [model]   which checkpoint to start from             ModelSection
-    [task]    what is learned: causal LM, masked LM, or classification (and its head)   TaskSection
+    [task]    what is learned, which decides the head    TaskSection
+              (causal LM, masked LM, classification; from preferences: reward model, DPO, GRPO, PPO)
     [data]    which records, in which format, how long   DataSection
     [train]   the optimisation loop                      TrainConfig
     [method]  which weights train: "full", or an adapter method ("lora", ...) with its options
@@ -123,6 +124,7 @@ class TaskSection:
     """[task]: what the model learns, which decides the head and the loss."""
 
     kind: str = "causal_lm"  # causal_lm (next token) | masked_lm (BERT's cloze) | classification (one label per text)
+    #                          | reward | preference (DPO) | grpo | ppo (README "Learning from preferences")
     labels: list[str] | None = None  # classification: label names in order; None = the sorted labels of the train set
     pooling: str | None = None  # classification: mean | cls | last; None = mean for encoders, last for decoders
     head_dropout: float = 0.0  # classification: dropout before the classifier, in [0, 1)
@@ -329,15 +331,17 @@ def validate_run_config(config: RunConfig, where: str = "config", given_by: dict
                 raise ValueError(f"{origin}: {key} = {value!r}; must be {rule.text}{hint}")
             setattr(target, name, value)
     kind, metric = config.task.kind, config.train.early_stopping_metric
-    reported = "eval_accuracy" if kind in ("classification", "reward") else "eval_perplexity"
-    if kind == "preference":
-        reported = "eval_loss"  # DPO's accuracy is logged as eval_rewards/accuracies
+    # the metrics evaluate() reports that early stopping can compare (tasks.summarize, or a task's metric sums);
+    # preference (DPO's accuracy is logged as eval_rewards/accuracies), grpo and ppo offer eval_loss alone
+    reported = {"causal_lm": ("eval_loss", "eval_perplexity"), "masked_lm": ("eval_loss", "eval_perplexity"),
+                "classification": ("eval_loss", "eval_accuracy"), "reward": ("eval_loss", "eval_accuracy")}
     check_task_options(config.task, where)
     check_rl_options(config.task, where)
-    if metric not in ("eval_loss", reported):
+    if metric not in reported.get(kind, ("eval_loss",)):
         origin = given_by.get("train.early_stopping_metric", where)
-        raise ValueError(f"{origin}: train.early_stopping_metric = {metric!r}, but a {kind} task reports eval_loss "
-                         f"and {reported}; use one of those")
+        offered = (" and ".join(reported[kind]) + "; use one of those") if kind in reported else \
+            "eval_loss only; use eval_loss"
+        raise ValueError(f"{origin}: train.early_stopping_metric = {metric!r}, but a {kind} task reports {offered}")
     return validate_method(config.method, where=given_by.get("method.name", where))
 
 
