@@ -6,7 +6,8 @@ stores/loads, stack frame) and the shared memory Triton allocates, against the p
 166,912 B, sm_90: 232,448 B), and whether the tensor-core path is the expected one (wgmma on sm_90, mma.sync
 on sm_80). A spill or too much shared memory is a defect (tests/test_aot_compile.py fails on it).
 
-    python benchmarks/kernels_static.py          # writes benchmarks/results/kernels_static.md
+    python benchmarks/kernels_static.py          # writes benchmarks/results/kernels_static.md and
+                                                 # kernels/spilling_configs.py
 
 It shares build/aot-cache/ with the test, so after a test run it only reads the cache.
 """
@@ -19,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table, write_result  # noqa: E402
+from common import RESULTS, machine_description, markdown_table, write_result  # noqa: E402
 
 
 def tensor_core_path(report: dict) -> str:
@@ -102,9 +103,13 @@ def main() -> int:
     reports = aot.compile_all(aot.all_cases())
     seconds = time.perf_counter() - started
     text = markdown(reports, seconds, sum(1 for r in reports if not r.get("cached")))
-    write_result("kernels_static.md", text)
-    SPILLING_FILE.write_text(spilling_module(aot.spilling_table(reports)))
-    print(f"wrote {SPILLING_FILE}")
+    written = write_result("kernels_static.md", text)
+    # a run redirected away from benchmarks/results/ (run_all --quick or --out) leaves the source tree alone: the
+    # table goes beside its result file instead of over kernels/spilling_configs.py
+    redirected = written.parent.resolve() != RESULTS.resolve()
+    spilling = written.parent / SPILLING_FILE.name if redirected else SPILLING_FILE
+    spilling.write_text(spilling_module(aot.spilling_table(reports)))
+    print(f"wrote {spilling}")
     defective = [r for r in reports if aot.defects(r)]
     for r in defective:
         print(f"defect: {aot.describe(r)}: {'; '.join(aot.defects(r))}")

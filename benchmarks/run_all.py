@@ -13,7 +13,9 @@ wall time of each run.
 
 Quick mode writes its result files and report into another directory (MINIFT_BENCH_RESULTS), so it never
 overwrites the recorded full-size results. The GPU benchmark (nf4_gpu) runs only where CUDA is available and
-is listed as skipped, with the reason, everywhere else.
+is listed as skipped, with the reason, everywhere else. Two entries time nothing and need no GPU: roofline (the
+datasheet lower bounds nf4_gpu is read against) and kernels_static (every Triton kernel compiled for sm_80 and
+sm_90, its registers, spills and shared memory; it reuses build/aot-cache/, so it is quick after a test run).
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ BENCHMARKS = [
                ("time in comm", r"\| 2 processes x 1 thread \(DDP, gloo\) \|(?:[^|]*\|){4} (-?[0-9]+%) \|")],
               full=["--layers", "1", "--batch", "2", "--seq", "64", "--steps", "2", "--rounds", "2"],
               quick=["--layers", "1", "--batch", "1", "--seq", "16", "--steps", "1", "--rounds", "1"]),
+    Benchmark("roofline", "roofline.py", "roofline.md", "not a measurement: the H100/H200 datasheet lower bound of "
+              "each NF4 kernel and shape, which nf4_gpu's times are read against", []),
+    Benchmark("kernels_static", "kernels_static.py", "kernels_static.md", "not a measurement: every Triton kernel "
+              "config compiled for sm_80 and sm_90 without a GPU; no spill or shared-memory overflow outside the "
+              "configs the NF4 matmuls' autotuners leave out (kernels/spilling_configs.py)",
+              [("defective cases", r"\*\*Defective cases: ([0-9]+)\*\*")]),
     Benchmark("nf4_gpu", "bench_nf4.py", "nf4_*.md", "GEMV >= 85% of bandwidth and >= 1.5x bitsandbytes; "
               "M=4096 GEMM >= 0.9x cuBLAS bf16", [], quick=["--shapes", "smollm2", "--rows", "1,16"], gpu=True),
 ]
@@ -168,8 +176,9 @@ def build_report(selected: list[Benchmark], outcomes: dict[str, dict], results: 
         "# minift benchmark report",
         f"Machine: {machine_description()}",
         f"Date: {time.strftime('%Y-%m-%d %H:%M %Z')}. Command: `{command}`.",
-        "Every figure is a ratio measured side by side in the same run (> 1: minift is faster or, for memory, "
-        "uses more); each section below is the benchmark's own result file, with its method and caveats.",
+        "Every speed or memory figure is a ratio measured side by side in the same run (> 1: minift is faster or, "
+        "for memory, uses more; roofline and kernels_static are static tables, not measurements); each section "
+        "below is the benchmark's own result file, with its method and caveats.",
         summary,
         *sections,
     ]) + "\n"

@@ -33,7 +33,7 @@ def test_quick_run_writes_the_report_and_keeps_recorded_results(run_all, tmp_pat
     crash = run_all.Benchmark("crash", str(failing), "crash.md", "none", [])
     monkeypatch.setattr(run_all, "BENCHMARKS", [*run_all.BENCHMARKS, crash])
 
-    status = run_all.main(["--quick", "--only", "nf4_cpu,crash,nf4_gpu", "--out", str(tmp_path / "out")])
+    status = run_all.main(["--quick", "--only", "nf4_cpu,crash,nf4_gpu,roofline", "--out", str(tmp_path / "out")])
 
     report = (tmp_path / "out" / "REPORT.md").read_text()
     assert status == 1  # one benchmark failed
@@ -42,6 +42,8 @@ def test_quick_run_writes_the_report_and_keeps_recorded_results(run_all, tmp_pat
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
     assert "| ok |" in rows["nf4_cpu"] and "quantize fp32 128x256" in rows["nf4_cpu"]
     assert "failed (exit 1)" in rows["crash"] and "bad shape: weight (3, 5)" in report
+    assert "| ok |" in rows["roofline"] and "see its section" in rows["roofline"]  # a table, no ratio to pick
+    assert (tmp_path / "out" / "roofline.md").is_file()
     import torch
 
     if not torch.cuda.is_available():
