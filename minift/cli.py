@@ -183,12 +183,21 @@ def cmd_finetune(args) -> int:
 
 def launch_processes(args, config) -> int:
     """`--nproc N`: run torchrun on this machine with N processes of the same command (minift/train/distributed.py)."""
-    from minift.train.distributed import launched_by_torchrun, relaunch
+    import copy
+
+    from minift.train.distributed import check_config, launched_by_torchrun, relaunch
 
     if launched_by_torchrun():
         raise ValueError("--nproc: this process was already started by torchrun; leave --nproc out")
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}; must be >= 1")
+    mode = config.train.distributed  # what the workers will run: none becomes ddp below, auto is ddp for N >= 2
+    if mode == "none" or (mode == "auto" and args.nproc > 1):
+        workers = copy.deepcopy(config)
+        workers.train.distributed = "ddp"
+        check_config(workers)  # refused once, here, instead of once per worker under torchrun's own report
+    elif mode != "auto":
+        check_config(config)
     again = ["finetune", *([args.config] if args.config else []), *(["--resume", args.resume] if args.resume else [])]
     again += [item for override in (args.overrides or []) for item in ("--set", override)]
     if config.train.distributed == "none":
@@ -226,8 +235,17 @@ def cmd_pairs(args) -> int:
     from minift.io import load
     from minift.train.batches import read_source
 
-    if args.samples < 2 or args.max_new_tokens < 1 or (args.max_prompts is not None and args.max_prompts < 1):
-        raise ValueError("pairs: --samples must be >= 2, --max-new-tokens and --max-prompts >= 1")
+    from minift.model import check_generation_options
+
+    if args.samples < 2:
+        raise ValueError(f"--samples {args.samples}; must be >= 2 (a pair is the best and the worst of them)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}; must be >= 1")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ValueError(f"--max-prompts {args.max_prompts}; must be >= 1")
+    check_generation_options(args.max_new_tokens, args.temperature, args.top_k, None, cli=True)
+    if args.temperature == 0:
+        raise ValueError("--temperature 0 samples greedily: every sample of a prompt would be the same; use > 0")
     records = read_source(args.prompts, args.split)
     prompts = []
     for record in records[: args.max_prompts] if args.max_prompts else records:
@@ -239,6 +257,9 @@ def cmd_pairs(args) -> int:
         raise ValueError(f"{args.reward}: the reward model directory has no tokenizer.json")
     torch.manual_seed(args.seed)
     policy, tokenizer = load(args.policy)
+    if not (policy.config.causal and policy.config.lm_head):
+        raise ValueError(f"--policy {args.policy}: a {policy.config.model_type} encoder cannot sample; the policy "
+                         "must be a causal LM with an lm_head")
     pairs = sample_preference_pairs(policy, tokenizer, reward_model, reward_tokenizer, prompts, args.samples,
                                     args.max_new_tokens, args.temperature, args.top_k, None, args.seed)
     write_pairs(pairs, args.out)

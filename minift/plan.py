@@ -127,6 +127,9 @@ def resolve_config(source: str) -> tuple[ModelConfig, str]:
     from minift.io.bundled import BUNDLED_NAMES, resolve_bundled
     from minift.io.gguf import config_from_gguf, read_gguf
 
+    if not source.strip():
+        raise ValueError(f"--model is empty; give a size ({', '.join(SIZES)}), a bundled name "
+                         f"({', '.join(BUNDLED_NAMES)}), a .gguf file or a directory with config.json")
     if source.lower() in SIZES:
         return size_config(source.lower()), SIZES[source.lower()][0] + " (published architecture)"
     path = resolve_bundled(source) or Path(source)

@@ -16,6 +16,13 @@ The table joins the tables of the hardening tests (imported, not copied) with it
     gguf/*       hand-written GGUF files (header, metadata, tensors)
     model/*, adapter/*, run/*, out/*, quantize/*, merge/*, export/*, eval/*, icl/*, demo/*
     guard/*      Ctrl-C, the run lock, a full disk (helpers of test_interrupts / test_config_validation), divergence
+    align/*      reward / preference (DPO) / grpo / ppo: pair and prompt records, reward functions and reward models
+    task/*       one bad --set of a [task] preference/RL option or a [train] distributed / fused_loss / compile one
+    train/*      --nproc and train.distributed: refused in the launching process, before torchrun starts
+    pairs/*, plan/*, family/* (config.json of Gemma 1/2/3, Phi-3 LongRoPE, Mistral/Qwen sliding windows, with the
+    BAD_CONFIGS of tests/test_gemma.py and tests/test_phi3.py), export/gguf-*, gguf/kquant-* (a Q4_K tensor garbled)
+
+KNOWN lists the cases that still fail in code another helper is writing: each runs as a strict xfail naming the defect.
 
 Each case records its outcome as a user property, `outcome`: clean (the promise holds), crash (a Python
 exception escaped main), silent (exit 0: the bad input was accepted) or unclear (exit 2 but not one line
@@ -38,12 +45,19 @@ import torch
 
 import minift
 from minift.cli import main
+from minift.align.reward import RewardModel, save_reward_model
+from minift.io.gguf import read_gguf
+from minift.io.gguf_write import export_gguf
 from minift.peft import LoRAConfig, add_lora, save_adapter
+from minift.train.preference_tasks import reward_export_tokenizer
 from tests.test_config_validation import BAD_VALUES, finetune_args, full_disk_when
 from tests.test_corrupt_files import CASES as CORRUPT_CASES
 from tests.test_corrupt_files import artifacts  # noqa: F401  (module fixture: the valid tiny artifacts)
 from tests.test_corrupt_files import broken_copy, cli_arguments
+from tests.test_gemma import BAD_CONFIGS as GEMMA_BAD_CONFIGS
 from tests.test_generate_options import CLI_ERRORS, PROMPT
+from tests.test_gguf_write import bpe_tokenizer, tiny_llama
+from tests.test_phi3 import BAD_CONFIGS as PHI3_BAD_CONFIGS
 from tests.test_interrupts import ctrl_c_in_step
 from tests.test_run_lock import write_lock
 from tests.train_helpers import SENTENCES, SENTIMENT, save_tiny_decoder, write_jsonl
@@ -176,6 +190,19 @@ def fuzz_files(artifacts, tmp_path_factory) -> dict[str, Path]:  # noqa: F811  (
     add_lora(model, LoRAConfig(r=2, alpha=4, targets=["q_proj"]))
     extra["wide-lora"] = save_adapter(model, root / "wide-lora")
     extra["sentiment"] = write_jsonl(root / "sentiment.jsonl", SENTIMENT)
+    # preference / RL: pairs, prompts and a reward model on the tiny decoder
+    model, tokenizer = minift.load(artifacts["model"])
+    torch.manual_seed(0)
+    extra["reward"] = save_reward_model(RewardModel(model), reward_export_tokenizer(tokenizer), root / "reward")
+    extra["pairs"] = write_jsonl(root / "pairs.jsonl", PAIRS)
+    extra["prompts"] = write_jsonl(root / "prompts.jsonl", PROMPTS)
+    # GGUF out: a Llama with a byte-level BPE vocabulary (llama.cpp has no word-level one); K-quants in
+    bpe = bpe_tokenizer()
+    extra["bpe"] = minift.save(tiny_llama(bpe.vocab_size, tie=True), bpe, root / "bpe")
+    extra["q4k"] = export_gguf(tiny_llama(bpe.vocab_size, tie=False), bpe, root / "q4k.gguf", "q4_k")
+    q4k = read_gguf(extra["q4k"]).tensors[Q4K_TENSOR]
+    assert q4k.type_name == "Q4_K", q4k.type_name
+    Q4K_DATA_START[0] = q4k.offset
     return extra
 
 
@@ -775,6 +802,494 @@ def _(e):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Learning from preferences: [task] kind = reward | preference | grpo | ppo, their records and reward functions
+# ----------------------------------------------------------------------------------------------------
+
+PAIRS = [{"prompt": f"the {a} cat", "chosen": f" sat on the {c} mat", "rejected": " sat"}
+         for a in ("big", "small", "red") for c in ("blue", "green")]
+PROMPTS = [{"prompt": f"the {a} {b}"} for a in ("big", "small", "red") for b in ("cat", "dog")]
+GOOD_PAIRS = "".join(json.dumps(r) + "\n" for r in PAIRS)
+GOOD_PROMPTS = "".join(json.dumps(r) + "\n" for r in PROMPTS)
+REWARD = "tests.test_fuzz:length_reward"
+
+
+def length_reward(prompts, completions):
+    """A reward function for the RL cases: the completion's length in characters."""
+    return [float(len(c)) for c in completions]
+
+
+def too_few_rewards(prompts, completions):
+    return [1.0]
+
+
+def text_rewards(prompts, completions):
+    return ["good" for _ in completions]
+
+
+def nan_rewards(prompts, completions):
+    return [float("nan") for _ in completions]
+
+
+def no_rewards(prompts, completions):
+    return None
+
+
+nothing_callable = 3.0
+
+
+def pair_args(e: Env, data: Path, kind: str, *sets: str) -> list[str]:
+    return finetune_args(e.a["model"], data, e.out, f"task.kind={kind}", "method.name=lora", *QUICK, *sets)
+
+
+def rl_args(e: Env, data: Path, kind: str, *sets: str, reward: str | None = REWARD) -> list[str]:
+    settings = [f"task.kind={kind}", "task.max_new_tokens=2", "task.group_size=2", "train.batch_size=2",
+                "method.name=lora", *QUICK]
+    if reward is not None:
+        settings.append(f"task.reward_function={reward}")
+    return finetune_args(e.a["model"], data, e.out, *settings, *sets)
+
+
+BAD_PAIRS = {  # name -> (file name, content, words; {path} is the file)
+    "rejected-missing": ("pairs.jsonl", GOOD_PAIRS + '{"prompt": "the cat", "chosen": " sat"}\n',
+                         ["{path}:7", "rejected"]),
+    "chosen-blank": ("pairs.jsonl", '{"prompt": "the cat", "chosen": " ", "rejected": " sat"}\n',
+                     ["{path}:1", "chosen"]),
+    "chosen-equals-rejected": ("pairs.jsonl", GOOD_PAIRS + '{"prompt": "the cat", "chosen": " sat", "rejected": " sat"}\n',
+                               ["{path}:7"]),
+    "chosen-number": ("pairs.jsonl", '{"prompt": "the cat", "chosen": 3, "rejected": " sat"}\n', ["{path}:1", "chosen"]),
+    "rejected-null": ("pairs.jsonl", '{"prompt": "the cat", "chosen": " sat", "rejected": null}\n',
+                      ["{path}:1", "rejected"]),
+    "prompt-number": ("pairs.jsonl", '{"prompt": 7, "chosen": " sat", "rejected": " mat"}\n', ["{path}:1", "prompt"]),
+    "prompt-object": ("pairs.jsonl", '{"prompt": {"a": 1}, "chosen": " sat", "rejected": " mat"}\n',
+                      ["{path}:1", "prompt"]),
+    "chosen-bad-message-list": ("pairs.jsonl", '{"prompt": "the cat", "chosen": [{"role": "wizard"}], "rejected": " sat"}\n',
+                                ["{path}:1", "chosen"]),
+    "text-records": ("pairs.jsonl", GOOD_TEXT, ["{path}:1"]),
+    "json-syntax": ("pairs.jsonl", GOOD_PAIRS + '{"prompt": "the cat", \n', ["{path}:7"]),
+    "array-line": ("pairs.jsonl", GOOD_PAIRS + '["the cat", " sat", " mat"]\n', ["{path}:7"]),
+    "empty-file": ("pairs.jsonl", "", ["{path}"]),
+    "not-utf8": ("pairs.jsonl", b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}\n', ["{path}"]),
+    "csv-no-rejected-column": ("pairs.csv", "prompt,chosen\nthe cat, sat\n", ["{path}", "rejected"]),
+}
+
+
+def pair_data_case(kind: str, file_name: str, content, words: list[str]):
+    def build(e: Env):
+        data = e.file(file_name, content)
+        return pair_args(e, data, kind), [w.format(path=data) for w in words]
+    return build
+
+
+for _name, (_file, _content, _words) in BAD_PAIRS.items():
+    add(f"align/preference-{_name}", pair_data_case("preference", _file, _content, _words))
+for _name in ("rejected-missing", "chosen-blank", "json-syntax", "csv-no-rejected-column"):  # the reward task's reader
+    add(f"align/reward-{_name}", pair_data_case("reward", *BAD_PAIRS[_name]))
+
+
+@case("align/preference-validation-file-broken")
+def _(e):
+    held = e.file("held.jsonl", GOOD_PAIRS + '{"prompt": "the cat", "chosen": " sat"}\n')
+    return pair_args(e, e.file("pairs.jsonl", GOOD_PAIRS), "preference", f"data.validation={held}"), [f"{held}:7"]
+
+
+BAD_PROMPTS = {
+    "prompt-missing": ("prompts.jsonl", GOOD_PROMPTS + '{"text": "the cat"}\n', ["{path}:7", "prompt"]),
+    "prompt-number": ("prompts.jsonl", '{"prompt": 12}\n', ["{path}:1", "prompt"]),
+    "prompt-blank": ("prompts.jsonl", '{"prompt": "   "}\n', ["{path}:1", "prompt"]),
+    "prompt-bad-role": ("prompts.jsonl", '{"prompt": [{"role": "wizard", "content": "hi"}]}\n', ["{path}:1", "role"]),
+    "json-syntax": ("prompts.jsonl", GOOD_PROMPTS + '{"prompt": \n', ["{path}:7"]),
+    "empty-file": ("prompts.jsonl", "", ["{path}"]),
+    "not-utf8": ("prompts.jsonl", b'{"prompt": "caf\xe9"}\n', ["{path}"]),
+    "csv-no-prompt-column": ("prompts.csv", "text\nthe cat\n", ["{path}", "prompt"]),
+}
+
+
+def prompt_data_case(kind: str, file_name: str, content, words: list[str]):
+    def build(e: Env):
+        data = e.file(file_name, content)
+        return rl_args(e, data, kind), [w.format(path=data) for w in words]
+    return build
+
+
+for _name, (_file, _content, _words) in BAD_PROMPTS.items():
+    add(f"align/grpo-{_name}", prompt_data_case("grpo", _file, _content, _words))
+for _name in ("prompt-missing", "prompt-blank", "json-syntax"):
+    _file, _content, _words = BAD_PROMPTS[_name]
+    add(f"align/ppo-{_name}", prompt_data_case("ppo", _file, _content, _words))
+
+
+def rl_option_case(kind: str, words: list[str], *sets: str, reward: str | None = REWARD, model: str = "model"):
+    def build(e: Env):
+        argv = rl_args(e, e.a["prompts"], kind, *sets, reward=reward)
+        argv[argv.index(f"model.source={e.a['model']}")] = f"model.source={e.a[model]}"
+        return argv, [w.format(tmp=e.tmp, **{k: str(v) for k, v in e.a.items()}) for w in words]
+    return build
+
+
+REWARD_FUNCTIONS = {  # name -> (task.reward_function, words)
+    "module-missing": ("no_such_module_xyz:score", ["task.reward_function", "no_such_module_xyz"]),
+    "function-missing": ("tests.test_fuzz:no_such_function", ["task.reward_function", "no_such_function"]),
+    "not-callable": ("tests.test_fuzz:nothing_callable", ["task.reward_function", "nothing_callable"]),
+    "no-colon": ("tests.test_fuzz", ["task.reward_function"]),
+    "no-function-name": ("tests.test_fuzz:", ["task.reward_function"]),
+    "returns-one-for-many": ("tests.test_fuzz:too_few_rewards", ["tests.test_fuzz:too_few_rewards"]),
+    "returns-text": ("tests.test_fuzz:text_rewards", ["tests.test_fuzz:text_rewards"]),
+    "returns-nan": ("tests.test_fuzz:nan_rewards", ["tests.test_fuzz:nan_rewards"]),
+    "returns-none": ("tests.test_fuzz:no_rewards", ["tests.test_fuzz:no_rewards"]),
+}
+for _name, (_spec, _words) in REWARD_FUNCTIONS.items():
+    add(f"align/grpo-reward-function-{_name}", rl_option_case("grpo", _words, reward=_spec))
+add("align/ppo-reward-function-returns-one-for-many", rl_option_case(
+    "ppo", ["tests.test_fuzz:too_few_rewards"], reward="tests.test_fuzz:too_few_rewards"))
+
+RL_OPTIONS = {  # name -> (kind, words, --set values, reward_function or None, model artifact)
+    "grpo-no-reward": ("grpo", ["task.reward_model", "task.reward_function"], [], None, "model"),
+    "ppo-no-reward": ("ppo", ["task.reward_model", "task.reward_function"], [], None, "model"),
+    "grpo-two-rewards": ("grpo", ["task.reward_model", "task.reward_function"], ["task.reward_model={reward}"], REWARD,
+                         "model"),
+    "grpo-group-size-1": ("grpo", ["task.group_size"], ["task.group_size=1"], REWARD, "model"),
+    "grpo-reward-model-missing": ("grpo", ["{tmp}/none"], ["task.reward_model={tmp}/none"], None, "model"),
+    "grpo-reward-model-is-a-causal-lm": ("grpo", ["{model}"], ["task.reward_model={model}"], None, "model"),
+    "grpo-reward-model-is-a-classifier": ("grpo", ["{task}"], ["task.reward_model={task}"], None, "model"),
+    "grpo-reward-model-is-a-file": ("grpo", ["{prompts}"], ["task.reward_model={prompts}"], None, "model"),
+    "grpo-encoder": ("grpo", ["lm_head"], [], REWARD, "task"),
+    "ppo-encoder": ("ppo", ["lm_head"], [], REWARD, "task"),
+    "grpo-ddp-without-torchrun": ("grpo", ["train.distributed"], ["train.distributed=ddp"], REWARD, "model"),
+}
+for _name, (_kind, _words, _sets, _reward, _model) in RL_OPTIONS.items():
+    add(f"align/{_name}", lambda e, k=_kind, w=_words, s=_sets, r=_reward, m=_model: rl_option_case(
+        k, w, *[x.format(tmp=e.tmp, **{a: str(v) for a, v in e.a.items()}) for x in s], reward=r, model=m)(e))
+
+
+@case("align/grpo-reward-model-without-tokenizer")
+def _(e):
+    reward = e.copy("reward")
+    (reward / "tokenizer.json").unlink()
+    return rl_args(e, e.a["prompts"], "grpo", f"task.reward_model={reward}", reward=None), [str(reward), "tokenizer"]
+
+
+@case("align/grpo-reward-model-config-broken")
+def _(e):
+    reward = e.copy("reward")
+    (reward / "config.json").write_text("{")
+    return (rl_args(e, e.a["prompts"], "grpo", f"task.reward_model={reward}", reward=None),
+            [str(reward / "config.json")])
+
+
+@case("align/preference-encoder")
+def _(e):
+    return finetune_args(e.a["task"], e.a["pairs"], e.out, "task.kind=preference", *QUICK), ["lm_head"]
+
+
+@case("align/reward-encoder")
+def _(e):
+    return finetune_args(e.a["task"], e.a["pairs"], e.out, "task.kind=reward", *QUICK), ["reward"]
+
+
+@case("align/preference-ipo-with-label-smoothing")
+def _(e):
+    return pair_args(e, e.a["pairs"], "preference", "task.loss_type=ipo", "task.label_smoothing=0.1"), [
+        "task.loss_type", "task.label_smoothing"]
+
+
+@case("align/preference-beta-zero")
+def _(e):
+    return pair_args(e, e.a["pairs"], "preference", "task.beta=0"), ["task.beta"]
+
+
+@case("align/preference-packing")
+def _(e):
+    return pair_args(e, e.a["pairs"], "preference", "data.packing=true"), ["data.packing"]
+
+
+@case("align/grpo-packing")
+def _(e):
+    return rl_args(e, e.a["prompts"], "grpo", "data.packing=true"), ["data.packing"]
+
+
+@case("align/preference-data-is-causal-lm-text")
+def _(e):
+    return pair_args(e, e.a["data"], "preference"), [str(e.a["data"])]
+
+
+TASK_VALUES = ["task.beta=-1", "task.loss_type=hinge", "task.label_smoothing=0.5", "task.label_smoothing=-0.1",
+               "task.center_rewards_coefficient=-1", "task.group_size=0",
+               "task.max_new_tokens=0", "task.temperature=0", "task.temperature=-1", "task.top_k=0", "task.top_p=0",
+               "task.top_p=1.5", "task.clip_range=0", "task.ppo_epochs=0", "task.num_minibatches=0", "task.gamma=1.5",
+               "task.lam=-0.1", "task.vf_coef=-1", "task.clip_range_value=0", "task.target_kl=0", "task.kl_horizon=0",
+               "task.kind=dpo", "task.beta=nan", "task.temperature=inf",
+               "train.distributed=zero", "train.distributed_timeout=0", "train.distributed_timeout=-5",
+               "train.fsdp_param_dtype=int8"]
+
+
+
+def quick_config_case(override: str, words: list[str] | None = None):
+    """One bad --set on a quick run of the tiny model (a value wrongly accepted trains one step, not SmolLM2)."""
+    def build(e: Env):
+        return (finetune_args(e.a["model"], e.a["data"], e.out, *QUICK, override),
+                words or [f"--set: {override.split('=')[0]} = "])
+    return build
+
+
+for _override in TASK_VALUES:
+    add(f"task/{_override}", quick_config_case(_override))
+add("task/train.fused_loss=maybe", quick_config_case("train.fused_loss=maybe", ["train.fused_loss"]))
+add("task/train.compile=2", quick_config_case("train.compile=2", ["train.compile"]))
+add("task/toml-group-size-string", toml_case(VALID + '[task]\nkind = "grpo"\ngroup_size = "four"\n',
+                                             ["{path}", "task.group_size"]))
+add("task/toml-reward-function-list", toml_case(VALID + '[task]\nkind = "grpo"\nreward_function = ["a:b"]\n',
+                                                ["{path}", "task.reward_function"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed launch: --nproc and train.distributed, refused before any process starts
+# ----------------------------------------------------------------------------------------------------
+
+
+def nproc_case(n: str, words: list[str], *sets: str):
+    return lambda e: ([*finetune_args(e.a["model"], e.a["data"], e.out, *QUICK, *sets), "--nproc", n], words)
+
+
+add("train/nproc-zero", nproc_case("0", ["--nproc"]))
+add("train/nproc-negative", nproc_case("-2", ["--nproc"]))
+add("train/nproc-grpo", nproc_case("2", ["train.distributed", "grpo"], "task.kind=grpo", f"task.reward_function={REWARD}"))
+add("train/nproc-ppo-ddp", nproc_case("2", ["train.distributed", "ppo"], "task.kind=ppo", "train.distributed=ddp",
+                                      f"task.reward_function={REWARD}"))
+add("train/nproc-fsdp-qlora", nproc_case("2", ["fsdp", "qlora"], "train.distributed=fsdp", "method.name=qlora"))
+add("train/nproc-fsdp-fp16", nproc_case("2", ["fsdp", "fp16"], "train.distributed=fsdp", "train.precision=fp16"))
+add("train/nproc-gradual-unfreezing", nproc_case("2", ["train.gradual_unfreezing"], "train.gradual_unfreezing=2"))
+add("train/nproc-bad-value", nproc_case("2", ["--set: train.lr = "], "train.lr=-1"))
+add("train/ddp-without-torchrun", lambda e: (
+    finetune_args(e.a["model"], e.a["data"], e.out, *QUICK, "train.distributed=ddp"), ["train.distributed", "torchrun"]))
+add("train/fsdp-without-torchrun", lambda e: (
+    finetune_args(e.a["model"], e.a["data"], e.out, *QUICK, "train.distributed=fsdp"), ["train.distributed", "torchrun"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# minift pairs: the policy's samples ranked by a reward model
+# ----------------------------------------------------------------------------------------------------
+
+
+def pairs(e: Env, *flags: str, policy=None, reward=None, prompts=None, out=None) -> list[str]:
+    return ["pairs", "--policy", str(policy or e.a["model"]), "--reward", str(reward or e.a["reward"]),
+            "--prompts", str(prompts or e.a["prompts"]), "--out", str(out or e.tmp / "pairs.jsonl"),
+            "--samples", "2", "--max-new-tokens", "2", *flags]
+
+
+PAIRS_FLAGS = {"samples-1": (["--samples", "1"], ["--samples"]), "samples-0": (["--samples", "0"], ["--samples"]),
+               "max-new-tokens-0": (["--max-new-tokens", "0"], ["--max-new-tokens"]),
+               "max-prompts-0": (["--max-prompts", "0"], ["--max-prompts"]),
+               "temperature-0": (["--temperature", "0"], ["--temperature"]),
+               "temperature-negative": (["--temperature", "-1"], ["--temperature"]),
+               "temperature-nan": (["--temperature", "nan"], ["--temperature"]),
+               "top-k-negative": (["--top-k", "-5"], ["--top-k"]),
+               "split-unknown": (["--prompts", "tweet-prompts", "--split", "dev"], ["dev"])}
+for _name, (_flags, _words) in PAIRS_FLAGS.items():
+    add(f"pairs/{_name}", lambda e, f=_flags, w=_words: (pairs(e, *f), w))
+add("pairs/policy-missing", lambda e: (pairs(e, policy=e.tmp / "none"), [str(e.tmp / "none")]))
+add("pairs/reward-missing", lambda e: (pairs(e, reward=e.tmp / "none"), [str(e.tmp / "none")]))
+add("pairs/reward-is-a-causal-lm", lambda e: (pairs(e, reward=e.a["model"]), [str(e.a["model"])]))
+add("pairs/reward-without-tokenizer", lambda e: (
+    pairs(e, reward=_unlink(e.copy("reward"), "tokenizer.json")), [str(e.tmp / "reward"), "tokenizer"]))
+add("pairs/prompts-missing", lambda e: (pairs(e, prompts=e.tmp / "none.jsonl"), [str(e.tmp / "none.jsonl")]))
+add("pairs/prompts-no-prompt-field", lambda e: (
+    pairs(e, prompts=e.file("p.jsonl", GOOD_TEXT)), [f"{e.tmp / 'p.jsonl'}:1", "prompt"]))
+add("pairs/prompts-empty-file", lambda e: (pairs(e, prompts=e.file("p.jsonl", "")), [str(e.tmp / "p.jsonl")]))
+add("pairs/prompts-unknown-dataset", lambda e: (pairs(e, prompts="tweet-promptz"), ["tweet-promptz"]))
+add("pairs/out-folder-missing", lambda e: (pairs(e, out=e.tmp / "no" / "pairs.jsonl"), [str(e.tmp / "no")]))
+add("pairs/out-is-a-directory", lambda e: (pairs(e, out=e.tmp), [str(e.tmp)]))
+add("pairs/policy-encoder", lambda e: (pairs(e, policy=e.a["task"]), [str(e.a["task"])]))
+
+
+def _unlink(folder: Path, name: str) -> Path:
+    (folder / name).unlink()
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# minift plan: flags and the config it reads (config.json, GGUF header)
+# ----------------------------------------------------------------------------------------------------
+
+PLAN_CONFIG = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128}
+PLAN_FLAGS = {
+    "gpus-zero": (["--gpus", "0"], ["--gpus"]), "gpus-fraction": (["--gpus", "1.5"], ["--gpus"]),
+    "seq-len-zero": (["--seq-len", "0"], ["--seq-len"]), "batch-text": (["--batch", "x"], ["--batch"]),
+    "lora-r-zero": (["--lora-r", "0"], ["--lora-r"]), "lora-r-negative": (["--lora-r", "-3"], ["--lora-r"]),
+    "gpu-memory-negative": (["--gpu-memory", "-1"], ["--gpu-memory"]),
+    "gpu-memory-nan": (["--gpu-memory", "nan"], ["--gpu-memory"]),
+    "gpu-memory-inf": (["--gpu-memory", "inf"], ["--gpu-memory"]),
+    "method-empty": (["--method", ""], ["--method"]), "method-unknown": (["--method", "dora"], ["--method"]),
+    "lora-targets-empty": (["--lora-targets", ""], ["--lora-targets"]),
+    "lora-targets-unknown": (["--lora-targets", "q_proj,wq"], ["--lora-targets", "wq"]),
+    "format-csv": (["--format", "csv"], ["--format"]), "attention-flash": (["--attention", "flash"], ["--attention"]),
+}
+for _name, (_flags, _words) in PLAN_FLAGS.items():
+    add(f"plan/{_name}", lambda e, f=_flags, w=_words: (["plan", "--model", "7b", *f], w))
+add("plan/size-unknown", lambda e: (["plan", "--model", "8b"], ["--model", "8b"]))
+add("plan/model-empty", lambda e: (["plan", "--model", ""], ["--model"]))
+add("plan/model-missing", lambda e: (["plan", "--model", str(e.tmp / "none")], [str(e.tmp / "none")]))
+add("plan/dir-without-config", lambda e: (["plan", "--model", str(e.tmp)], [str(e.tmp)]))
+
+
+def plan_config_case(change: dict, words: list[str], text: str | None = None):
+    def build(e: Env):
+        raw = {**PLAN_CONFIG, **change}
+        config = e.file("m/config.json", text if text is not None else json.dumps(raw))
+        return ["plan", "--model", str(config.parent)], [str(config), *words]
+    return build
+
+
+add("plan/config-not-json", plan_config_case({}, [], text="{"))
+add("plan/config-a-list", plan_config_case({}, [], text="[1, 2]"))
+add("plan/config-no-hidden-size", lambda e: plan_config_case({}, ["hidden_size"], text=json.dumps(
+    {k: v for k, v in PLAN_CONFIG.items() if k != "hidden_size"}))(e))
+add("plan/config-heads-zero", plan_config_case({"num_attention_heads": 0}, ["num_attention_heads"]))
+add("plan/config-layers-text", plan_config_case({"num_hidden_layers": "2"}, ["num_hidden_layers"]))
+add("plan/config-model-type-unknown", plan_config_case({"model_type": "mamba"}, ["mamba"]))
+add("plan/config-kv-heads-not-divisor", plan_config_case({"num_key_value_heads": 3}, ["num_key_value_heads"]))
+for _name in ("bad-magic", "truncated-metadata", "architecture-gpt2", "heads-zero"):
+    _make, _words = GGUF_CASES[_name]
+    add(f"plan/gguf-{_name}", lambda e, m=_make, w=_words: (
+        ["plan", "--model", str(e.file("model.gguf", m()))], [str(e.tmp / "model.gguf"), *w]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF out (minift export --format gguf) and K-quant tensors in (truncated or garbled)
+# ----------------------------------------------------------------------------------------------------
+
+
+def gguf_export(e: Env, *flags: str, model=None, out=None) -> list[str]:
+    return ["export", "--model", str(model or e.a["bpe"]), "--format", "gguf", "--out", str(out or e.tmp / "m.gguf"),
+            *flags]
+
+
+def other_model(e: Env, **config) -> Path:
+    from minift.config import ModelConfig
+    from tests.test_gguf_write import bpe_tokenizer
+
+    tokenizer = bpe_tokenizer()
+    base = dict(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=4, hidden_dim=64)
+    return minift.save(minift.Transformer(ModelConfig(**{**base, **config})), tokenizer, e.tmp / "other")
+
+
+add("export/gguf-out-not-gguf", lambda e: (gguf_export(e, out=e.tmp / "m.bin"), [str(e.tmp / "m.bin"), "*.gguf"]))
+add("export/gguf-out-folder-missing", lambda e: (gguf_export(e, out=e.tmp / "no" / "m.gguf"), [str(e.tmp / "no")]))
+add("export/gguf-out-is-a-directory", lambda e: (
+    gguf_export(e, out=(e.tmp / "d.gguf").mkdir() or e.tmp / "d.gguf"), [str(e.tmp / "d.gguf")]))
+add("export/gguf-word-tokenizer", lambda e: (gguf_export(e, model=e.a["model"]), ["WordLevel"]))
+add("export/gguf-run-word-tokenizer", lambda e: (
+    ["export", "--run", str(e.a["run"]), "--format", "gguf", "--out", str(e.tmp / "m.gguf")], ["WordLevel"]))
+add("export/gguf-encoder", lambda e: (gguf_export(e, model=e.a["task"]), ["model_type"]))
+add("export/gguf-sliding-window", lambda e: (
+    gguf_export(e, model=other_model(e, model_type="mistral", n_kv_heads=2, sliding_window=8)), ["sliding_window"]))
+add("export/gguf-gpt2", lambda e: (gguf_export(e, model=other_model(
+    e, model_type="gpt2", norm="layer", positions="learned", mlp="gelu", activation="gelu_tanh", qkv_bias=True,
+    out_bias=True, mlp_bias=True)), ["gpt2"]))
+add("export/gguf-adapter-of-another-width", lambda e: (
+    gguf_export(e, "--adapter", str(e.a["wide-lora"])), [str(e.a["wide-lora"])]))
+add("export/quant-without-gguf", lambda e: (
+    ["export", "--model", str(e.a["bpe"]), "--quant", "q4_k", "--out", str(e.out)], ["--quant"]))
+add("export/gguf-with-dtype", lambda e: (gguf_export(e, "--dtype", "bfloat16"), ["--dtype"]))
+add("export/gguf-peft-run-quant", lambda e: (
+    ["export", "--run", str(e.a["run"]), "--format", "peft", "--quant", "q8_0", "--out", str(e.out)], ["--format peft"]))
+
+
+def kquant_file(e: Env, change) -> Path:
+    """The Q4_K export of the tiny BPE model with one tensor info (or the file) changed by `change(data, at)`, where
+    `at` is the offset of the Q4_K tensor's name in the header."""
+    data = bytearray(e.a["q4k"].read_bytes())
+    at = bytes(data).index(gguf_string(Q4K_TENSOR))
+    data = change(data, at)
+    return e.file("k.gguf", bytes(data))
+
+
+Q4K_TENSOR = "blk.1.ffn_down.weight"  # 256 columns: stored as Q4_K by --quant q4_k
+
+
+def info(at: int, field: str) -> int:
+    """Offset of n_dims / dims[0] / type / offset in the tensor info that starts at `at` (2 dims)."""
+    start = at + len(gguf_string(Q4K_TENSOR))
+    return {"n_dims": start, "dim0": start + 4, "dim1": start + 12, "type": start + 20, "offset": start + 24}[field]
+
+
+def put(fmt: str, field: str, value):
+    def change(data: bytearray, at: int) -> bytearray:
+        struct.pack_into(fmt, data, info(at, field), value)
+        return data
+    return change
+
+
+def cut_inside(data: bytearray, at: int) -> bytearray:
+    return data[: Q4K_DATA_START[0] + 100]
+
+
+Q4K_DATA_START = [0]  # where the Q4_K tensor's bytes start in the file, set by the fixture
+
+KQUANT_CASES = {
+    "truncated-in-q4k-tensor": (cut_inside, [Q4K_TENSOR, "Q4_K"]),
+    "type-changed-to-q6k": (put("<I", "type", 14), [Q4K_TENSOR]),
+    "type-unknown-99": (put("<I", "type", 99), [Q4K_TENSOR, "99"]),
+    "type-iq2-xxs": (put("<I", "type", 16), [Q4K_TENSOR, "IQ2_XXS"]),
+    "row-not-a-whole-super-block": (put("<Q", "dim0", 250), [Q4K_TENSOR]),
+    "offset-past-the-end": (put("<Q", "offset", 1 << 40), [Q4K_TENSOR]),
+    "offset-unaligned": (put("<Q", "offset", 3), [Q4K_TENSOR]),
+    "n-dims-5": (put("<I", "n_dims", 5), []),
+    "dim-zero": (put("<Q", "dim1", 0), [Q4K_TENSOR]),
+}
+for _name, (_change, _words) in KQUANT_CASES.items():
+    add(f"gguf/kquant-{_name}", lambda e, c=_change, w=_words: (
+        ["generate", "--model", str(kquant_file(e, c)), "--prompt", "the cat"], [str(e.tmp / "k.gguf"), *w]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# config.json of the newer families: Gemma 1/2/3, Phi-3 (LongRoPE), Mistral/Qwen sliding windows
+# ----------------------------------------------------------------------------------------------------
+
+FAMILY_BASE = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+PHI3_BASE = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}  # as tests/test_phi3.py's BAD_CONFIGS expect
+LONGROPE_OK = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+               "original_max_position_embeddings": 16}
+FAMILY_CASES = [(f"gemma-{i}", t, x, [m]) for i, (t, x, m) in enumerate(GEMMA_BAD_CONFIGS)] + [
+    (f"phi3-{i}", "phi3", x, [m]) for i, (x, m) in enumerate(PHI3_BAD_CONFIGS)] + [
+    ("mistral-window-zero", "mistral", {"sliding_window": 0}, ["sliding_window"]),
+    ("mistral-window-negative", "mistral", {"sliding_window": -4}, ["sliding_window"]),
+    ("mistral-window-float", "mistral", {"sliding_window": 4.5}, ["sliding_window"]),
+    ("qwen2-layer-type-unknown", "qwen2", {"use_sliding_window": True, "sliding_window": 4,
+                                           "layer_types": ["chunked_attention", "full_attention"]}, ["layer_types"]),
+    ("qwen3-max-window-layers-text", "qwen3", {"use_sliding_window": True, "sliding_window": 4,
+                                               "max_window_layers": "one"}, ["max_window_layers"]),
+    ("qwen3-use-sliding-window-text", "qwen3", {"use_sliding_window": "yes", "sliding_window": 4},
+     ["use_sliding_window"]),
+    ("gemma2-query-pre-attn-scalar-zero", "gemma2", {"query_pre_attn_scalar": 0}, ["query_pre_attn_scalar"]),
+    ("gemma2-final-softcap-negative", "gemma2", {"final_logit_softcapping": -1.0}, ["final_logit_softcapping"]),
+    ("gemma3-local-base-text", "gemma3_text", {"rope_local_base_freq": "x"}, ["rope_local_base_freq"]),
+    ("gemma3-pattern-zero", "gemma3_text", {"sliding_window_pattern": 0}, ["sliding_window_pattern"]),
+    ("gemma-head-dim-zero", "gemma", {"head_dim": 0}, ["head_dim"]),
+    ("phi3-rope-scaling-list", "phi3", {"rope_scaling": [1, 2]}, ["rope_scaling"]),
+    ("phi3-longrope-original-zero", "phi3", {"rope_scaling": LONGROPE_OK, "original_max_position_embeddings": 0},
+     ["original_max_position_embeddings"]),
+    ("phi3-longrope-factor-text", "phi3", {"rope_scaling": {**LONGROPE_OK, "long_factor": ["2"] * 8}},
+     ["long_factor"]),
+    ("phi3-partial-rotary-zero", "phi3", {"partial_rotary_factor": 0}, ["partial_rotary_factor"]),
+]
+
+
+def family_case(model_type: str, extra: dict, words: list[str]):
+    def build(e: Env):
+        base = PHI3_BASE if model_type == "phi3" else FAMILY_BASE
+        config = e.file("m/config.json", json.dumps({"model_type": model_type, **base, **extra}))
+        return ["generate", "--model", str(config.parent), "--prompt", "hi"], [str(config), *words]
+    return build
+
+
+for _name, _type, _extra, _words in FAMILY_CASES:
+    add(f"family/{_name}", family_case(_type, _extra, _words))
+
+
+# ----------------------------------------------------------------------------------------------------
 # The test
 # ----------------------------------------------------------------------------------------------------
 
@@ -796,7 +1311,29 @@ def python_sigint():
     signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
 
 
-@pytest.mark.parametrize("name", list(TABLE))
+# Cases that still fail, in code another helper is writing: strict xfails (an xpass is a failure), reason = the defect.
+KNOWN: dict[str, str] = {
+    "align/grpo-prompt-bad-role": "rl_data.py: a message-list prompt reaches apply_chat_template first; its error "
+                                  "(no chat template) names neither the file nor the line",
+    "align/grpo-reward-function-returns-one-for-many": "rl_tasks.py: a reward function's wrong-length list is caught "
+                                                       "inside grpo_advantages, not naming task.reward_function",
+    "align/ppo-reward-function-returns-one-for-many": "rl_tasks.py: wrong-length rewards: a torch error",
+    "align/grpo-reward-function-returns-text": "rl_tasks.py: float('good') error names no function",
+    "align/grpo-reward-function-returns-nan": "rl_tasks.py: NaN rewards reach the loss; the divergence guard blames lr",
+    "align/grpo-reward-function-returns-none": "rl_tasks.py: TypeError traceback",
+    "align/preference-encoder": "preference_data.py tokenizes before the task checks the model: 'no EOS token'",
+    "align/reward-encoder": "preference_data.py tokenizes before the task checks the model: 'no EOS token'",
+    "align/preference-packing": "data.packing is silently ignored by preference tasks",
+    "align/grpo-packing": "data.packing is silently ignored by RL tasks",
+}
+
+
+def table_params():
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN[name])) if name in KNOWN else name
+            for name in TABLE]
+
+
+@pytest.mark.parametrize("name", table_params())
 def test_fuzz(name, fuzz_files, tmp_path, monkeypatch, capsys, record_property, python_sigint):
     expected = TABLE[name]
     argv, words = expected.build(Env(fuzz_files, tmp_path, monkeypatch))

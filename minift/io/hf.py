@@ -281,6 +281,9 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
         tie_embeddings=get("tie_word_embeddings", default("tie_word_embeddings", False), "bool"),
         sliding_window=window, layer_types=layer_types, **fixed_switches(model_type),
     )
+    if fields["n_kv_heads"] and fields["n_heads"] % fields["n_kv_heads"]:  # in the file's names, not ModelConfig's
+        raise ValueError(f"{where}: num_attention_heads = {fields['n_heads']} must be a multiple of "
+                         f"num_key_value_heads = {fields['n_kv_heads']}")
     if gemma:
         key = "hidden_act" if model_type == "gemma" else "hidden_activation"
         act = get(key, "gelu_pytorch_tanh", "str")
