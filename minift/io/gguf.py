@@ -76,8 +76,18 @@ Not read yet, and what they would need (from llama.cpp's converter): Gemma 1/2/3
 weight as 1 + w (the converter adds the 1, so llama.cpp's plain RMSNorm computes Gemma's (1 + w) scaling:
 subtract 1 to get minift's norm_plus_one weights), have no Q/K permutation, and carry a SentencePiece
 vocabulary (tokenizer.ggml.model "llama"); Phi-3 files keep the fused blk.N.attn_qkv and store gate_up_proj
-as one ffn_up of twice the width, with a SentencePiece vocabulary too. minift builds only byte-level BPE
-tokenizers from GGUF, so these are refused by architecture name; load their Hugging Face directories.
+as one ffn_up of twice the width, with a SentencePiece vocabulary too. They are refused by architecture
+name; load their Hugging Face directories.
+
+Two kinds of vocabulary. tokenizer.ggml.model "gpt2" is byte-level BPE: tokens plus an explicit merge list,
+text split by the regexes tokenizer.ggml.pre names. "llama" is SentencePiece BPE (Llama 1/2, Gemma, Phi-3):
+tokens, one float score each and a token type (1 normal, 2 unknown, 3 control such as <s>, 4 user-defined,
+5 unused, 6 byte <0xNN>), and no merge list: SentencePiece merges the adjacent pair whose joined piece has the
+highest score. We derive ranked merges from that (each normal token's every split into two tokens, ranked by
+its score), replace spaces by "▁" (with one "▁" in front when tokenizer.ggml.add_space_prefix, default true;
+Gemma sets it false), and spell characters the vocabulary lacks as their UTF-8 byte tokens (byte fallback).
+add_bos_token says whether encode(..., add_special_tokens=True) starts with bos. tests/test_gguf_sentencepiece.py
+checks the result id for id against the sentencepiece library.
 """
 
 from __future__ import annotations
@@ -573,12 +583,19 @@ PRE_TOKENIZER_SPLITS = {
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of special and added tokens
 
 
+NORMAL, UNKNOWN, BYTE = 1, 2, 6  # the other token_type values a SentencePiece ("llama") vocabulary uses
+SPACE = "\u2581"  # "▁": SentencePiece writes every space as this character, inside the tokens too
+
+
 def tokenizer_from_gguf(metadata: dict[str, Any], where: str = "GGUF file"):
-    """Build the byte-level BPE tokenizer ("gpt2" in llama.cpp's terms) described by the metadata."""
+    """Build the tokenizer the metadata describes: byte-level BPE ("gpt2") or SentencePiece BPE ("llama")."""
     kind = metadata.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(metadata, where)
     if kind != "gpt2":
-        raise ValueError(f"{where}: tokenizer.ggml.model is {kind!r}; minift builds byte-level BPE ('gpt2') tokenizers "
-                         "from GGUF. Load the model's Hugging Face directory (tokenizer.json) instead")
+        raise ValueError(f"{where}: tokenizer.ggml.model is {kind!r}; minift builds byte-level BPE ('gpt2') and "
+                         "SentencePiece BPE ('llama') tokenizers from GGUF. Load the model's Hugging Face directory "
+                         "(tokenizer.json) instead")
     pre = metadata.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_SPLITS:
         raise ValueError(f"{where}: tokenizer.ggml.pre {pre!r} is not supported "
@@ -613,3 +630,68 @@ def tokenizer_from_gguf(metadata: dict[str, Any], where: str = "GGUF file"):
     return Tokenizer(inner, bos_token_id=special("bos_token_id"), eos_token_id=special("eos_token_id"),
                      pad_token_id=special("padding_token_id"), chat_template=metadata.get("tokenizer.chat_template"),
                      unk_token_id=special("unknown_token_id"))
+
+
+def _sentencepiece_tokenizer(metadata: dict[str, Any], where: str) -> Tokenizer:
+    """SentencePiece BPE from tokens + scores + token types (Llama 1/2, Mistral v1, Gemma, Phi-3 files).
+
+    A SentencePiece BPE model stores no merge list: it merges, at each step, the adjacent pair whose joined
+    piece has the highest score. `tokenizers`' BPE wants ranked merges, so we derive them: every normal token
+    that splits into two tokens of the vocabulary gives one merge per split, ranked by the joined token's score
+    (highest first). Text is not split into words; spaces become "▁" (with one "▁" put in front of the text
+    when tokenizer.ggml.add_space_prefix is true, the default), and a character with no token is spelled as its
+    UTF-8 bytes <0xNN> (byte fallback). Decoding reverses both: "▁" -> " ", byte tokens fused back into text,
+    and the leading space dropped.
+    """
+    from tokenizers import normalizers, processors
+
+    tokens = metadata["tokenizer.ggml.tokens"]
+    n = len(tokens)
+    scores = metadata.get("tokenizer.ggml.scores")
+    types = metadata.get("tokenizer.ggml.token_type")
+    if scores is None or len(scores) != n:
+        raise ValueError(f"{where}: tokenizer.ggml.scores is missing or not one score per token "
+                         "(a SentencePiece vocabulary ranks its merges by score)")
+    if types is None or len(types) != n:
+        raise ValueError(f"{where}: tokenizer.ggml.token_type is missing or not one type per token")
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != n:
+        raise ValueError(f"{where}: tokenizer.ggml.tokens has duplicate entries; cannot build a vocabulary")
+    merges = []  # (score of the joined token, its id, left, right)
+    for index, token in enumerate(tokens):
+        if int(types[index]) != NORMAL or len(token) < 2:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                merges.append((-float(scores[index]), index, vocab[left], vocab[right], left, right))
+    merges.sort()  # highest score first; ties by the token's id, then by the pieces' ids
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < n else None
+    model = models.BPE(vocab=vocab, merges=[(m[4], m[5]) for m in merges], unk_token=unk, fuse_unk=True,
+                       byte_fallback=True)
+    inner = HFTokenizer(model)
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    steps = [normalizers.Prepend(SPACE)] if prefix else []
+    inner.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
+    inner.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       *([decoders.Strip(" ", 1, 0)] if prefix else [])])
+    inner.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                              for t, token_type in zip(tokens, types) if int(token_type) in (CONTROL, UNKNOWN)])
+    inner.add_tokens([AddedToken(t, special=False, normalized=False)
+                      for t, token_type in zip(tokens, types) if int(token_type) == USER_DEFINED])
+
+    def special(key):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        return int(value) if isinstance(value, int) and 0 <= value < n else None
+
+    bos, eos = special("bos_token_id"), special("eos_token_id")
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True)) and bos is not None
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:  # encode(..., add_special_tokens=True) puts them around the text, as llama.cpp does
+        head, tail = ([tokens[bos]] if add_bos else []), ([tokens[eos]] if add_eos else [])
+        inner.post_processor = processors.TemplateProcessing(
+            single=[*head, "$A", *tail], pair=[*head, "$A", *tail, "$B", *tail],
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)])
+    return Tokenizer(inner, bos_token_id=bos, eos_token_id=eos, pad_token_id=special("padding_token_id"),
+                     chat_template=metadata.get("tokenizer.chat_template"), unk_token_id=special("unknown_token_id"))
