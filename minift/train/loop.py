@@ -4,8 +4,8 @@ Lesson
 ------
 Fine-tuning is a short loop; what makes it right is in the details this file spells out:
 
-    setup(config)   seed -> load model + tokenizer -> task head -> method (what trains) -> data
-                    -> AdamW param groups (discriminative LRs, no decay on biases/norms) -> LR schedule
+    setup(config)   seed -> load model + tokenizer -> data (and the labels) -> task head -> method (what
+                    trains) -> AdamW param groups (discriminative LRs, no decay on biases/norms) -> LR schedule
                     -> (resume: weights, optimizer, schedule, RNG and data position from the checkpoint)
 
     fit(run)        for each optimizer step:
@@ -14,7 +14,15 @@ Fine-tuning is a short loop; what makes it right is in the details this file spe
                       clip the gradient norm -> AdamW step -> next learning rate
                       every eval_every steps: evaluate, early stopping; every save_every: checkpoint
 
-    evaluate(...)   mean loss, perplexity (LM tasks) or accuracy (classification), no gradients
+    evaluate(...)   mean loss, perplexity (LM tasks) or accuracy (classification, reward), and a task's own
+                    metrics (DPO's rewards/*, RL's reward and kl), no gradients
+
+Every [task] kind runs this one loop: causal_lm, masked_lm and classification (minift/train/tasks.py),
+reward and preference (DPO; preference_tasks.py), grpo and ppo (rl_tasks.py, whose micro-batches are
+rollouts the data stream samples with the policy as it is: rl_data.py). Several processes
+(minift/train/distributed.py): each rank takes its own share of the micro-batches; rank 0 alone writes
+metrics.jsonl, the progress bar, run.lock, ordinary checkpoints and the export (FSDP: every rank writes
+its own shards of a checkpoint).
 
 Dividing every micro-batch by the *total* N makes the k accumulated gradients add up to exactly the
 gradient of one batch of k micro-batches (minift/losses.py explains the common bug). Mixed precision:
@@ -56,6 +64,8 @@ from tqdm.auto import tqdm
 
 from minift.dtypes import parse_dtype
 from minift.io.files import WriteError, check_output_dir, read_json_file
+from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
+from minift.svg_chart import write_training_chart
 from minift.train import checkpoint as ckpt
 from minift.train.batches import BatchStream, load_datasets
 from minift.train.distributed import (DROPOUT_SEED, World, batch_layout, check_batch_layout,
@@ -70,10 +80,8 @@ from minift.train.preference_tasks import export_task
 from minift.train.rl_data import ALIGN_KINDS, load_align_datasets, prepare_align_run
 from minift.train.rl_tasks import build_align_task_model
 from minift.train.run_config import RunConfig, TrainConfig, to_toml, validate_run_config
-from minift.schedules import GradualUnfreezing, LRScheduler, discriminative_param_groups, layer_groups
-from minift.svg_chart import write_training_chart
-from minift.train.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head, summarize,
-                          to_device)
+from minift.train.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head,
+                                summarize, to_device)
 
 METRICS = "metrics.jsonl"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -205,7 +213,8 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
 
     groups = build_layer_groups(task_model, train.layer_groups)  # bottom-up: body groups..., the head alone on top
     optimizer = build_optimizer(groups, train, device)
-    total_steps = train.max_steps or max(1, math.ceil(train.epochs * len(train_data) / (train.grad_accum_steps * world.size)))
+    steps_per_epoch = len(train_data) / (train.grad_accum_steps * world.size)  # micro-batches per step, all ranks
+    total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
     scheduler = build_scheduler(optimizer, train, total_steps)
     unfreezing = GradualUnfreezing(groups) if train.gradual_unfreezing else None
     scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
@@ -427,8 +436,7 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
     """The optimizer steps of fit(), until total_steps, early stopping or a Ctrl-C (`interrupt.requested`)."""
     train, state = run.config.train, run.state
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not train.progress_bar or not run.world.is_main,
-               desc="finetune",
-               dynamic_ncols=True)
+               desc="finetune", dynamic_ncols=True)
     start, start_tokens, last = time.perf_counter(), state.tokens, {"step": state.step}
     compile_clock = CompileClock() if train.compile else None  # compiling time is logged apart, not in tokens/s
     trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
