@@ -29,7 +29,6 @@
 import copy
 import json
 import os
-import resource
 import threading
 import time
 
