@@ -7,18 +7,21 @@ different switches:
 
     switch          GPT-2        Llama family          Gemma 1 / 2 / 3                 BERT
     ------------    ---------    ------------------    ----------------------------    ---------------
-    positions       learned      rotary (RoPE)         RoPE (3: own base on local      learned (+ token
-                                                       layers, rope_local_theta)       types)
+    positions       learned      rotary (RoPE; Phi-3:  RoPE (3: own base on local      learned (+ token
+                                 LongRoPE, partial)    layers, rope_local_theta)       types)
     norm            LayerNorm    RMSNorm               RMSNorm scaling by (1 + w)      LayerNorm
                                                        (norm_plus_one)
     norm placement  pre          pre                   pre (2, 3: and after each       post
                                                        branch, branch_post_norms)
     MLP             GELU         SwiGLU (gate * up)    GeGLU: the gated MLP with       GELU
                                                        tanh-GELU
-    biases          all          none (Qwen2: q,k,v)   none                            all
+    biases          all          none (Qwen2: q,k,v;   none                            all
+                                 Llama, Qwen3: if
+                                 attention_bias)
     attention       causal       causal, GQA           causal, GQA; 2, 3: sliding      bidirectional
-                                 (Mistral, Qwen: may   window on some layers,
-                                 use a sliding window) query_pre_attn_scalar
+                                 (Mistral, Phi-3,      window on some layers,
+                                 Qwen: may use a       query_pre_attn_scalar
+                                 sliding window)
     q/k norm        none         none (Qwen3: RMSNorm  none (3: RMSNorm per head)      none
                                  per head on q and k)
     fused layers    none         none (Phi-3: one      none                            none
@@ -60,7 +63,8 @@ class ModelConfig:
     n_kv_heads: int | None = None  # key/value heads; None = n_heads (MHA), 1 = MQA, in between = GQA
     head_dim: int | None = None  # None = dim // n_heads (Qwen3/Gemma set it explicitly)
     hidden_dim: int = 1376  # MLP inner width
-    max_seq_len: int = 2048  # size of the learned position table; RoPE models accept longer inputs
+    max_seq_len: int = 2048  # size of the learned position table; RoPE models accept longer inputs (LongRoPE
+    # without a factor derives its scale from max_seq_len / original_max_position_embeddings)
 
     # --- switches (see the table in the module docstring) ---
     causal: bool = True  # False for an encoder (BERT)
@@ -73,9 +77,9 @@ class ModelConfig:
     # or Phi-3's {"rope_type": "longrope", "short_factor", "long_factor", "original_max_position_embeddings", ...}
     partial_rotary_factor: float = 1.0  # RoPE turns only the first int(head_dim * this) dims of each head (Phi-4-mini)
     mlp: str = "swiglu"  # "swiglu" | "gelu"
-    activation: str = "silu"  # "silu" | "gelu" (erf) | "gelu_tanh" (GPT-2's gelu_new)
-    qkv_bias: bool = False  # bias on q, k, v projections (GPT-2, BERT, Qwen2)
-    out_bias: bool = False  # bias on the attention output projection (GPT-2, BERT)
+    activation: str = "silu"  # "silu" | "gelu" (erf) | "gelu_tanh" (GPT-2's gelu_new, Gemma's GeGLU)
+    qkv_bias: bool = False  # bias on q, k, v projections (GPT-2, BERT, Qwen2; attention_bias in config.json)
+    out_bias: bool = False  # bias on the attention output projection (GPT-2, BERT; attention_bias in config.json)
     qk_norm: bool = False  # RMSNorm over head_dim on each head's query and key, before RoPE (Qwen3, Gemma 3)
     norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), its weight stored as the offset from 1 (Gemma)
     embed_scale: bool = False  # token embeddings times sqrt(dim), rounded to the weights' dtype first (Gemma)
@@ -87,7 +91,7 @@ class ModelConfig:
     layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"; None: every layer
     # slides when sliding_window is set (Mistral), none otherwise
     rope_local_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3); None: as the rest
-    mlp_bias: bool = False  # biases in the MLP (GPT-2, BERT)
+    mlp_bias: bool = False  # biases in the MLP (GPT-2, BERT; a Llama whose config.json sets mlp_bias)
     fused_qkv: bool = False  # one qkv_proj whose output rows are [q; k; v] instead of q/k/v_proj (Phi-3)
     fused_gate_up: bool = False  # one gate_up_proj whose output rows are [gate; up] (Phi-3)
     tie_embeddings: bool = False  # the LM head reuses the token embedding matrix

@@ -29,10 +29,13 @@ A transformer (Vaswani et al. 2017) is a stack of identical blocks over a residu
   of 0 is the identity; the MLP is GeGLU (the SwiGLU gate with tanh-GELU in place of SiLU). Gemma 2 and 3
   normalise each branch's output as well as its input ("sandwich" norms), scale q.k by
   1/sqrt(query_pre_attn_scalar), and bound logits with a soft cap, cap * tanh(z / cap): smooth, close to
-  z while |z| << cap, never beyond cap (Gemma 2: attention logits at 50 and output logits at 30).
+  z while |z| << cap, never beyond cap (Gemma 2: attention logits at 50 and output logits at 30). Gemma 3
+  drops the attention cap and RMS-normalises each head's q and k, as Qwen3 does.
 * Sliding window. A "local" layer lets a query see only the last W positions (itself included): cost and
-  KV cache grow with W instead of the whole context, while "global" (full) layers keep long-range reach.
-  Mistral slides on every layer; Gemma 2 alternates local and global; Gemma 3 has five local layers per
+  KV cache can grow with W instead of the whole context, while "global" (full) layers keep long-range
+  reach. (minift applies the window as a mask and its KV cache keeps every position: the same numbers,
+  not the savings.) Mistral and Phi-3 slide on every layer (when their config sets a window), Qwen2/3 on
+  the layers the config names; Gemma 2 alternates local and global; Gemma 3 has five local layers per
   global one, and gives the local ones their own RoPE base (10k) while the global ones use 1M.
 * Phi-3. A Llama block whose q, k, v projections are one matrix (qkv_proj, output rows [q; k; v]) and whose
   gate and up projections are one (gate_up_proj, rows [gate; up]): one matmul instead of three or two, the
@@ -394,7 +397,7 @@ def sliding_window_mask(mask, is_causal: bool, B: int, T: int, past: int, window
 
 
 class Transformer(nn.Module):
-    """Decoder (GPT-2, Llama family) or encoder (BERT), chosen by `ModelConfig` switches."""
+    """Decoder (GPT-2, Llama family, Phi-3, Gemma) or encoder (BERT), chosen by `ModelConfig` switches."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -257,6 +257,7 @@ BAD_CONFIGS = [  # (model_type's extra keys, the start of the one-line error aft
     ("gemma2", {"sliding_window": None}, "layer_types has sliding_attention layers but sliding_window is null"),
     ("gemma2", {"attn_logit_softcapping": "50"}, "attn_logit_softcapping must be a positive number"),
     ("gemma3", {}, "unknown model_type 'gemma3'; minift supports"),
+    ("mistral", {"hidden_act": "gelu"}, "hidden_act = 'gelu' is not supported for mistral (its MLP is SwiGLU"),
 ]
 
 
@@ -287,6 +288,10 @@ def test_switches_a_model_type_cannot_write_are_refused():
                      attn_softcap=50.0, **base), "cannot express attn_softcap=50.0"),
         (ModelConfig(model_type="gemma2", norm_plus_one=True, embed_scale=True, activation="gelu_tanh", **base),
          "branch_post_norms=False \\(gemma2 always has branch_post_norms=True\\)"),
+        # biases and MLPs that transformers would build differently (it ignores these keys for these types)
+        (ModelConfig(model_type="mistral", qkv_bias=True, out_bias=True, **base), "Mistral has none"),
+        (ModelConfig(model_type="qwen3", qk_norm=True, mlp_bias=True, **base), "only llama reads mlp_bias"),
+        (ModelConfig(model_type="llama", activation="gelu", **base), "its MLP is SwiGLU"),
     ]
     for config, message in cases:
         if message is None:

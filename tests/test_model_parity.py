@@ -55,6 +55,17 @@ CONFIGS = {
         vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, bos_token_id=1, eos_token_id=2,
     ),
+    # Bias keys transformers ignores for these model types: Qwen2 always has q/k/v biases, Mistral none
+    "qwen2_ignores_bias_keys": lambda: transformers.Qwen2Config(
+        vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, attention_bias=False, mlp_bias=True, bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "mistral_ignores_bias_keys": lambda: transformers.MistralConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=None, attention_bias=True, mlp_bias=True,
+        bos_token_id=1, eos_token_id=2,
+    ),
     # Sliding windows of 4 positions: the 11-token inputs and 6 + 12 generated tokens run past them (tests/test_gemma.py)
     "mistral_window": lambda: transformers.MistralConfig(
         vocab_size=V, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,

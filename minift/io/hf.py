@@ -217,24 +217,28 @@ DEFAULTS = {
     "rms_norm_eps": {"phi3": 1e-5},  # others: 1e-6
     "tie_word_embeddings": {"gemma": True, "gemma2": True, "gemma3_text": True},
 }
+ATTENTION_BIAS_READERS = ("llama", "smollm2", "qwen3", "gemma", "gemma2", "gemma3_text")  # honour attention_bias
 GELU_NAMES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
 def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
-    """ModelConfig fields of a Llama-family or Gemma config.json (every value type-checked, errors name the key).
+    """ModelConfig fields of a Llama-family, Phi-3 or Gemma config.json (every value type-checked, errors name the key).
 
         config.json key                         ModelConfig field      families
         hidden_size, num_hidden_layers, ...     dim, n_layers, ...     all
         rope_theta / rope_parameters            rope_theta             all (Gemma 3: the full layers')
         rope_scaling                            rope_scaling           all (Gemma 3: full layers only)
         rope_local_base_freq                    rope_local_theta       Gemma 3 (rope_parameters.sliding_attention)
-        attention_bias                          qkv_bias, out_bias     Llama, Qwen3, Gemma (Qwen2: q, k, v only)
+        attention_bias                          qkv_bias, out_bias     Llama, Qwen3, Gemma (Qwen2: always q, k, v
+                                                                       only; Mistral, Phi-3: never)
+        mlp_bias                                mlp_bias               Llama (the others: never)
         hidden_act / hidden_activation          activation             Gemma 1 / Gemma 2, 3 (GeGLU's GELU)
         query_pre_attn_scalar                   query_pre_attn_scalar  Gemma 2, 3
         attn_logit_softcapping                  attn_softcap           Gemma 2
         final_logit_softcapping                 final_softcap          Gemma 2, 3
         sliding_window                          sliding_window         Mistral, Phi-3 (every layer), Qwen2/3
-        use_sliding_window, max_window_layers,  layer_types            (with use_sliding_window), Gemma 2, 3
+                                                                       (with use_sliding_window), Gemma 2, 3
+        use_sliding_window, max_window_layers,  layer_types            Qwen2/3, Gemma 2, 3
         layer_types, sliding_window_pattern
         (model_type phi3)                       fused_qkv,             Phi-3 (FIXED_SWITCHES); no biases
                                                 fused_gate_up
@@ -265,7 +269,9 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
         theta, scaling, local_theta = rope_fields(hf, model_type, where, get)
     n_layers = json_field(hf, "num_hidden_layers", where, "positive int")
     window, layer_types = sliding_fields(hf, model_type, where, get, nullable, n_layers)
-    bias = get("attention_bias", None, "bool")
+    # Biases as transformers builds them: attention_bias (q, k, v and o) is read by Llama, Qwen3 and Gemma only,
+    # mlp_bias by Llama only; Qwen2 always has q/k/v biases (no o_proj, no MLP bias), Mistral and Phi-3 none.
+    bias = get("attention_bias", False, "bool") if model_type in ATTENTION_BIAS_READERS else False
     fields = dict(
         model_type=model_type, vocab_size=json_field(hf, "vocab_size", where, "positive int"),
         dim=json_field(hf, "hidden_size", where, "positive int"), n_layers=n_layers,
@@ -276,8 +282,8 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
         max_seq_len=get("max_position_embeddings", default("max_position_embeddings", 2048), "positive int"),
         norm="rms", norm_eps=get("rms_norm_eps", default("rms_norm_eps", 1e-6), "positive number"), positions="rope",
         rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta, mlp="swiglu", activation="silu",
-        qkv_bias=model_type == "qwen2" if bias is None else bias, out_bias=bool(bias),
-        mlp_bias=get("mlp_bias", False, "bool"),
+        qkv_bias=bias or model_type == "qwen2", out_bias=bias,
+        mlp_bias=get("mlp_bias", False, "bool") if model_type in ("llama", "smollm2") else False,
         tie_embeddings=get("tie_word_embeddings", default("tie_word_embeddings", False), "bool"),
         sliding_window=window, layer_types=layer_types, **fixed_switches(model_type),
     )
@@ -293,6 +299,9 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
             raise ValueError(f"{where}: {key} = {act!r} is not supported for {model_type} (supported: "
                              f"{', '.join(GELU_NAMES)})")
         fields["activation"] = GELU_NAMES[act]
+    if not gemma and model_type != "phi3" and get("hidden_act", "silu", "str") != "silu":
+        raise ValueError(f"{where}: hidden_act = {hf['hidden_act']!r} is not supported for {model_type} (its MLP is "
+                         "SwiGLU: 'silu')")
     if model_type == "phi3":  # transformers' Phi-3 has no biases whatever the config says
         act = get("hidden_act", "silu", "str")
         names = {"silu": "silu", **GELU_NAMES}
@@ -498,19 +507,23 @@ def decoder_config(c: ModelConfig) -> dict:
         phi3_config(c, out, refuse)
     elif c.partial_rotary_factor != 1.0:
         refuse(f"partial_rotary_factor={c.partial_rotary_factor}")
-    if model_type == "phi3":
-        pass  # no biases (phi3_config checked)
-    elif model_type in ("llama", "qwen3") or gemma:
+    if model_type in ATTENTION_BIAS_READERS:  # decoder_fields backwards: who reads attention_bias, mlp_bias
         out["attention_bias"] = c.qkv_bias
         if c.qkv_bias != c.out_bias:
             raise ValueError(f"a {model_type} config.json cannot express q/k/v biases without an o_proj bias")
     elif model_type == "qwen2" and (not c.qkv_bias or c.out_bias):
         raise ValueError("Qwen2 always has q/k/v biases and no o_proj bias")
-    if gemma:
+    elif model_type == "mistral" and (c.qkv_bias or c.out_bias):
+        refuse(f"attention biases (qkv_bias={c.qkv_bias}, out_bias={c.out_bias}); Mistral has none")
+    if not gemma and model_type != "phi3" and (c.mlp != "swiglu" or c.activation != "silu"):
+        refuse(f"mlp={c.mlp!r}, activation={c.activation!r} (its MLP is SwiGLU: gated, SiLU)")
+    if model_type != "llama":
+        if c.mlp_bias:
+            refuse(f"mlp_bias={c.mlp_bias} (only llama reads mlp_bias)")
         del out["mlp_bias"]
-        if c.mlp_bias or c.mlp != "swiglu" or c.activation == "silu":
-            refuse(f"mlp={c.mlp!r}, activation={c.activation!r}, mlp_bias={c.mlp_bias} (Gemma's MLP is GeGLU: "
-                   "gated, GELU, no biases)")
+    if gemma:
+        if c.mlp != "swiglu" or c.activation == "silu":
+            refuse(f"mlp={c.mlp!r}, activation={c.activation!r} (Gemma's MLP is GeGLU: gated, GELU, no biases)")
         if model_type == "gemma" and c.activation != "gelu_tanh":
             refuse(f"activation={c.activation!r} (Gemma 1's hidden_act is the tanh GELU)")
         del out["hidden_act"]  # Gemma 1 names the GELU hidden_act, Gemma 2 and 3 hidden_activation
@@ -561,7 +574,6 @@ def phi3_config(c: ModelConfig, out: dict, refuse) -> None:
         refuse(f"biases (qkv_bias={c.qkv_bias}, out_bias={c.out_bias}, mlp_bias={c.mlp_bias}); Phi-3 has none")
     if c.mlp != "swiglu":
         refuse(f"mlp={c.mlp!r} (Phi-3's MLP is gated)")
-    del out["mlp_bias"]
     out["hidden_act"] = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[c.activation]
     out["partial_rotary_factor"] = c.partial_rotary_factor
     scaling = c.rope_scaling or {}
