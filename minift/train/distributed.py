@@ -10,7 +10,8 @@ processes and gives each, in environment variables, its RANK (0 .. N-1 over all 
 (which device of this machine), WORLD_SIZE (N) and a rendezvous point (MASTER_ADDR:MASTER_PORT). Each calls
 `torch.distributed.init_process_group(backend)`, which connects them all into one *process group*. The
 backend moves the bytes: gloo over TCP between CPUs, nccl over NVLink/InfiniBand between GPUs. Rank 0 is
-the "main" process: the only one that writes metrics, progress bars, checkpoints and exports.
+the "main" process: the only one that writes metrics, progress bars, run.lock, checkpoints and exports
+(an FSDP checkpoint excepted: every rank writes its own shards, see "checkpoints" below).
 
 All-reduce. The one collective that data parallelism needs: every rank gives a tensor, every rank gets the
 sum (or mean) of all of them. If each rank computes the gradient of its own share of the batch, an
@@ -51,11 +52,12 @@ What minift adds, so that N ranks x k micro-batches of b examples equal *one* ba
                   step, index of the micro-batch in the global batch) — in one process too. Micro-batch j of
                   a step holds the same examples (same shapes) whether one process reads it as its j-th of
                   N k, or rank r as its (j - r k)-th: it draws the same dropout masks and masked positions,
-                  so N ranks equal one process bit for bit even with dropout, and a resumed run draws what
-                  the uninterrupted one drew. The seed travels in the micro-batch (DROPOUT_SEED), read by a
-                  forward pre-hook of the task model (reseed_dropout), so torch.manual_seed runs right before
-                  that micro-batch's forward and nothing between two forwards can shift the draws. Cost: one
-                  manual_seed per micro-batch (microseconds; on a GPU it also reseeds the CUDA generators).
+                  so N ranks equal one process even with dropout (to float32 rounding: the ranks' gradients
+                  are added in another order), and a resumed run draws what the uninterrupted one drew.
+                  The seed travels in the micro-batch (DROPOUT_SEED), read by a forward pre-hook of the task
+                  model (reseed_dropout), so torch.manual_seed runs right before that micro-batch's forward
+                  and nothing between two forwards can shift the draws. Cost: one manual_seed per
+                  micro-batch (microseconds; on a GPU it also reseeds the CUDA generators).
     checkpoints   DDP: every rank holds the same weights, so rank 0 writes the ordinary checkpoint.
                   FSDP: every rank writes its shards with torch.distributed.checkpoint (DCP) into one
                   folder (a shared file system across machines); DCP records how the tensors were cut, so
