@@ -147,6 +147,11 @@ def cmd_finetune(args) -> int:
         if args.config is None and args.resume is None:
             raise ValueError("finetune needs a CONFIG.toml, or --resume RUN_DIR (which reads RUN_DIR/config.toml)")
         config = load_run_config(args.config or Path(args.resume) / "config.toml", args.overrides or [])
+        if args.resume is not None and args.config is None and args.overrides:
+            started = load_run_config(Path(args.resume) / "config.toml", []).task.kind
+            if started != config.task.kind:  # checked before its data is read as records of the other kind
+                raise ValueError(f"{args.resume}: the run was started with task.kind = {started!r}; --resume continues "
+                                 f"it as it was (task.kind = {config.task.kind!r} needs a new run)")
         if args.nproc is not None:  # this process only starts torchrun, which starts N copies of `python -m minift`
             return launch_processes(args, config)
         if args.resume is not None:

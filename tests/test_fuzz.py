@@ -1007,6 +1007,16 @@ def _(e):
     return rl_args(e, e.a["prompts"], "grpo", "data.packing=true"), ["data.packing"]
 
 
+@case("align/resume-with-another-task-kind")
+def _(e):
+    return ["finetune", "--resume", str(e.copy("run")), "--set", "task.kind=preference"], [str(e.tmp / "run")]
+
+
+@case("align/preference-max-length-1")
+def _(e):
+    return pair_args(e, e.a["pairs"], "preference", "data.max_length=1"), ["data.max_length"]
+
+
 @case("align/preference-data-is-causal-lm-text")
 def _(e):
     return pair_args(e, e.a["data"], "preference"), [str(e.a["data"])]
@@ -1186,6 +1196,10 @@ add("export/gguf-sliding-window", lambda e: (
 add("export/gguf-gpt2", lambda e: (gguf_export(e, model=other_model(
     e, model_type="gpt2", norm="layer", positions="learned", mlp="gelu", activation="gelu_tanh", qkv_bias=True,
     out_bias=True, mlp_bias=True)), ["gpt2"]))
+add("export/gguf-gemma", lambda e: (gguf_export(e, model=other_model(
+    e, model_type="gemma", norm_plus_one=True, embed_scale=True, activation="gelu_tanh")), ["gemma"]))
+add("export/gguf-phi3", lambda e: (gguf_export(e, model=other_model(
+    e, model_type="phi3", fused_qkv=True, fused_gate_up=True)), ["phi3"]))
 add("export/gguf-adapter-of-another-width", lambda e: (
     gguf_export(e, "--adapter", str(e.a["wide-lora"])), [str(e.a["wide-lora"])]))
 add("export/quant-without-gguf", lambda e: (
@@ -1237,6 +1251,11 @@ KQUANT_CASES = {
     "n-dims-5": (put("<I", "n_dims", 5), []),
     "dim-zero": (put("<Q", "dim1", 0), [Q4K_TENSOR]),
 }
+for _arch in ("gemma", "gemma2", "gemma3", "phi3"):  # GGUF files of families minift reads only from config.json
+    add(f"gguf/architecture-{_arch}", source_case(
+        lambda e, a=_arch: e.file("model.gguf", gguf_with(general__architecture=a)), ["{path}", _arch]))
+add("gguf/architecture-qwen3-without-its-keys", source_case(
+    lambda e: e.file("model.gguf", gguf_with(general__architecture="qwen3")), ["{path}", "qwen3."]))
 for _name, (_change, _words) in KQUANT_CASES.items():
     add(f"gguf/kquant-{_name}", lambda e, c=_change, w=_words: (
         ["generate", "--model", str(kquant_file(e, c)), "--prompt", "the cat"], [str(e.tmp / "k.gguf"), *w]))
@@ -1323,6 +1342,7 @@ KNOWN: dict[str, str] = {
     "align/grpo-reward-function-returns-none": "rl_tasks.py: TypeError traceback",
     "align/preference-encoder": "preference_data.py tokenizes before the task checks the model: 'no EOS token'",
     "align/reward-encoder": "preference_data.py tokenizes before the task checks the model: 'no EOS token'",
+    "align/preference-max-length-1": "align/preference.py: 'tokenize_preference: max_length=1' names no config field",
     "align/preference-packing": "data.packing is silently ignored by preference tasks",
     "align/grpo-packing": "data.packing is silently ignored by RL tasks",
 }
