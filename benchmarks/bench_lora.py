@@ -66,14 +66,6 @@ WORKLOADS = {"all": "every token is a target", "sft": "completion-only, the last
 RESULT_NAME = "lora_cpu.md"
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Child process: build one provider's model, then take a step whenever the parent says so
 # ----------------------------------------------------------------------------------------------------
@@ -140,6 +132,7 @@ def worker(provider: str, layers: int, batch: int, seq: int, threads: int, workl
     labels = ids.clone()
     if workload == "sft":
         labels[:, : seq * 3 // 4] = -100  # the prompt: given, not learned
+    from common import rss_mb
     from minift.train.compiled import compile_seconds
 
     compile_seconds()  # imports torch._dynamo now, so that "train extra" does not count the import

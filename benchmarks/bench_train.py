@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table, run_isolated, write_result  # noqa: E402
+from common import machine_description, markdown_table, rss_mb, run_isolated, write_result  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=1e5,
@@ -47,14 +47,6 @@ def make_checkpoint(directory: str, layers: int) -> None:
 
 
 VARIANTS = {"ckpt": "gradient checkpointing per block", "compile": "torch.compile per block", "compile+ckpt": "both"}
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def minift_step_function(directory: str, options: tuple[str, ...] = ()):

@@ -50,6 +50,15 @@ def run_isolated(module_path: str, function: str, **kwargs) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def rss_mb() -> float:
+    """Resident memory of this process now, in MiB (NaN where /proc is missing)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def write_result(name: str, markdown: str) -> Path:
     """Write under benchmarks/results/, or under $MINIFT_BENCH_RESULTS (run_all --quick uses it so that smoke
     runs never overwrite the recorded full-size results)."""
