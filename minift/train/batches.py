@@ -129,21 +129,36 @@ def take_subset(records: list[Record], count: int | None, seed: int) -> list[Rec
     return [record for i, record in enumerate(records) if i in keep]
 
 
+def read_splits(data, seed: int, check=None) -> tuple[list[Record], list[Record]]:
+    """The train and validation records of a [data] section (every task kind reads them this way).
+
+    Validation: data.validation if given, a bundled dataset's own validation split, else a seeded
+    validation_fraction held out of the train records; then max_examples / max_eval_examples subsets.
+    `check(record)`, if given, sees every record read, before any is split off or tokenized.
+    """
+    records = read_source(data.train, "train")
+    if check is not None:
+        for record in records:
+            check(record)
+    if data.validation:
+        validation = read_source(data.validation, "validation")
+    elif data.train in BUNDLED_DATASETS:
+        validation = read_source(data.train, "validation") if data.validation_fraction > 0 else []
+    else:
+        records, validation = split_records(records, data.validation_fraction, seed)
+    if check is not None:
+        for record in validation:  # a validation file's records too
+            check(record)
+    return take_subset(records, data.max_examples, seed), take_subset(validation, data.max_eval_examples, seed)
+
+
 def load_datasets(config, tokenizer) -> tuple[BatchStream, BatchStream | None, list[str] | None]:
     """Read, split, tokenize and batch the [data] of a RunConfig; returns (train, validation, labels)."""
     data, task, train = config.data, config.task, config.train
     if not data.train:
         raise ValueError("data.train is empty: set it to a .jsonl/.csv file or a bundled dataset "
                          f"({', '.join(BUNDLED_DATASETS)})")
-    records = read_source(data.train, "train")
-    if data.validation:
-        validation = read_source(data.validation, "validation")
-    elif data.train in BUNDLED_DATASETS:
-        validation = read_source(data.train, "validation") if data.validation_fraction > 0 else []
-    else:
-        records, validation = split_records(records, data.validation_fraction, train.seed)
-    records = take_subset(records, data.max_examples, train.seed)
-    validation = take_subset(validation, data.max_eval_examples, train.seed)
+    records, validation = read_splits(data, train.seed)
 
     fmt = FORMAT_OF_TASK.get(task.kind, data.format)
     fields = {"text": data.text_field}

@@ -24,7 +24,7 @@ from __future__ import annotations
 from minift.align.dpo import precompute_reference_logprobs
 from minift.align.preference import check_preference, collate_preferences, tokenize_preference
 from minift.data import LengthGroupedSampler
-from minift.train.batches import BUNDLED_DATASETS, BatchStream, read_source, split_records, take_subset
+from minift.train.batches import BUNDLED_DATASETS, BatchStream, read_splits
 
 
 class PairStream(BatchStream):
@@ -66,19 +66,7 @@ def load_pair_datasets(config, tokenizer) -> tuple[PairStream, PairStream | None
     if not data.train:
         raise ValueError("data.train is empty: set it to a .jsonl/.csv file of {prompt, chosen, rejected} records "
                          f"or a bundled dataset ({', '.join(BUNDLED_DATASETS)})")
-    records = read_source(data.train, "train")
-    for record in records:  # every bad record is found before any token is made
-        check_preference(record)
-    if data.validation:
-        validation = read_source(data.validation, "validation")
-    elif data.train in BUNDLED_DATASETS:
-        validation = read_source(data.train, "validation") if data.validation_fraction > 0 else []
-    else:
-        records, validation = split_records(records, data.validation_fraction, train.seed)
-    for record in validation:
-        check_preference(record)
-    records = take_subset(records, data.max_examples, train.seed)
-    validation = take_subset(validation, data.max_eval_examples, train.seed)
+    records, validation = read_splits(data, train.seed, check=check_preference)  # every bad record, before tokens
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token; cannot pad batches")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from minift.data import LengthGroupedSampler, Record
-from minift.train.batches import BUNDLED_DATASETS, read_source, split_records, take_subset
+from minift.train.batches import BUNDLED_DATASETS, read_splits
 from minift.train.preference_data import load_pair_datasets, prepare_pair_run
 from minift.train.preference_tasks import PAIR_KINDS
 from minift.train.rl_tasks import RL_KINDS, make_reward, rollout_generator
@@ -141,15 +141,7 @@ def load_rl_datasets(config, tokenizer) -> tuple[RolloutStream, RolloutStream | 
     if not data.train:
         raise ValueError("data.train is empty: set it to a .jsonl/.csv file of {\"prompt\": ...} records or "
                          f"a bundled dataset ({', '.join(BUNDLED_DATASETS)})")
-    records = read_source(data.train, "train")
-    if data.validation:
-        validation = read_source(data.validation, "validation")
-    elif data.train in BUNDLED_DATASETS:
-        validation = read_source(data.train, "validation") if data.validation_fraction > 0 else []
-    else:
-        records, validation = split_records(records, data.validation_fraction, train.seed)
-    records = take_subset(records, data.max_examples, train.seed)
-    validation = take_subset(validation, data.max_eval_examples, train.seed)
+    records, validation = read_splits(data, train.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token; cannot pad prompts")
