@@ -72,12 +72,29 @@ which is rotate_half, for them). Qwen3 adds one tensor pair per layer, blk.{i}.a
 per-head RMSNorm weights, width head_dim, stored as they are: no +1 and no permutation), and its head_dim
 comes from `qwen3.attention.key_length`, not from embedding_length / head_count.
 
-Not read yet, and what they would need (from llama.cpp's converter): Gemma 1/2/3 files store every RMSNorm
-weight as 1 + w (the converter adds the 1, so llama.cpp's plain RMSNorm computes Gemma's (1 + w) scaling:
-subtract 1 to get minift's norm_plus_one weights), have no Q/K permutation, and carry a SentencePiece
-vocabulary (tokenizer.ggml.model "llama"); Phi-3 files keep the fused blk.N.attn_qkv and store gate_up_proj
-as one ffn_up of twice the width, with a SentencePiece vocabulary too. They are refused by architecture
-name; load their Hugging Face directories.
+Gemma 1/2/3 and Phi-3 differ from Llama's table in these ways (llama.cpp's convert_hf_to_gguf.py):
+
+    Gemma 1/2/3  every RMSNorm weight (names ending in norm.weight, Gemma 3's attn_q_norm / attn_k_norm too)
+                 is stored as 1 + w, so llama.cpp's plain RMSNorm computes Gemma's (1 + w) scaling: we
+                 subtract 1 to get minift's norm_plus_one weights. No lm_head (tied to token_embd); no Q/K
+                 permutation; head_dim from attention.key_length; GeGLU with the tanh GELU and embeddings
+                 times sqrt(dim) are implied by the architecture name, not written. Gemma 1 and 2 write no
+                 rope.freq_base (llama.cpp's default 10000 applies).
+    Gemma 2, 3   HF post_attention_layernorm -> blk.N.post_attention_norm (after the attention branch; in
+                 Gemma 1 and Llama that HF name is ffn_norm), pre_feedforward_layernorm -> ffn_norm,
+                 post_feedforward_layernorm -> post_ffw_norm. Soft-caps in <arch>.attn_logit_softcapping
+                 (Gemma 2 only) and <arch>.final_logit_softcapping; the window in attention.sliding_window.
+                 Neither query_pre_attn_scalar nor the local/global pattern is written: llama.cpp scales
+                 queries by 1/sqrt(head_dim) (1/sqrt(dim / heads) for the 27B models, recognised by their
+                 46 / 62 layers) and makes every 2nd (Gemma 2) or 6th (Gemma 3) layer global, the rest sliding.
+    Gemma 3      rope.freq_base is the global layers' base; the local layers' base is rope.freq_base_swa
+                 when written, else 10000.
+    Phi-3        blk.N.attn_qkv holds qkv_proj as is (rows [q; k; v]) and blk.N.ffn_up holds gate_up_proj
+                 (rows [gate; up], twice feed_forward_length), no Q/K permutation (NeoX rotation);
+                 attention.sliding_window 0 means none. LongRoPE checkpoints carry rope_factors_long /
+                 rope_factors_short tensors: refused (load the Hugging Face directory).
+
+tests/test_gguf_families.py converts tiny transformers models of each family this way and compares logits.
 
 Two kinds of vocabulary. tokenizer.ggml.model "gpt2" is byte-level BPE: tokens plus an explicit merge list,
 text split by the regexes tokenizer.ggml.pre names. "llama" is SentencePiece BPE (Llama 1/2, Gemma, Phi-3):
@@ -479,13 +496,23 @@ NAME_MAP = [  # GGUF tensor name -> minift parameter name ({i} = layer index)
     (r"blk\.(?P<i>\d+)\.ffn_gate\.weight", "blocks.{i}.mlp.gate_proj.weight"),
     (r"blk\.(?P<i>\d+)\.ffn_up\.weight", "blocks.{i}.mlp.up_proj.weight"),
     (r"blk\.(?P<i>\d+)\.ffn_down\.weight", "blocks.{i}.mlp.down_proj.weight"),
+    (r"blk\.(?P<i>\d+)\.post_attention_norm\.weight", "blocks.{i}.attn_post_norm.weight"),  # Gemma 2, 3
+    (r"blk\.(?P<i>\d+)\.post_ffw_norm\.weight", "blocks.{i}.mlp_post_norm.weight"),  # Gemma 2, 3
+    (r"blk\.(?P<i>\d+)\.attn_qkv\.weight", "blocks.{i}.attn.qkv_proj.weight"),  # Phi-3: rows [q; k; v]
 ]
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+FUSED_UP = (r"blk\.(?P<i>\d+)\.ffn_up\.weight", "blocks.{i}.mlp.gate_up_proj.weight")  # Phi-3: rows [gate; up]
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+GEMMAS = ("gemma", "gemma2", "gemma3")
+MODEL_TYPES = {"gemma3": "gemma3_text"}  # GGUF architecture -> minift / Hugging Face model_type, where they differ
+# Gemma 2 and 3 write no query_pre_attn_scalar: llama.cpp scales queries by 1/sqrt(head_dim), except for the 27B
+# models (found by their layer count), which use 1/sqrt(embedding_length / head_count) as their config.json says.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}  # every n-th layer global, the rest sliding (llama.cpp's defaults)
 
 
-def minift_name(gguf_name: str) -> str | None:
+def minift_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The minift parameter name of a GGUF tensor, None if it has none."""
-    for pattern, target in NAME_MAP:
+    for pattern, target in ([FUSED_UP] if arch == "phi3" else []) + NAME_MAP:
         match = re.fullmatch(pattern, gguf_name)
         if match:
             return target.format(**match.groupdict())
@@ -507,7 +534,10 @@ def config_from_gguf(metadata: dict[str, Any], where: str = "GGUF file") -> Mode
     n_heads, dim = need("attention.head_count"), need("embedding_length")
     head_dim = get("attention.key_length", dim // n_heads)
     rope_dims = get("rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
+    partial = 1.0
+    if rope_dims != head_dim and arch == "phi3" and rope_dims < head_dim and rope_dims % 2 == 0:
+        partial = rope_dims / head_dim  # Phi-4-mini turns only the first dims of each head
+    elif rope_dims != head_dim:
         raise ValueError(f"{where}: rope.dimension_count={rope_dims} != head_dim={head_dim}; "
                          "partial RoPE is not supported")
     scaling_type = get("rope.scaling.type", "none", "str")
@@ -530,8 +560,29 @@ def config_from_gguf(metadata: dict[str, Any], where: str = "GGUF file") -> Mode
         hidden_dim=need("feed_forward_length"), max_seq_len=need("context_length"),
         norm="rms", norm_eps=need("attention.layer_norm_rms_epsilon", "positive number"), positions="rope",
         rope_theta=get("rope.freq_base", 10000.0, "positive number"), rope_scaling=rope_scaling,
-        mlp="swiglu", activation="silu", qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **special,
+        mlp="swiglu", activation="silu", qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3"),
+        partial_rotary_factor=partial, **special,
     )
+    fields["model_type"] = MODEL_TYPES.get(arch, arch)
+    if arch in GEMMAS:
+        fields.update(norm_plus_one=True, embed_scale=True, activation="gelu_tanh", branch_post_norms=arch != "gemma")
+    if arch in ("gemma2", "gemma3"):
+        fields["query_pre_attn_scalar"] = float(dim // n_heads if fields["n_layers"] == GEMMA_27B_LAYERS[arch]
+                                                else head_dim)
+        fields["final_softcap"] = get("final_logit_softcapping", None, "positive number")
+        fields["attn_softcap"] = get("attn_logit_softcapping", None, "positive number") if arch == "gemma2" else None
+        window = get("attention.sliding_window", None)
+        if window is not None:
+            every = get("attention.sliding_window_pattern", SLIDING_PATTERN[arch])
+            fields["sliding_window"] = window
+            fields["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                     for i in range(fields["n_layers"])]
+        if arch == "gemma3":
+            fields["rope_local_theta"] = get("rope.freq_base_swa", 10000.0, "positive number")
+    if arch == "phi3":
+        fields.update(fused_qkv=True, fused_gate_up=True)
+        window = get("attention.sliding_window", 0, "int >= 0")  # 0: none (Phi-4-mini)
+        fields["sliding_window"] = window or None
     try:
         return ModelConfig(**fields)
     except ValueError as error:  # e.g. head_count not a multiple of head_count_kv
@@ -539,15 +590,17 @@ def config_from_gguf(metadata: dict[str, Any], where: str = "GGUF file") -> Mode
 
 
 def load_gguf(path: str | Path):
-    """(ModelConfig, state dict of float32 tensors with minift names, Tokenizer) from a Llama, Qwen2 or Qwen3 file."""
+    """(ModelConfig, state dict of float32 tensors with minift names, Tokenizer) from a Llama, Qwen2, Qwen3,
+    Gemma 1/2/3 or Phi-3 file."""
     gguf = read_gguf(path)
     where = str(gguf.path)
     config = config_from_gguf(gguf.metadata, where)
     config.tie_embeddings = "output.weight" not in gguf.tensors  # no separate head: it reuses token_embd
-    unmapped = [name for name in gguf.tensors if minift_name(name) is None]
+    arch = gguf.metadata["general.architecture"]
+    unmapped = [name for name in gguf.tensors if minift_name(name, arch) is None]
     if unmapped:
-        raise ValueError(f"{where}: tensors {unmapped[:5]} have no minift equivalent "
-                         f"(rope_freqs means Llama-3.1 RoPE scaling, not supported from GGUF)")
+        raise ValueError(f"{where}: tensors {unmapped[:5]} have no minift equivalent (rope_freqs means Llama-3.1 "
+                         "RoPE scaling, rope_factors_long / _short Phi-3's LongRoPE: not supported from GGUF)")
     has_bias = any(name.endswith("attn_q.bias") for name in gguf.tensors)
     if has_bias != config.qkv_bias:
         config.qkv_bias = has_bias  # a Llama file with q/k/v biases, or a Qwen2 file without
@@ -560,7 +613,9 @@ def load_gguf(path: str | Path):
             tensor = unpermute_rope(tensor, config.n_heads)
         elif config.model_type == "llama" and re.search(r"\.attn_k\.", name):
             tensor = unpermute_rope(tensor, config.n_kv_heads)
-        state[minift_name(name)] = tensor
+        elif arch in GEMMAS and name.endswith("norm.weight"):
+            tensor = tensor - 1.0  # stored as 1 + w: back to the offset minift's norm_plus_one RMSNorm holds
+        state[minift_name(name, arch)] = tensor
     gguf.close()
     return config, state, tokenizer
 
