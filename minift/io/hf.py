@@ -25,7 +25,7 @@ is a table of (Hugging Face pattern, minift pattern) pairs per family, read in b
 
 The config.json keys that set each family's switches (minift/config.py) are read in config_from_hf and
 written back in config_to_hf; what a model_type always is (Gemma's (1 + w) norms, Qwen3's q/k norms) is
-the FIXED_SWITCHES table.
+the FIXED_SWITCHES table, and its biases follow the keys transformers reads for it (ATTENTION_BIAS_READERS).
 
 Writing goes the other way and produces a directory `transformers` loads with identical outputs. Every
 file is read with safetensors (no pickle), and every mismatch names the file and tensor: a corrupt file, an
@@ -481,7 +481,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 
 
 def decoder_config(c: ModelConfig) -> dict:
-    """config.json of a Llama-family or Gemma model (decoder_fields backwards). A switch the model_type cannot
+    """config.json of a Llama-family, Phi-3 or Gemma model (decoder_fields backwards). A switch the model_type cannot
     express (a Llama with a soft cap, a Gemma 2 without its post norms) is an error, not a silent change."""
     model_type = c.model_type if c.model_type in ARCHITECTURES else "llama"  # smollm2 and friends save as Llama
     gemma = model_type.startswith("gemma")
