@@ -9,7 +9,7 @@ it from prompts plus the current policy:
     prompt batches in a seeded order (LengthGroupedSampler, as every stream), left-padded for `generate`
 
     GRPO   micro-batch p = the rollout of prompt batch p: G samples per prompt, sampled with a generator
-           seeded by (seed, p); one optimizer step per rollout
+           seeded by (seed, p); each rollout serves one optimizer step (k of them per step), never reused
     PPO    a rollout covers num_minibatches x k prompt batches; optimizer step s belongs to rollout
            i = s // (ppo_epochs x num_minibatches), epoch e and minibatch m within it. The rollout's micro-batches
            are shuffled per epoch by a seeded permutation (whole micro-batches of B sequences move together, and
@@ -46,8 +46,8 @@ def tokenize_prompt(record: Record, tokenizer, max_length: int) -> dict:
         if not prompt.strip():
             raise ValueError(f"{where}: field 'prompt' is empty; the policy needs something to continue")
         ids = tokenizer.encode(prompt)
-        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None \
-            else []
+        add_bos = getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
+        bos = [tokenizer.bos_token_id] if add_bos else []
         ids, text = bos + ids, prompt
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         ids, text = tokenizer.encode(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)), ""
@@ -60,7 +60,7 @@ def tokenize_prompt(record: Record, tokenizer, max_length: int) -> dict:
 
 
 class RolloutStream:
-    """Micro-batches the policy writes (see the lesson). `model` and `tokenizer` are set by prepare_rl_run."""
+    """Micro-batches the policy writes (see the lesson). `model` and `tokenizer` are set by prepare_align_run."""
 
     def __init__(self, prompts: list[dict], pad_id: int, batch_size: int, seed: int, kind: str, options,
                  grad_accum_steps: int, report: str = "") -> None:

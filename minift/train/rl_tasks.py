@@ -39,8 +39,9 @@ Rewards: `[task] reward_model` (a sequence-classification directory, e.g. a `kin
 prompt + completion + EOS as it was trained; or `reward_function = "module:function"`, a Python function
 f(prompts: list[str], completions: list[str]) -> list[float] (TRL's signature).
 
-Metrics: reward, reward_std, kl (the mean per-sequence KL to the reference), completion_length; PPO also
-kl_coef, entropy, clipfrac, approx_kl, value_loss, value_clipfrac. The progress bar shows reward and kl.
+Metrics: GRPO logs reward, reward_std, kl (the mean per-sequence KL to the reference) and completion_length;
+PPO logs reward, kl, kl_coef, entropy, clipfrac, approx_kl, policy_loss, value_loss and value_clipfrac. The
+progress bar shows reward and kl.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class RLTaskModel(AlignTaskModel):
         super().__init__(backbone, task.kind, head)
         self.options = task
         self.kl_coef = task.beta
-        self.reward = None  # set by rl_data.prepare_rl_run (a function of prompts and completions)
+        self.reward = None  # set by rl_data.prepare_align_run (a function of prompts and completions)
         self.rollouts: dict[int, dict] = {}  # PPO: the rollout in use, by index
 
     def method_prepared(self) -> None:
