@@ -204,6 +204,13 @@ def test_bad_task_option_is_refused_before_any_model_loads(tmp_path, capsys, set
     assert err.startswith("minift: error:") and expected in err and "\n" not in err
 
 
+def test_a_task_model_names_its_own_kinds_when_given_another():
+    from minift.train.preference_tasks import AlignTaskModel
+
+    with pytest.raises(ValueError, match=r"^\[task\] kind = 'causal_lm'; expected one of reward, preference$"):
+        AlignTaskModel(torch.nn.Linear(1, 1), "causal_lm")
+
+
 def test_ipo_with_label_smoothing_is_refused(tmp_path, capsys):
     sets = ["model.source=no/such/model", "data.train=x.jsonl", "task.kind=preference", "task.loss_type=ipo",
             "task.label_smoothing=0.1"]

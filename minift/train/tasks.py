@@ -92,7 +92,7 @@ class TaskModel(nn.Module):
     def __init__(self, backbone: nn.Module, kind: str, head: nn.Module | None = None) -> None:
         super().__init__()
         if kind not in self.KINDS:
-            raise ValueError(f"[task] kind = {kind!r}; expected one of {', '.join(TASK_KINDS)}")
+            raise ValueError(f"[task] kind = {kind!r}; expected one of {', '.join(self.KINDS)}")
         self.backbone, self.kind, self.head = backbone, kind, head
         self.fused_loss = True  # LM tasks: fused, chunked projection + cross-entropy (train.fused_loss)
 
