@@ -13,8 +13,9 @@ After supervised fine-tuning, a model is taught what people *prefer* rather than
            GRPO (Shao et al. 2024), PPO's clipped losses
 
 Every formula is checked against TRL 1.16 in tests/test_align.py. This package sits below the training engine
-(layer 6, beside losses and data): it imports only minift.io, minift.data, minift.losses and the adapter interface,
-so the engine (minift/train/preference_tasks.py) can make reward models and DPO tasks of `minift finetune`.
+(layer 6, beside losses and data): it imports only minift.io, minift.data, minift.losses, minift.fused_loss and
+the adapter interface, so the engine (minift/train/preference_tasks.py, rl_tasks.py) can make reward models, DPO,
+GRPO and PPO tasks of `minift finetune`.
 """
 
 from minift.align.dpo import (

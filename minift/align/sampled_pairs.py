@@ -26,9 +26,9 @@ from minift.io.files import write_text_atomic
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None \
-        else []
-    return bos + tokenizer.encode(prompt)
+    """A text prompt's token ids, led by BOS when the tokenizer adds one (as the RL tasks' prompts, rl_data.py)."""
+    add_bos = getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
+    return ([tokenizer.bos_token_id] if add_bos else []) + tokenizer.encode(prompt)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from minift.align.sampled_pairs import prompt_ids
 from minift.data import LengthGroupedSampler, Record
 from minift.train.batches import BUNDLED_DATASETS, read_splits
 from minift.train.preference_data import load_pair_datasets, prepare_pair_run
@@ -45,10 +46,7 @@ def tokenize_prompt(record: Record, tokenizer, max_length: int) -> dict:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError(f"{where}: field 'prompt' is empty; the policy needs something to continue")
-        ids = tokenizer.encode(prompt)
-        add_bos = getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
-        bos = [tokenizer.bos_token_id] if add_bos else []
-        ids, text = bos + ids, prompt
+        ids, text = prompt_ids(tokenizer, prompt), prompt  # BOS first when the tokenizer adds one
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         ids, text = tokenizer.encode(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)), ""
     else:
