@@ -37,7 +37,8 @@ checkpoint to resume from) and must never export a broken model to final/:
                        optimizer step (f = divergence_factor, 10 by default):
                          the gradient norm is NaN or infinite                  -> stop before the step (optimizer_step)
                          the trainable weights are NaN or infinite             -> stop
-                         loss_ema > f x start_loss                             -> stop: the loss blew up
+                         loss_ema > f x start_loss, when start_loss > 0        -> stop: the loss blew up
+                           (GRPO / PPO policy losses may be negative: no scale)
                          |theta| > 10 f x |theta_0|  and  loss_ema > 0.9 x loss_1
                                                                                -> stop: the weights blew up, and the
                                                                                   loss is no better than at step 1
