@@ -221,3 +221,26 @@ def test_dtype_casts_keep_rope_frequencies_float32(tmp_path):
     assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_frequencies(model.config))
     model.half()
     assert model.blocks[0].attn.q_proj.weight.dtype == torch.float16 and model.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+                                        "gemma3_text"])
+def test_missing_config_keys_mean_what_transformers_reads(model_type):
+    """A config.json with only the required keys: every optional one minift fills in (hf.DEFAULTS and the
+    per-type readers) must be the value the model_type's transformers config class fills in."""
+    from minift.io import hf
+
+    raw = dict(model_type=model_type, vocab_size=V, hidden_size=128, intermediate_size=112, num_hidden_layers=2,
+               num_attention_heads=64)  # divisible by every default num_key_value_heads (4, 8, 16, 32)
+    ours = hf.config_from_hf(raw)
+    theirs = transformers.AutoConfig.for_model(**raw)
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    assert (ours.n_kv_heads, ours.head_dim, ours.max_seq_len, ours.norm_eps, ours.tie_embeddings) == \
+        (theirs.num_key_value_heads, head_dim, theirs.max_position_embeddings, theirs.rms_norm_eps,
+         theirs.tie_word_embeddings)
+    kinds = getattr(theirs, "layer_types", None)
+    if ours.sliding_window is None:  # no layer slides (transformers may still carry a window nobody uses)
+        assert kinds is None or "sliding_attention" not in kinds
+    else:
+        assert (ours.sliding_window, [ours.is_sliding(i) for i in range(2)]) == \
+            (theirs.sliding_window, [kinds is None or kind == "sliding_attention" for kind in (kinds or [None] * 2)])

@@ -212,8 +212,10 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 # What a config.json key means when it is missing: transformers' default for that model_type.
 DEFAULTS = {
     "head_dim": {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3_text": 256},
-    "num_key_value_heads": {"gemma": 16, "gemma2": 4, "gemma3_text": 4},  # others: num_attention_heads
-    "max_position_embeddings": {"gemma": 8192, "gemma2": 8192, "gemma3_text": 131072, "phi3": 4096},
+    "num_key_value_heads": {"mistral": 8, "qwen2": 32, "qwen3": 32, "gemma": 16, "gemma2": 4,
+                            "gemma3_text": 4},  # others: num_attention_heads
+    "max_position_embeddings": {"mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma": 8192, "gemma2": 8192,
+                                "gemma3_text": 131072, "phi3": 4096},  # others: 2048
     "rms_norm_eps": {"phi3": 1e-5},  # others: 1e-6
     "tie_word_embeddings": {"gemma": True, "gemma2": True, "gemma3_text": True},
 }
