@@ -267,9 +267,8 @@ def _cached_compile(case: CompileCase, target: str, cache_dir: str | None) -> di
     if cache_dir:
         try:
             path = Path(cache_dir) / f"{cache_key(case, target)}.json"
-        except Exception as error:  # noqa: BLE001 - e.g. a constexpr missing: compile_case reports it
+        except Exception:  # noqa: BLE001 - e.g. a constexpr missing: compile_case reports it
             path = None
-            del error
         if path is not None and path.exists():
             report = json.loads(path.read_text())
             report["cached"] = True
