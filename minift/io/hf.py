@@ -244,7 +244,8 @@ def decoder_fields(hf: dict, model_type: str, where: str) -> dict:
         layer_types, sliding_window_pattern
         (model_type phi3)                       fused_qkv,             Phi-3 (FIXED_SWITCHES); no biases
                                                 fused_gate_up
-        hidden_act                              activation             Phi-3 (silu; the GELUs)
+        hidden_act                              activation             Phi-3 (silu; the GELUs); Llama, Mistral,
+                                                                       Qwen: silu only (anything else refused)
         partial_rotary_factor (top level or     partial_rotary_factor  Phi-3 (Phi-4-mini: 0.75)
           in rope_parameters)
         rope_scaling {"type": "longrope",       rope_scaling           Phi-3 long-context checkpoints ("su" and
