@@ -46,7 +46,7 @@ Discussion
   the kernel saves is memory traffic and memory: a separate softmax, subtract, multiply would each read
   and write the (C, V) tile again, and hold extra copies of it.
 * Launch config: BLOCK_V = 4,096 for every vocabulary (a smaller one masks the rest of its one tile), 8
-  warps: 16 fp32 values per thread per tile; ptxas reports 56-108 registers (softcap + smoothing: the most) and
+  warps: 16 fp32 values per thread per tile; ptxas reports 56-101 registers (the most with softcap) and
   no spills for sm_80 and sm_90 (benchmarks/results/kernels_static.md). Each row reads its logits twice and
   writes them once: the kernel is bandwidth-bound, about 3 x 2 bytes x V per bf16 row.
 * Rows are independent, so the grid is simply (rows,). Row offsets are computed in int64.
