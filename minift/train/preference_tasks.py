@@ -92,18 +92,10 @@ class ReferenceHolder:
     def sequence_logprobs(self, backbone: nn.Module, batch: dict) -> torch.Tensor:
         """log pi_ref of every row (B,), in eval mode, without gradients."""
         args = (batch["input_ids"], batch.get("attention_mask"), batch["completion_mask"])
-        if self.needs_copy:
-            if self.copy is None:
-                raise ValueError("the reference model was released (precompute_reference) but a batch came without "
-                                 "precomputed reference log-probs")
-            return sequence_logprobs(self.copy, *args)
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            with disabled_adapters(backbone):
-                return sequence_logprobs(backbone, *args)
-        finally:
-            backbone.train(was_training)
+        if self.needs_copy and self.copy is None:
+            raise ValueError("the reference model was released (precompute_reference) but a batch came without "
+                             "precomputed reference log-probs")
+        return self.call(backbone, lambda model: sequence_logprobs(model, *args))
 
     @torch.no_grad()
     def call(self, backbone: nn.Module, fn):
