@@ -12,6 +12,7 @@
     checkpoint.py   atomic checkpoints: weights, optimizer, schedule, RNG, data position
     guards.py       stopping safely: one run per folder (run.lock), Ctrl-C, divergence
     distributed.py  several processes: torchrun, DDP, FSDP2, sharded checkpoints (torch.distributed.checkpoint)
+    compiled.py     train.compile: torch.compile per transformer block, compile seconds logged apart
     loop.py         setup -> fit -> evaluate
 
     from minift.train import setup, fit
