@@ -181,7 +181,8 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; resume it with --resume {run_dir}, "
                          f"or set train.output_dir to a new folder")
-    for leftover in world.on_main(lambda: ckpt.clean_interrupted_writes(run_dir))[: None if world.is_main else 0]:
+    removed = world.on_main(lambda: ckpt.clean_interrupted_writes(run_dir))  # rank 0 cleans; every rank gets the list
+    for leftover in removed if world.is_main else []:  # and rank 0 alone says so
         print(f"minift: note: removed {leftover}, left over from an interrupted write", file=sys.stderr)
     device = world.device(resolve_device(train.device))
     if train.precision == "fp16" and device.type != "cuda":
