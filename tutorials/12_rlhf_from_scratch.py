@@ -4,7 +4,7 @@
 # Prerequisites: lesson 04 (instruction tuning: completion-only loss), lesson 06 (LoRA: adapters that can be
 # switched off); the Bradley-Terry model of a pairwise preference; what a policy gradient is.
 #
-# InstructGPT (Ouyang et al. 2022) puts three steps after supervised fine-tuning: a reward model trained on
+# InstructGPT (Ouyang et al. 2022) puts two steps after supervised fine-tuning: a reward model trained on
 # human rankings, then PPO against that reward with a KL leash to the starting model. DPO (Rafailov et al.
 # 2023) skips the RL and the reward model at training time; GRPO (Shao et al. 2024) keeps the RL but drops the
 # value model. We run all of them on the one engine (`minift finetune`'s setup -> fit) with the bundled
