@@ -45,9 +45,10 @@ Guide, "Technical Specifications per Compute Capability"):
 Time. One compile takes 0.5-3 s (the Python front end and MLIR passes, then ptxas), and there are a few
 hundred cases per target. So `compile_all` runs the cases in a process pool and keeps each result as a
 small JSON file under build/aot-cache/ (git-ignored), named by a hash of the kernel's source (Triton's
-JITFunction.cache_key covers the kernel and every @triton.jit function and global it uses), the case and
-the Triton version. A fresh clone compiles everything; a later run recompiles only kernels whose source
-changed. Failed compiles are never cached.
+JITFunction.cache_key covers the kernel and every @triton.jit function and global it uses, and the line
+each function starts on), the case and the Triton version. A fresh clone compiles everything; a later run
+recompiles only kernels whose source changed or moved: even a line added to a docstring above a kernel
+shifts its starting line, and so recompiles it. Failed compiles are never cached.
 
 Workers run in fresh processes with TRITON_INTERPRET unset: under the interpreter `@triton.jit` returns
 an InterpretedFunction, which cannot be compiled, and the test session sets TRITON_INTERPRET=1.
