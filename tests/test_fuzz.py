@@ -896,7 +896,8 @@ BAD_PROMPTS = {
     "prompt-missing": ("prompts.jsonl", GOOD_PROMPTS + '{"text": "the cat"}\n', ["{path}:7", "prompt"]),
     "prompt-number": ("prompts.jsonl", '{"prompt": 12}\n', ["{path}:1", "prompt"]),
     "prompt-blank": ("prompts.jsonl", '{"prompt": "   "}\n', ["{path}:1", "prompt"]),
-    "prompt-bad-role": ("prompts.jsonl", '{"prompt": [{"role": "wizard", "content": "hi"}]}\n', ["{path}:1", "role"]),
+    "prompt-messages-without-chat-template": ("prompts.jsonl", '{"prompt": [{"role": "user", "content": "hi"}]}\n',
+                                              ["{path}:1", "prompt"]),
     "json-syntax": ("prompts.jsonl", GOOD_PROMPTS + '{"prompt": \n', ["{path}:7"]),
     "empty-file": ("prompts.jsonl", "", ["{path}"]),
     "not-utf8": ("prompts.jsonl", b'{"prompt": "caf\xe9"}\n', ["{path}"]),
@@ -1331,21 +1332,7 @@ def python_sigint():
 
 
 # Cases that still fail, in code another helper is writing: strict xfails (an xpass is a failure), reason = the defect.
-KNOWN: dict[str, str] = {
-    "align/grpo-prompt-bad-role": "rl_data.py: a message-list prompt reaches apply_chat_template first; its error "
-                                  "(no chat template) names neither the file nor the line",
-    "align/grpo-reward-function-returns-one-for-many": "rl_tasks.py: a reward function's wrong-length list is caught "
-                                                       "inside grpo_advantages, not naming task.reward_function",
-    "align/ppo-reward-function-returns-one-for-many": "rl_tasks.py: wrong-length rewards: a torch error",
-    "align/grpo-reward-function-returns-text": "rl_tasks.py: float('good') error names no function",
-    "align/grpo-reward-function-returns-nan": "rl_tasks.py: NaN rewards reach the loss; the divergence guard blames lr",
-    "align/grpo-reward-function-returns-none": "rl_tasks.py: TypeError traceback",
-    "align/preference-encoder": "preference_data.py tokenizes before the task checks the model: 'no EOS token'",
-    "align/reward-encoder": "preference_data.py tokenizes before the task checks the model: 'no EOS token'",
-    "align/preference-max-length-1": "align/preference.py: 'tokenize_preference: max_length=1' names no config field",
-    "align/preference-packing": "data.packing is silently ignored by preference tasks",
-    "align/grpo-packing": "data.packing is silently ignored by RL tasks",
-}
+KNOWN: dict[str, str] = {}
 
 
 def table_params():

@@ -77,7 +77,7 @@ from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, St
                                  weight_norm)
 from minift.train.methods import MethodPlan, prepare_method
 from minift.train.preference_tasks import export_task
-from minift.train.rl_data import ALIGN_KINDS, load_align_datasets, prepare_align_run
+from minift.train.rl_data import ALIGN_KINDS, check_align_run, load_align_datasets, prepare_align_run
 from minift.train.rl_tasks import build_align_task_model
 from minift.train.run_config import RunConfig, TrainConfig, to_toml, validate_run_config
 from minift.train.tasks import (TaskModel, build_task_model, count_targets, count_tokens, prepare_batch, save_head,
@@ -201,6 +201,8 @@ def setup(config: RunConfig, resume: bool = False, model=None, tokenizer=None) -
         set_dropout(model, config.model.dropout)
 
     align = config.task.kind in ALIGN_KINDS  # reward, preference (DPO), grpo, ppo: minift/train/rl_data.py
+    if align:
+        check_align_run(config, model)  # an encoder, or data.packing, refused before any record is tokenized
     train_data, eval_data, labels = (load_align_datasets if align else load_datasets)(config, tokenizer)
     task_model, plan, checkpoint_names = build_trainable_model(config, model, labels)
     model.gradient_checkpointing = train.gradient_checkpointing

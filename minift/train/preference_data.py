@@ -71,6 +71,11 @@ def load_pair_datasets(config, tokenizer) -> tuple[PairStream, PairStream | None
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token; cannot pad batches")
 
+    bos = 1 if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else 0
+    if data.max_length < 2 + bos:  # as tokenize_preference's own check, but named as the config field
+        raise ValueError(f"data.max_length = {data.max_length} leaves no room for a prompt and a completion "
+                         f"(a pair needs at least {2 + bos} tokens)")
+
     def stream(records, name):
         examples, report = tokenize_pairs(records, tokenizer, data.max_length, name)
         return PairStream(examples, pad_id, train.batch_size, seed=train.seed, group_by_length=data.group_by_length,

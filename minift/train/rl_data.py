@@ -48,7 +48,11 @@ def tokenize_prompt(record: Record, tokenizer, max_length: int) -> dict:
             raise ValueError(f"{where}: field 'prompt' is empty; the policy needs something to continue")
         ids, text = prompt_ids(tokenizer, prompt), prompt  # BOS first when the tokenizer adds one
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        ids, text = tokenizer.encode(tokenizer.apply_chat_template(prompt, add_generation_prompt=True)), ""
+        try:
+            chat = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        except ValueError as error:  # no template, or a message it cannot render: say which record
+            raise ValueError(f"{where}: field 'prompt' is a list of messages: {error}") from None
+        ids, text = tokenizer.encode(chat), ""
     else:
         raise ValueError(f"{where}: field 'prompt' must be a non-empty string or list of {{role, content}} messages, "
                          f"got {type(prompt).__name__}")
@@ -160,6 +164,20 @@ def load_rl_datasets(config, tokenizer) -> tuple[RolloutStream, RolloutStream | 
 # ----------------------------------------------------------------------------------------------------
 
 ALIGN_KINDS = PAIR_KINDS + RL_KINDS
+
+
+def check_align_run(config, backbone) -> None:
+    """Before any record is read: every align task trains a decoder, and none packs its records."""
+    kind, c = config.task.kind, backbone.config
+    if kind == "reward" and not c.causal:
+        raise ValueError(f"{config.model.source}: task reward reads the last token of a decoder; this "
+                         f"{c.model_type} model is an encoder")
+    if kind != "reward" and not (c.causal and c.lm_head):
+        raise ValueError(f"{config.model.source}: task {kind} needs a decoder with an lm_head; this {c.model_type} "
+                         "model is not one")
+    if config.data.packing:
+        raise ValueError(f"data.packing = true with [task] kind = {kind!r}: pairs and prompts are never packed into "
+                         "rows; set data.packing = false")
 
 
 def load_align_datasets(config, tokenizer):

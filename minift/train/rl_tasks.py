@@ -215,7 +215,23 @@ class RLTaskModel(AlignTaskModel):
         return self.reference.call(self.backbone, lambda model: policy_outputs(model, batch, T)["logps"])
 
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        return torch.tensor([float(r) for r in self.reward(prompts, completions)], dtype=torch.float32)
+        """The reward of each completion: one finite number each, or one line naming the reward that broke it."""
+        task = self.options
+        source = (f"task.reward_model = {task.reward_model!r}" if task.reward_model is not None
+                  else f"task.reward_function = {task.reward_function!r}")
+        rewards = self.reward(prompts, completions)
+        try:
+            values = [float(r) for r in rewards]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source} must return a list of numbers, one per completion ({error})") from None
+        if len(values) != len(completions):
+            raise ValueError(f"{source} returned {len(values)} rewards for {len(completions)} completions; "
+                             "it must return one per completion")
+        bad = [i for i, v in enumerate(values) if v != v or v in (float("inf"), float("-inf"))]
+        if bad:
+            raise ValueError(f"{source} returned {values[bad[0]]} for completion {bad[0]} ({len(bad)} not finite); "
+                             "rewards must be finite numbers")
+        return torch.tensor(values, dtype=torch.float32)
 
     def task_state(self) -> dict:
         """What a checkpoint keeps besides weights: kl_coef and (PPO) the rollout in use, as JSON."""
