@@ -203,12 +203,35 @@ def launch_processes(args, config) -> int:
         check_config(workers)  # refused once, here, instead of once per worker under torchrun's own report
     elif mode != "auto":
         check_config(config)
+    check_sources_once(config)
     again = ["finetune", *([args.config] if args.config else []), *(["--resume", args.resume] if args.resume else [])]
     again += [item for override in (args.overrides or []) for item in ("--set", override)]
     if config.train.distributed == "none":
         again += ["--set", "train.distributed=ddp"]
         print("minift: note: --nproc with train.distributed = none: using ddp", file=sys.stderr)
     return relaunch(args.nproc, again)
+
+
+def check_sources_once(config) -> None:
+    """--nproc: a model or data path that is not there is said once, here, not by every worker under torchrun."""
+    from pathlib import Path
+
+    from minift.io import hf
+    from minift.io.bundled import resolve_bundled
+    from minift.train.batches import BUNDLED_DATASETS
+
+    source = config.model.source
+    if resolve_bundled(source) is None:
+        if Path(source).suffix == ".gguf":
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"model.source = {source!r}: no such .gguf file")
+        else:
+            hf.read_config(Path(source))  # the error a worker would give: "<dir>/config.json: missing; ..."
+    for field in ("train", "validation"):
+        data = getattr(config.data, field)
+        if data and data not in BUNDLED_DATASETS and not Path(data).is_file():
+            raise FileNotFoundError(f"data.{field} = {data!r}: no such file (nor a bundled dataset: "
+                                    f"{', '.join(BUNDLED_DATASETS)})")
 
 
 def interrupted_message(run_dir, args) -> str:

@@ -1070,6 +1070,10 @@ add("train/nproc-fsdp-qlora", nproc_case("2", ["fsdp", "qlora"], "train.distribu
 add("train/nproc-fsdp-fp16", nproc_case("2", ["fsdp", "fp16"], "train.distributed=fsdp", "train.precision=fp16"))
 add("train/nproc-gradual-unfreezing", nproc_case("2", ["train.gradual_unfreezing"], "train.gradual_unfreezing=2"))
 add("train/nproc-bad-value", nproc_case("2", ["--set: train.lr = "], "train.lr=-1"))
+add("train/nproc-model-missing", lambda e: (
+    [*finetune_args(e.tmp / "none", e.a["data"], e.out, *QUICK), "--nproc", "2"], [str(e.tmp / "none")]))
+add("train/nproc-data-missing", lambda e: (
+    [*finetune_args(e.a["model"], e.tmp / "none.jsonl", e.out, *QUICK), "--nproc", "2"], [str(e.tmp / "none.jsonl")]))
 add("train/ddp-without-torchrun", lambda e: (
     finetune_args(e.a["model"], e.a["data"], e.out, *QUICK, "train.distributed=ddp"), ["train.distributed", "torchrun"]))
 add("train/fsdp-without-torchrun", lambda e: (
