@@ -229,3 +229,15 @@ def test_bad_inputs_give_clear_errors():
         NF4Tensor(q.packed, q.absmax[:1], q.shape, q.dtype)
     with pytest.raises(ValueError, match="uint8 absmax codes and an offset"):
         NF4Tensor(q.packed, q.absmax, q.shape, q.dtype, nested_absmax=torch.ones(1))
+
+
+def test_keep_out_of_compile_marks_the_eager_functions_once():
+    """Importing minift must not import torch._dynamo (slow); compiling swaps in torch.compiler.disable'd twins."""
+    import subprocess
+    import sys
+
+    code = ("import sys, minift.quant.nf4 as nf4; assert 'torch._dynamo' not in sys.modules, 'dynamo at import'; "
+            "plain = nf4.dequantize_cpu; nf4.keep_out_of_compile(); first = nf4.dequantize_cpu; "
+            "nf4.keep_out_of_compile(); assert nf4.dequantize_cpu is first is not plain; "
+            "assert nf4.lut_code._minift_eager and first._minift_eager")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -119,7 +119,6 @@ def lut_grid_codes(code: torch.Tensor) -> torch.Tensor:
     return nearest_code(grid, code)
 
 
-@torch.compiler.disable  # a compiler could fuse the index arithmetic and round differently
 def lut_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The code bitsandbytes' CPU kernel gives each scaled value: its grid point's code (module lesson).
 
@@ -363,8 +362,6 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out[:n].view(q.shape)
 
 
-# torch.compile (train.compile) runs this as it is: traced, its chunk loop would unroll into one op per chunk.
-@torch.compiler.disable
 def dequantize_cpu(q: NF4Tensor, dtype: torch.dtype, chunk_values: int = CPU_CHUNK_VALUES) -> torch.Tensor:
     """The same values as `dequantize`, computed on the CPU in cache-sized chunks.
 
@@ -423,3 +420,28 @@ def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True, neste
     if not double_quant:
         return codes + 4 * n_blocks
     return codes + n_blocks + 4 * -(-n_blocks // nested_blocksize) + 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Under torch.compile
+# ----------------------------------------------------------------------------------------------------
+
+# Two functions must run as written even inside compiled code: lut_code, because a compiler could fuse its index
+# arithmetic and round differently from bitsandbytes, and dequantize_cpu, whose chunk loop would unroll into one op
+# per chunk if traced. torch.compiler.disable does that, but applying it imports torch._dynamo (about 1.4 s, and
+# Triton with it) - at import time that would slow every minift command, so it is applied when compiling starts.
+_EAGER_UNDER_COMPILE = ("lut_code", "dequantize_cpu")
+
+
+def keep_out_of_compile() -> None:
+    """Make lut_code and dequantize_cpu run eagerly inside torch.compile'd code (idempotent).
+
+    minift.train.compiled calls it before compiling; call it yourself before torch.compile of a model with NF4
+    layers. The module's own callers look these names up at call time, so replacing them here is enough.
+    """
+    for name in _EAGER_UNDER_COMPILE:
+        fn = globals()[name]
+        if not getattr(fn, "_minift_eager", False):
+            eager = torch.compiler.disable(fn)
+            eager._minift_eager = True
+            globals()[name] = eager

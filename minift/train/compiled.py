@@ -43,6 +43,9 @@ def compile_blocks(model: nn.Module) -> int:
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise ValueError(f"train.compile = true needs a model with transformer blocks; {type(model).__name__} "
                          "has none")
+    from minift.quant.nf4 import keep_out_of_compile
+
+    keep_out_of_compile()  # NF4 code lookups and the chunked dequantize stay eager (minift/quant/nf4.py)
     for block in blocks:
         block.compile()
     return len(blocks)
