@@ -227,5 +227,7 @@ def test_gguf_tokenizer_errors(smol_path):
     metadata = dict(read_gguf(smol_path).metadata)
     with pytest.raises(ValueError, match="tokenizer.ggml.pre 'mystery'"):
         tokenizer_from_gguf({**metadata, "tokenizer.ggml.pre": "mystery"})
-    with pytest.raises(ValueError, match="tokenizer.ggml.model is 'llama'"):
+    with pytest.raises(ValueError, match="tokenizer.ggml.model is 't5'"):
+        tokenizer_from_gguf({**metadata, "tokenizer.ggml.model": "t5"})
+    with pytest.raises(ValueError, match="tokenizer.ggml.scores is missing"):  # SentencePiece needs its scores
         tokenizer_from_gguf({**metadata, "tokenizer.ggml.model": "llama"})
