@@ -58,6 +58,8 @@ BAD_VALUES = [
     ("train.precision=fp64", r"train\.precision = 'fp64'; must be one of fp32, bf16, fp16"),
     ("train.schedule=linear", r"train\.schedule = 'linear'; must be one of .*constant"),
     ("task.kind=seq2seq", r"task\.kind = 'seq2seq'; must be one of causal_lm, masked_lm, classification"),
+    ("task.kind=dpo", r"task\.kind = 'dpo'; must be one of .* \('dpo' is called 'preference' here\)"),
+    ("task.kind=SFT", r"task\.kind = 'SFT'; must be one of .* \('SFT' is called 'causal_lm' here\)"),
     ("data.format=json", r"data\.format = 'json'; must be one of text, prompt_completion, alpaca, chat"),
     ("task.pooling=max", r"task\.pooling = 'max'; must be one of mean, cls, last"),
     ("train.gradual_unfreezing=-1", r"train\.gradual_unfreezing = -1; must be >= 0 \(0 = off\)"),

@@ -62,6 +62,7 @@ class Rule:
     test: Callable[[Any], bool]
     text: str
     choices: tuple = ()  # for one_of: a misspelt value gets "did you mean ...?"
+    aliases: tuple = ()  # for one_of: (other name, our name) pairs, e.g. ("dpo", "preference"): "... is called ..."
 
 
 def at_least(low, note: str = "") -> Rule:
@@ -79,9 +80,9 @@ def interval(low, high, closed: str = "[)", note: str = "") -> Rule:
     return Rule(lambda v: lower(v) and upper(v), f"in {closed[0]}{low}, {high}{closed[1]}{note}")
 
 
-def one_of(choices) -> Rule:
+def one_of(choices, aliases: dict[str, str] | None = None) -> Rule:
     choices = tuple(choices)
-    return Rule(lambda v: v in choices, f"one of {', '.join(choices)}", choices)
+    return Rule(lambda v: v in choices, f"one of {', '.join(choices)}", choices, tuple((aliases or {}).items()))
 
 
 def torch_device(name: str) -> bool:
@@ -154,7 +155,10 @@ class TaskSection:
     kl_horizon: int = 10000  # ppo: adaptive KL's horizon (Ziegler et al. 2019), in sequences
 
 
-TASK_RULES = {"kind": one_of(TASK_KINDS + PAIR_KINDS + RL_KINDS), "labels": LABEL_NAMES, "pooling": one_of(POOLINGS),
+# what other libraries and papers call our task kinds (TRL: DPO, RM; "SFT" is next-token training)
+TASK_ALIASES = {"dpo": "preference", "ipo": "preference", "rm": "reward", "sft": "causal_lm", "clm": "causal_lm",
+                "lm": "causal_lm", "mlm": "masked_lm", "cls": "classification", "rlhf": "ppo"}
+TASK_RULES = {"kind": one_of(TASK_KINDS + PAIR_KINDS + RL_KINDS, TASK_ALIASES), "labels": LABEL_NAMES, "pooling": one_of(POOLINGS),
               "head_dropout": DROPOUT, "mlm_probability": interval(0, 1, "()"), "beta": at_least(0),
               "loss_type": one_of(LOSS_TYPES), "label_smoothing": interval(0, 0.5, "[)"),
               "center_rewards_coefficient": at_least(0), "reward_model": NOT_EMPTY, "reward_function": NOT_EMPTY,
@@ -327,7 +331,10 @@ def validate_run_config(config: RunConfig, where: str = "config", given_by: dict
                 raise ValueError(f"{origin}: {key} = {value}; must be a finite number")
             rule = rules.get(name)
             if value is not None and rule is not None and not rule.test(value):
-                hint = suggest(value, rule.choices) if rule.choices and isinstance(value, str) else ""
+                hint = ""
+                if rule.choices and isinstance(value, str):
+                    ours = dict(rule.aliases).get(value.lower())
+                    hint = f" ({value!r} is called {ours!r} here)" if ours else suggest(value, rule.choices)
                 raise ValueError(f"{origin}: {key} = {value!r}; must be {rule.text}{hint}")
             setattr(target, name, value)
     kind, metric = config.task.kind, config.train.early_stopping_metric
