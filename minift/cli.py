@@ -450,7 +450,7 @@ def add_tool_parsers(sub) -> None:
                     "  --model SOURCE    convert any source (GGUF, bundled name, 4-bit directory) to a dense\n"
                     "                    Hugging Face directory; with --adapter this is `minift merge`.\n"
                     "  --format gguf     instead, one .gguf file llama.cpp / Ollama / LM Studio run (Llama family,\n"
-                    "                    SmolLM2 included), adapters merged first, at --quant f16|q8_0|q4_0|q4_k.",
+                    "                    SmolLM2 included, Qwen2/3, Gemma 1/2/3, Phi-3), adapters merged first, at --quant f16|q8_0|q4_0|q4_k.",
         epilog="examples: minift export --run runs/qlora_tweets_lm --out tweets-lm\n"
                "          minift export --run runs/lora_sft_alpaca --format peft --out alpaca-adapter\n"
                "          minift export --model smollm2-135m --out smollm2-hf --dtype bfloat16\n"

@@ -1201,10 +1201,15 @@ add("export/gguf-sliding-window", lambda e: (
 add("export/gguf-gpt2", lambda e: (gguf_export(e, model=other_model(
     e, model_type="gpt2", norm="layer", positions="learned", mlp="gelu", activation="gelu_tanh", qkv_bias=True,
     out_bias=True, mlp_bias=True)), ["gpt2"]))
-add("export/gguf-gemma", lambda e: (gguf_export(e, model=other_model(
-    e, model_type="gemma", norm_plus_one=True, embed_scale=True, activation="gelu_tanh")), ["gemma"]))
-add("export/gguf-phi3", lambda e: (gguf_export(e, model=other_model(
-    e, model_type="phi3", fused_qkv=True, fused_gate_up=True)), ["phi3"]))
+add("export/gguf-gemma-untied", lambda e: (gguf_export(e, model=other_model(
+    e, model_type="gemma", norm_plus_one=True, embed_scale=True, activation="gelu_tanh")), ["gemma", "tie_embeddings"]))
+add("export/gguf-gemma2-query-scalar", lambda e: (gguf_export(e, model=other_model(
+    e, model_type="gemma2", norm_plus_one=True, embed_scale=True, activation="gelu_tanh", tie_embeddings=True,
+    branch_post_norms=True, query_pre_attn_scalar=5.0)), ["query_pre_attn_scalar"]))
+add("export/gguf-phi3-longrope", lambda e: (gguf_export(e, model=other_model(
+    e, model_type="phi3", fused_qkv=True, fused_gate_up=True, max_seq_len=128, rope_scaling={
+        "rope_type": "longrope", "long_factor": [1.0] * 4, "short_factor": [1.0] * 4,
+        "original_max_position_embeddings": 64})), ["LongRoPE"]))
 add("export/gguf-adapter-of-another-width", lambda e: (
     gguf_export(e, "--adapter", str(e.a["wide-lora"])), [str(e.a["wide-lora"])]))
 add("export/quant-without-gguf", lambda e: (

@@ -94,3 +94,36 @@ def test_sentencepiece_gguf_without_scores_is_refused(tmp_path):
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
     with pytest.raises(ValueError, match="tokenizer.ggml.scores"):
         tokenizer_from_gguf(read_gguf(tmp_path / "bad.gguf").metadata, "bad.gguf")
+
+
+@pytest.mark.parametrize("prefix", [True, False], ids=["space-prefix", "no-prefix (gemma)"])
+def test_sentencepiece_vocabulary_written_back_tokenizes_alike(tmp_path, prefix):
+    """GGUF out (minift/io/gguf_write.py): the tokenizer read from the file, and the same vocabulary as a Hugging
+    Face tokenizer.json would spell it (a Metaspace pre-tokenizer instead of normalizers), written as a "llama"
+    vocabulary with scores -(merge rank) and read back, tokenize as sentencepiece does."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from minift.io.gguf_write import tokenizer_metadata
+    from minift.tokenizer import Tokenizer
+
+    sp = spm_model(tmp_path, prefix)
+    ours = tokenizer_from_gguf(read_gguf(write_vocab(tmp_path / "v.gguf", sp, prefix)).metadata, "v.gguf")
+    spec = json.loads(ours.inner.to_str())
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "split": False,
+                             "prepend_scheme": "first" if prefix else "never"}
+    hf_style = Tokenizer(HFTokenizer.from_str(json.dumps(spec)), bos_token_id=ours.bos_token_id,
+                         eos_token_id=ours.eos_token_id, unk_token_id=ours.unk_token_id)
+    for source in (ours, hf_style):
+        metadata = {key: value.value for key, value in tokenizer_metadata(source).items()}
+        assert metadata["tokenizer.ggml.model"] == "llama" and metadata["tokenizer.ggml.add_space_prefix"] == prefix
+        types = metadata["tokenizer.ggml.token_type"]
+        assert types[sp.unk_id()] == 2 and types[sp.bos_id()] == 3 and types.count(6) == 256
+        back = tokenizer_from_gguf(metadata, "written")
+        for text in TEXTS:
+            if source is hf_style and text.startswith(" "):
+                continue  # Metaspace adds no "▁" before a leading space; SentencePiece (and the file) does
+            assert back.encode(text) == sp.encode(text), text
+            assert back.encode(text, add_special_tokens=True) == [sp.bos_id(), *sp.encode(text)]

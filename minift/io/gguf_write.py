@@ -5,7 +5,7 @@ Lesson
 minift/io/gguf.py explains the file layout and how to read every block format; this module goes the other
 way. Writing is the reader's steps backwards:
 
-    1. metadata   general.architecture = "llama" (or "qwen2", "qwen3"), then the shape as <arch>.* keys (block_count,
+    1. metadata   general.architecture = "llama" (or "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"), then the shape as <arch>.* keys (block_count,
                   embedding_length, feed_forward_length, attention.head_count(_kv), rms epsilon,
                   rope.freq_base, rope.dimension_count, context_length), the file type, and the
                   tokenizer as tokenizer.ggml.* keys (below). Integers are uint32 and reals float32,
@@ -18,6 +18,20 @@ way. Writing is the reader's steps backwards:
 
 Qwen2 and Qwen3 differ from Llama only where the reader says (minift/io/gguf.py): q/k/v biases (Qwen2),
 per-head q/k RMSNorm weights blk.{i}.attn_q_norm / attn_k_norm (Qwen3), and no row permutation.
+Gemma 1/2/3 and Phi-3 are the reader's table backwards too: Gemma's RMSNorm weights are written as 1 + w
+(llama.cpp multiplies by the stored weight), no output.weight (the head is the embedding; an untied Gemma is
+refused), gemma2.attn_logit_softcapping / final_logit_softcapping, attention.sliding_window, and for Gemma 3
+rope.freq_base (global layers) and rope.freq_base_swa (local ones). llama.cpp derives what is not written: the
+query scale 1/sqrt(head_dim) (1/sqrt(dim / heads) at 46 / 62 layers) and the local:global pattern (every 2nd /
+6th layer global), so a model whose query_pre_attn_scalar or layer_types differ is refused. Phi-3 keeps its
+fused tensors whole (attn_qkv = [q; k; v], ffn_up = [gate; up]), writes rope.dimension_count = the rotated
+dims (partial rotary) and sliding_window (0: none). LongRoPE (rope_factors_long / _short) is refused: the
+reader cannot read it back. None of these get the Q/K permutation (llama.cpp rotates them NeoX-style).
+
+SentencePiece vocabularies (Gemma, Phi-3, Llama 2: BPE with byte fallback, spaces spelled "▁") are written as
+tokenizer.ggml.model = "llama": tokens, types and one score per token, no merges. SentencePiece merges the
+adjacent pair whose joined piece scores highest, so the token made by merge r gets score -(r + 1) and every
+other normal token a lower one; `sentencepiece_metadata` explains the rest and checks the round trip.
 
 The Q/K permutation. llama.cpp's RoPE for "llama" rotates adjacent pairs (x0, x1), (x2, x3), ...; minift
 (like Hugging Face) rotates (x_j, x_{j + hd/2}). Reordering the rows of W_q and W_k turns one into the other:
@@ -74,8 +88,8 @@ from typing import Any, Callable
 import torch
 
 from minift.io.files import replace_atomically
-from minift.io.gguf import (CONTROL, DEFAULT_ALIGNMENT, GGML_TYPES, GGUF_MAGIC, NAME_MAP, PRE_TOKENIZER_SPLITS,
-                            tokenizer_from_gguf)
+from minift.io.gguf import (BYTE, CONTROL, DEFAULT_ALIGNMENT, FUSED_UP, GEMMA_27B_LAYERS, GGML_TYPES, GGUF_MAGIC,
+                            NAME_MAP, PRE_TOKENIZER_SPLITS, SPACE, UNKNOWN, tokenizer_from_gguf)
 
 # ----------------------------------------------------------------------------------------------------
 # Quantizers: float32 values -> the bytes of one ggml type
@@ -350,26 +364,56 @@ LLAMA_SHAPE = {"causal": True, "norm": "rms", "post_norm": False, "positions": "
                "activation": "silu", "qk_norm": False, "norm_plus_one": False, "embed_scale": False,
                "branch_post_norms": False, "query_pre_attn_scalar": None, "attn_softcap": None,
                "final_softcap": None, "sliding_window": None, "rope_local_theta": None, "qkv_bias": False,
-               "out_bias": False}
+               "out_bias": False, "fused_qkv": False, "fused_gate_up": False, "partial_rotary_factor": 1.0}
+ANY = object()  # in ARCHITECTURES: the architecture writes this field to the file, any value goes
+GEMMA = {"norm_plus_one": True, "embed_scale": True, "activation": "gelu_tanh", "tie_embeddings": True}
 # minift model_type -> (general.architecture, the fields where that architecture differs from LLAMA_SHAPE).
-# Only "llama" gets the Q/K row permutation; llama.cpp runs qwen2 / qwen3 with the NeoX (rotate_half) RoPE.
+# Only "llama" gets the Q/K row permutation; llama.cpp runs the others with the NeoX (rotate_half) RoPE.
 ARCHITECTURES = {"llama": ("llama", {}), "mistral": ("llama", {}), "qwen2": ("qwen2", {"qkv_bias": True}),
-                 "qwen3": ("qwen3", {"qk_norm": True})}
+                 "qwen3": ("qwen3", {"qk_norm": True}),
+                 "gemma": ("gemma", GEMMA),
+                 "gemma2": ("gemma2", {**GEMMA, "branch_post_norms": True, "query_pre_attn_scalar": ANY,
+                                       "attn_softcap": ANY, "final_softcap": ANY, "sliding_window": ANY}),
+                 "gemma3_text": ("gemma3", {**GEMMA, "branch_post_norms": True, "qk_norm": True,
+                                            "query_pre_attn_scalar": ANY, "final_softcap": ANY,
+                                            "sliding_window": ANY, "rope_local_theta": ANY}),
+                 "phi3": ("phi3", {"fused_qkv": True, "fused_gate_up": True, "sliding_window": ANY,
+                                   "partial_rotary_factor": ANY})}
+SLIDING_EVERY = {"gemma2": 2, "gemma3": 6}  # llama.cpp makes every n-th layer global (the reader's SLIDING_PATTERN)
 
 
 def check_exportable(config) -> None:
     """Refuse, in one line, a model llama.cpp's architecture for it would compute differently."""
     if config.model_type not in ARCHITECTURES:
         raise ValueError(f"--format gguf: model_type {config.model_type!r} is not supported; minift writes GGUF for "
-                         f"{sorted(ARCHITECTURES)} (the Llama family, SmolLM2 included, and Qwen2 / Qwen3)")
+                         f"{sorted(ARCHITECTURES)} (the Llama family, SmolLM2 included, Qwen2 / Qwen3, Gemma 1/2/3 "
+                         "and Phi-3)")
     arch, differences = ARCHITECTURES[config.model_type]
     for field, wanted in {**LLAMA_SHAPE, **differences}.items():
-        if getattr(config, field, wanted) != wanted:
+        if wanted is not ANY and getattr(config, field, wanted) != wanted:
             raise ValueError(f"--format gguf: this {config.model_type} model has {field}={getattr(config, field)!r}, "
                              f"which llama.cpp's {arch} architecture does not have (expected {wanted!r})")
     scaling = config.rope_scaling
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear",):
-        raise ValueError(f"--format gguf: rope_scaling {scaling!r} is not supported (GGUF export writes none or linear)")
+        raise ValueError(f"--format gguf: rope_scaling {scaling!r} is not supported (GGUF export writes none or "
+                         "linear; Phi-3's LongRoPE and Llama 3's scaling are not written)")
+    head_dim = config.head_dim or config.dim // config.n_heads
+    if arch in SLIDING_EVERY:  # what llama.cpp derives instead of reading it from the file
+        scalar = float(config.dim // config.n_heads if config.n_layers == GEMMA_27B_LAYERS[arch] else head_dim)
+        if config.query_pre_attn_scalar is not None and float(config.query_pre_attn_scalar) != scalar:
+            raise ValueError(f"--format gguf: query_pre_attn_scalar={config.query_pre_attn_scalar} but llama.cpp's "
+                             f"{arch} scales queries by 1/sqrt({scalar:g}) for this shape")
+        if config.sliding_window is not None:
+            every = SLIDING_EVERY[arch]
+            pattern = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                       for i in range(config.n_layers)]
+            if config.layer_types is not None and list(config.layer_types) != pattern:
+                raise ValueError(f"--format gguf: layer_types {config.layer_types} differ from llama.cpp's {arch} "
+                                 f"pattern (every {every}th layer global)")
+    elif config.sliding_window is not None and config.layer_types is not None and \
+            any(t != "sliding_attention" for t in config.layer_types):
+        raise ValueError(f"--format gguf: layer_types {config.layer_types} mix sliding and global layers, which "
+                         f"llama.cpp's {arch} does not")
 
 
 def permute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -384,7 +428,7 @@ def permute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 def gguf_names() -> list[tuple[str, str]]:
     """(minift name pattern, GGUF name template): the reader's NAME_MAP the other way round."""
     pairs = []
-    for pattern, target in NAME_MAP:
+    for pattern, target in NAME_MAP + [FUSED_UP]:
         gguf_template = (pattern.replace(r"\.", ".").replace(r"(?P<i>\d+)", "{i}")
                          .replace("(?P<p>weight|bias)", "{p}"))
         minift_pattern = target.replace(".", r"\.").replace("{i}", r"(?P<i>\d+)").replace("{p}", "(?P<p>weight|bias)")
@@ -427,7 +471,9 @@ def model_tensors(model, quant: str) -> list[TensorOut]:
             continue
         target = gguf_name(name)
         if ARCHITECTURES[config.model_type][0] != "llama":
-            pass  # qwen2 / qwen3: rows stay in rotate_half order
+            if config.norm_plus_one and target.endswith("norm.weight"):
+                weight = weight + 1.0  # Gemma: llama.cpp's plain RMSNorm multiplies by the stored 1 + w
+            # the rest, and qwen2 / qwen3 / gemma / phi3 attention rows, stay in rotate_half order
         elif ".attn_q." in target:
             weight = permute_rope(weight, config.n_heads)
         elif ".attn_k." in target:
@@ -452,8 +498,8 @@ def tokenizer_metadata(tokenizer, where: str = "--format gguf") -> dict[str, Val
     spec = tokenizer_json(tokenizer)
     model = spec.get("model", {})
     if model.get("type") != "BPE":
-        raise ValueError(f"{where}: the tokenizer is {model.get('type')!r}; GGUF export writes byte-level BPE "
-                         "tokenizers (llama.cpp's 'gpt2')")
+        raise ValueError(f"{where}: the tokenizer is {model.get('type')!r}; GGUF export writes BPE tokenizers: "
+                         "byte-level (llama.cpp's 'gpt2') or with byte fallback and '▁' spaces (SentencePiece, 'llama')")
     vocab = tokenizer.inner.get_vocab(with_added_tokens=True)  # token -> id
     size = max(vocab.values()) + 1
     tokens = [None] * size
@@ -466,6 +512,8 @@ def tokenizer_metadata(tokenizer, where: str = "--format gguf") -> dict[str, Val
     for added in spec.get("added_tokens", []):
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if model.get("byte_fallback"):  # BPE over "▁"-spelled text with <0xNN> byte tokens: SentencePiece's kind
+        return sentencepiece_metadata(tokenizer, spec, tokens, types, merges, where)
     metadata = {
         "tokenizer.ggml.model": Value(STRING, "gpt2"),
         "tokenizer.ggml.pre": Value(STRING, "default"),  # replaced below by the name that tokenizes alike
@@ -482,6 +530,89 @@ def tokenizer_metadata(tokenizer, where: str = "--format gguf") -> dict[str, Val
     if tokenizer.chat_template:
         metadata["tokenizer.chat_template"] = Value(STRING, tokenizer.chat_template)
     metadata["tokenizer.ggml.pre"] = Value(STRING, pre_tokenizer_name(tokenizer, metadata, where))
+    return metadata
+
+
+def _space_prefix(spec: dict) -> bool:
+    """Whether the tokenizer puts one "▁" before the text: a Prepend("▁") normalizer, or a Metaspace
+    pre-tokenizer whose prepend_scheme is not "never" (the two ways Hugging Face spells SentencePiece's dummy
+    prefix)."""
+    def walk(node, kinds):
+        if not isinstance(node, dict):
+            return []
+        found = [node] if node.get("type") in kinds else []
+        for child in node.get("normalizers", []) + node.get("pretokenizers", []):
+            found += walk(child, kinds)
+        return found
+    prepends = [n for n in walk(spec.get("normalizer"), ("Prepend",)) if n.get("prepend") == SPACE]
+    metaspace = [n for n in walk(spec.get("pre_tokenizer"), ("Metaspace",)) if n.get("prepend_scheme") != "never"]
+    return bool(prepends or metaspace)
+
+
+def _adds_bos(spec: dict, bos: str | None) -> bool:
+    """Whether encode(..., add_special_tokens=True) starts with bos (a TemplateProcessing that begins with it)."""
+    processor = spec.get("post_processor") or {}
+    single = (processor.get("single") or []) if processor.get("type") == "TemplateProcessing" else []
+    return bool(single) and single[0].get("SpecialToken", {}).get("id") == bos
+
+
+SENTENCEPIECE_PROBES = (
+    "the quick brown fox jumps over the lazy dog", "Hello  world,   with   runs of spaces ", "trailing  ",
+    "unicode the vocabulary lacks: café, naïve, 東京, emoji 🙂!", "digits 0123456789 and symbols #$%^&*()[]{}",
+    "tabs\tand\nnewlines\n\nhere", "x", "then there, the theory: they'll see 'quoted' x+y=z")
+
+
+def sentencepiece_metadata(tokenizer, spec: dict, tokens: list[str], types: list[int], merges: list[str],
+                           where: str) -> dict[str, Value]:
+    """tokenizer.ggml.* for a BPE tokenizer with byte fallback and "▁" for spaces (Gemma, Phi-3, Llama 2), written
+    as llama.cpp's "llama" (SentencePiece) kind: tokens, scores and types, no merge list.
+
+    SentencePiece merges, again and again, the adjacent pair whose joined piece scores highest. Giving the token
+    that merge r creates the score -(r + 1) makes that rule pick the merges in BPE's rank order; every other
+    token gets a score below all of them. Types: <0xNN> byte tokens 6, the unknown token 2, special added tokens
+    3 (control), other added tokens 4 (user-defined), the rest 1 (normal). The vocabulary is then rebuilt the way
+    minift's reader builds it and must tokenize SENTENCEPIECE_PROBES exactly as the original does. (None starts
+    with a space: there a Hugging Face Metaspace pre-tokenizer adds no "▁" of its own, while SentencePiece, llama.cpp
+    and minift's reader of the file always put one in front when add_space_prefix is set.)"""
+    import re as regex
+
+    types = list(types)
+    unk = spec["model"].get("unk_token")
+    for index, token in enumerate(tokens):
+        if types[index] == NORMAL and regex.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types[index] = BYTE
+        if token == unk:
+            types[index] = UNKNOWN
+    low = -float(len(merges) + 1)
+    scores = [low if kind == NORMAL else 0.0 for kind in types]
+    ids = {token: index for index, token in enumerate(tokens)}
+    created = set()
+    for rank, merge in enumerate(merges):
+        joined = merge.replace(" ", "", 1)
+        index = ids.get(joined)
+        if index is not None and index not in created:
+            created.add(index)
+            scores[index] = -float(rank + 1)
+    metadata = {
+        "tokenizer.ggml.model": Value(STRING, "llama"),
+        "tokenizer.ggml.tokens": Value(ARRAY, tokens, STRING),
+        "tokenizer.ggml.scores": Value(ARRAY, scores, FLOAT32),
+        "tokenizer.ggml.token_type": Value(ARRAY, types, INT32),
+    }
+    for key, index in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
+                       ("unknown_token_id", tokenizer.unk_token_id), ("padding_token_id", tokenizer.pad_token_id)):
+        if index is not None:
+            metadata[f"tokenizer.ggml.{key}"] = Value(UINT32, int(index))
+    bos = tokens[tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else None
+    metadata["tokenizer.ggml.add_bos_token"] = Value(BOOL, _adds_bos(spec, bos))
+    metadata["tokenizer.ggml.add_space_prefix"] = Value(BOOL, _space_prefix(spec))
+    if tokenizer.chat_template:
+        metadata["tokenizer.chat_template"] = Value(STRING, tokenizer.chat_template)
+    rebuilt = tokenizer_from_gguf({key: value.value for key, value in metadata.items()}, where)
+    for text in SENTENCEPIECE_PROBES:
+        if any(rebuilt.encode(text, special) != tokenizer.encode(text, special) for special in (False, True)):
+            raise ValueError(f"{where}: the tokenizer written as a SentencePiece ('llama') vocabulary tokenizes "
+                             f"{text!r} differently from the model's own; GGUF export cannot store it")
     return metadata
 
 
@@ -535,6 +666,19 @@ def model_metadata(config, tokenizer, quant: str, name: str = "minift export") -
         f"{arch}.rope.freq_base": Value(FLOAT32, float(config.rope_theta)),
         f"{arch}.rope.dimension_count": Value(UINT32, head_dim),
     }
+    if arch == "phi3":  # partial rotary: only the first dims of each head turn
+        metadata[f"{arch}.rope.dimension_count"] = Value(UINT32, int(head_dim * config.partial_rotary_factor))
+        metadata[f"{arch}.rope.scaling.original_context_length"] = Value(UINT32, config.max_seq_len)
+        metadata[f"{arch}.attention.sliding_window"] = Value(UINT32, config.sliding_window or 0)  # 0: none
+    if arch in SLIDING_EVERY:
+        for key, value in (("attn_logit_softcapping", config.attn_softcap),
+                           ("final_logit_softcapping", config.final_softcap)):
+            if value is not None:
+                metadata[f"{arch}.{key}"] = Value(FLOAT32, float(value))
+        if config.sliding_window is not None:
+            metadata[f"{arch}.attention.sliding_window"] = Value(UINT32, config.sliding_window)
+        if arch == "gemma3":  # rope.freq_base is the global layers' base, _swa the sliding layers'
+            metadata[f"{arch}.rope.freq_base_swa"] = Value(FLOAT32, float(config.rope_local_theta or 10000.0))
     if config.rope_scaling:
         metadata[f"{arch}.rope.scaling.type"] = Value(STRING, "linear")
         metadata[f"{arch}.rope.scaling.factor"] = Value(FLOAT32, float(config.rope_scaling["factor"]))
@@ -553,7 +697,7 @@ def model_metadata(config, tokenizer, quant: str, name: str = "minift export") -
 
 
 def export_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str = "minift export") -> Path:
-    """Write `model` (a dense Llama-family Transformer: fold adapters first) and its tokenizer to `path`."""
+    """Write `model` (a dense Llama / Qwen / Gemma / Phi-3 Transformer: fold adapters first) and its tokenizer to `path`."""
     if quant not in QUANTS:
         raise ValueError(f"--quant {quant!r} is not supported; choose one of {', '.join(QUANTS)}")
     metadata = model_metadata(model.config, tokenizer, quant, name)
