@@ -203,3 +203,19 @@ def test_phi3_longrope_export_refused(tmp_path):
     with pytest.raises(ValueError, match="LongRoPE"):
         export_gguf(model, tok, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(layer_types=None), "layer_types"),  # None: minift slides every layer, llama.cpp alternates
+    (dict(query_pre_attn_scalar=32.0), "query_pre_attn_scalar"),  # llama.cpp would scale by 1/sqrt(head_dim)
+    (dict(tie_embeddings=False), "tie_embeddings"),
+], ids=["all-layers-slide", "query-scalar", "untied"])
+def test_gemma2_export_refuses_what_llama_cpp_would_compute_differently(tmp_path, change, words):
+    import minift
+    from minift.io.gguf_write import export_gguf
+
+    model, tok = minift.load(convert(tiny_hf("gemma2"), "gemma2", tmp_path / "in.gguf"))
+    for field, value in change.items():
+        setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=words):
+        export_gguf(model, tok, tmp_path / "out.gguf")

@@ -407,8 +407,9 @@ def check_exportable(config) -> None:
             every = SLIDING_EVERY[arch]
             pattern = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
                        for i in range(config.n_layers)]
-            if config.layer_types is not None and list(config.layer_types) != pattern:
-                raise ValueError(f"--format gguf: layer_types {config.layer_types} differ from llama.cpp's {arch} "
+            layer_types = list(config.layer_types or ["sliding_attention"] * config.n_layers)  # None: all slide
+            if layer_types != pattern:
+                raise ValueError(f"--format gguf: layer_types {layer_types} differ from llama.cpp's {arch} "
                                  f"pattern (every {every}th layer global)")
     elif config.sliding_window is not None and config.layer_types is not None and \
             any(t != "sliding_attention" for t in config.layer_types):
