@@ -54,7 +54,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_result  # noqa: E402
+from common import smollm2_shaped_model, write_result  # noqa: E402
 from minift.machine import describe_machine  # noqa: E402
 
 
@@ -107,7 +107,6 @@ def main() -> None:
     import peft
     import transformers
     import trl
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     import minift
     from minift.train.loop import build_optimizer, build_trainable_model
@@ -116,19 +115,7 @@ def main() -> None:
 
     P, G, C = args.prompts, args.group, args.new_tokens
     folder = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
-    words = [f"w{i}" for i in range(49152 - 4)]
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + words)}
-    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>",
-                                                        pad_token="<pad>", unk_token="<unk>")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=576, intermediate_size=1536,
-                                      num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3,
-                                      max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=3,
-                                      bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / "model")
-    hf_tokenizer.save_pretrained(folder / "model")
+    words, hf_tokenizer = smollm2_shaped_model(folder / "model", args.layers)
     data = prompt_records(P, words, args.prompt_words)
     (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
 

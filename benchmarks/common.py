@@ -74,3 +74,30 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def smollm2_shaped_model(folder: Path, layers: int):
+    """A random SmolLM2-shaped Llama (d 576, 9/3 heads, MLP 1536, vocabulary 49,152, tied head) and a word-level
+    tokenizer ("w0" .. "w49147" plus <unk> <s> </s> <pad>), saved as a Hugging Face folder `folder`.
+
+    The DPO and GRPO benchmarks feed the same folder to minift and to TRL, so both start from the same weights.
+    Returns (words, the transformers tokenizer).
+    """
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(49152 - 4)]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + words)}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=576, intermediate_size=1536,
+                                      num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3,
+                                      max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=3,
+                                      bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return words, tokenizer
