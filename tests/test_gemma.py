@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import minift
-from minift.cli import main
 from minift.config import ModelConfig
 from minift.io import hf
 from minift.peft import LoRAConfig, LoRALinear, add_lora, save_adapter
 from minift.quant import NF4Linear
 from minift.train.methods import prepare_method
+from tests.train_helpers import assert_bad_config_json_is_one_line
 
 transformers = pytest.importorskip("transformers")
 
@@ -265,14 +265,7 @@ BAD_CONFIGS = [  # (model_type's extra keys, the start of the one-line error aft
 def test_bad_config_is_one_line_naming_the_file_and_key(tmp_path, capsys, model_type, extra, message):
     raw = {"model_type": model_type, "vocab_size": V, "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, **extra}
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError) as error:
-        minift.load(tmp_path / "m")
-    assert str(error.value).startswith(f"{tmp_path / 'm' / 'config.json'}: {message}"), str(error.value)
-    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("minift: error: ") and "config.json" in err[0], err
+    assert_bad_config_json_is_one_line(tmp_path / "m", raw, message, capsys)
 
 
 def test_switches_a_model_type_cannot_write_are_refused():

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import minift
-from minift.cli import main
 from minift.config import ModelConfig
 from minift.io import hf
 from minift.peft import LoRAConfig, LoRALinear, add_lora, load_adapter, lora_layers, save_adapter
 from minift.quant import NF4Linear
 from minift.train.methods import prepare_method
 from tests.train_helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+from tests.train_helpers import assert_bad_config_json_is_one_line
 
 transformers = pytest.importorskip("transformers")
 
@@ -256,14 +256,7 @@ BAD_CONFIGS = [  # (extra config.json keys, the start of the one-line error afte
 def test_bad_config_is_one_line_naming_the_file_and_key(tmp_path, capsys, extra, message):
     raw = {"model_type": "phi3", "vocab_size": V, "hidden_size": 64, "intermediate_size": 96,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **extra}
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError) as error:
-        minift.load(tmp_path / "m")
-    assert str(error.value).startswith(f"{tmp_path / 'm' / 'config.json'}: {message}"), str(error.value)
-    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("minift: error: ") and "config.json" in err[0], err
+    assert_bad_config_json_is_one_line(tmp_path / "m", raw, message, capsys)
 
 
 def test_switches_other_model_types_cannot_write_are_refused():

@@ -131,3 +131,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_bad_config_json_is_one_line(folder: Path, raw: dict, message: str, capsys) -> None:
+    """Write `raw` as folder/config.json: minift.load raises '<that file>: <message>...', and `minift generate` on it
+    exits 2 with one `minift: error:` line naming config.json."""
+    from minift.cli import main
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as error:
+        minift.load(folder)
+    assert str(error.value).startswith(f"{folder / 'config.json'}: {message}"), str(error.value)
+    assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minift: error: ") and "config.json" in err[0], err
