@@ -120,25 +120,36 @@ def interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(train, "accumulate_gradients", dying)
 
 
-@pytest.mark.parametrize("kind,method", [("preference", "full"), ("reward", "lora")])
-def test_resumed_run_equals_uninterrupted_run(files, tmp_path, monkeypatch, kind, method):
-    config = lambda out: run_config(files["model"], files["pairs"], out, *COMMON, f"task.kind={kind}",  # noqa: E731
-                                    f"method.name={method}", "train.export=false")
+def straight_and_killed(config, tmp_path, monkeypatch, kill_at: int):
+    """Run config(tmp_path/"straight") to the end, and config(tmp_path/"broken") killed inside step `kill_at`;
+    returns (the finished straight run, the broken run set up again with resume=True, not yet fitted)."""
     straight = setup(config(tmp_path / "straight"))
     fit(straight)
     with monkeypatch.context() as patch:
-        interrupt_at(patch, 5)
+        interrupt_at(patch, kill_at)
         broken = setup(config(tmp_path / "broken"))
         with pytest.raises(Interrupted):
             fit(broken)
-    assert ckpt.latest_checkpoint(tmp_path / "broken").name == "step-000004"
-    resumed = setup(config(tmp_path / "broken"), resume=True)
-    fit(resumed)
+    return straight, setup(config(tmp_path / "broken"), resume=True)
+
+
+def assert_same_run(tmp_path, straight, resumed) -> None:
+    """The resumed run logged the straight run's metrics (speed aside) and ended with bit-equal weights."""
     strip = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]  # noqa: E731
     assert strip(read_metrics(tmp_path / "broken")) == strip(read_metrics(tmp_path / "straight"))
     expected = dict(straight.model.named_parameters())
     for name, tensor in resumed.model.named_parameters():
         assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("kind,method", [("preference", "full"), ("reward", "lora")])
+def test_resumed_run_equals_uninterrupted_run(files, tmp_path, monkeypatch, kind, method):
+    config = lambda out: run_config(files["model"], files["pairs"], out, *COMMON, f"task.kind={kind}",  # noqa: E731
+                                    f"method.name={method}", "train.export=false")
+    straight, resumed = straight_and_killed(config, tmp_path, monkeypatch, 5)
+    assert ckpt.latest_checkpoint(tmp_path / "broken").name == "step-000004"
+    fit(resumed)
+    assert_same_run(tmp_path, straight, resumed)
     metric = "accuracy" if kind == "reward" else "rewards/accuracies"
     assert all(metric in r for r in read_metrics(tmp_path / "broken") if "loss" in r)
 
@@ -384,21 +395,10 @@ def test_rl_run_killed_between_steps_resumes_exactly(files, prompts, tmp_path, m
             "train.eval_every=3", "method.name=lora", "task.group_size=2"]
     config = lambda out: run_config(files["model"], prompts, out, *RL, f"task.kind={kind}",  # noqa: E731
                                     "train.export=false", *sets)
-    straight = setup(config(tmp_path / "straight"))
-    fit(straight)
-    with monkeypatch.context() as patch:
-        interrupt_at(patch, 4)
-        broken = setup(config(tmp_path / "broken"))
-        with pytest.raises(Interrupted):
-            fit(broken)
-    resumed = setup(config(tmp_path / "broken"), resume=True)
+    straight, resumed = straight_and_killed(config, tmp_path, monkeypatch, 4)
     assert resumed.state.step == 3
     fit(resumed)
-    strip = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "broken")) == strip(read_metrics(tmp_path / "straight"))
-    expected = dict(straight.model.named_parameters())
-    for name, tensor in resumed.model.named_parameters():
-        assert torch.equal(tensor, expected[name]), name
+    assert_same_run(tmp_path, straight, resumed)
     metrics = read_metrics(tmp_path / "straight")
     names = ("reward", "kl") + (("kl_coef", "clipfrac", "approx_kl", "entropy", "value_loss") if kind == "ppo" else ())
     assert all(all(n in r for n in names) for r in metrics if "loss" in r)
