@@ -21,6 +21,12 @@ gradient is the policy gradient. Per token, with the k3 estimate of KL to the re
     l_t = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) + beta * k3(log pi_t, log pi_ref_t)
     loss = mean over completions of (mean over the completion's tokens of l_t)        ("grpo" normalisation)
 
+This is TRL's GRPOTrainer with loss_type = "grpo" and use_bias_correction_kl = False, number for number
+(tests/test_grpo_trl.py). TRL 1.16's default, use_bias_correction_kl = True (DeepSeek-V3.2), multiplies the k3
+term by the ratio: the same value (the ratio is 1), but the KL part of the gradient per token becomes
+(log pi - log pi_ref) grad log pi instead of k3's (1 - pi_ref / pi) grad log pi. The two agree to first order in
+log pi - log pi_ref, so they part only once the policy is far from the reference.
+
 PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022; Schulman et al. 2017). A value head V (Linear(d, 1) on
 the policy's hidden states, trained with it) predicts the return. One rollout of `num_minibatches` x
 grad_accum_steps x batch_size prompts feeds `ppo_epochs` x `num_minibatches` optimizer steps, each on a seeded
@@ -39,7 +45,10 @@ Rewards: `[task] reward_model` (a sequence-classification directory, e.g. a `kin
 prompt + completion + EOS as it was trained; or `reward_function = "module:function"`, a Python function
 f(prompts: list[str], completions: list[str]) -> list[float] (TRL's signature).
 
-Metrics: GRPO logs reward, reward_std, kl (the mean per-sequence KL to the reference) and completion_length;
+Metrics: GRPO logs TRL's reward, reward_std (the std of a rollout's rewards, not within groups), kl (k3 to the
+reference averaged over a rollout's completion tokens, measured in the loss forward, so before that step's update)
+and completion_length (tokens per completion); a step logs the mean over its micro-batches (rollouts), as TRL does
+for kl (TRL's reward_std spans all the step's rollouts at once, so it differs when grad_accum_steps > 1);
 PPO logs reward, kl, kl_coef, entropy, clipfrac, approx_kl, policy_loss, value_loss and value_clipfrac. The
 progress bar shows reward and kl.
 """
@@ -256,8 +265,18 @@ class GRPOTaskModel(RLTaskModel):
         G = self.options.group_size
         prompt_ids = prompt_batch["input_ids"].repeat_interleave(G, dim=0)
         prompt_mask = prompt_batch["attention_mask"].repeat_interleave(G, dim=0)
-        completions, mask = sample_completions(self.backbone, prompt_ids, prompt_mask, self.options,
-                                               tokenizer.eos_token_id, generator)
+        completions, _ = sample_completions(self.backbone, prompt_ids, prompt_mask, self.options,
+                                            tokenizer.eos_token_id, generator)
+        return self.rollout_of(prompt_ids, prompt_mask, completions, texts, tokenizer)
+
+    @torch.no_grad()
+    def rollout_of(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
+                   texts: list[str], tokenizer) -> dict:
+        """The rollout batch of given completions (N = prompts x G rows, group by group): mask (cut after the first
+        EOS), rewards, the reference's log-probs, advantages. `rollout` samples them; a parity test hands in another
+        library's samples (tests/test_grpo_trl.py)."""
+        G = self.options.group_size
+        mask = completion_mask_of(completions, tokenizer.eos_token_id)
         batch = sequences(prompt_ids, prompt_mask, completions, mask)
         rewards = self.score([t for t in texts for _ in range(G)], decode(tokenizer, completions, mask))
         batch.update(reference_logps=self.reference_logps(batch), rewards=rewards.to(prompt_ids.device),
@@ -269,9 +288,8 @@ class GRPOTaskModel(RLTaskModel):
         out = policy_outputs(self.backbone, batch, self.options.temperature)
         loss_sum, sums = grpo_loss_sum(out["logps"], batch["reference_logps"], batch["advantages"],
                                        batch["completion_mask"], self.options.beta, self.options.clip_range)
-        rewards = batch["rewards"]
-        groups = rewards.view(-1, batch["group_size"])
-        sums.update(reward=float(rewards.sum()), reward_std=float(groups.std(dim=1).sum()) * batch["group_size"])
+        rewards = batch["rewards"]  # TRL's reward_std: the std of all the rollout's rewards, not within groups
+        sums.update(reward=float(rewards.sum()), reward_std=float(rewards.std()) * rewards.numel())
         return TaskOutput(loss_sum, rewards.numel(), None, sums)
 
 
@@ -288,8 +306,9 @@ def grpo_loss_sum(logps, reference_logps, advantages, mask, beta: float, clip_ra
         per_token = per_token + beta * kl
     lengths = mask.sum(1).clamp(min=1)  # (N,)
     loss_sum = ((per_token * mask).sum(1) / lengths).sum()
-    with torch.no_grad():
-        sums = {"kl": float(((kl * mask).sum(1) / lengths).sum()), "completion_length": float(mask.sum())}
+    with torch.no_grad():  # kl as TRL logs it: the mean over the rollout's completion tokens (x N, see the lesson)
+        sums = {"kl": float((kl * mask).sum() / mask.sum().clamp(min=1)) * mask.size(0),
+                "completion_length": float(mask.sum())}
     return loss_sum, sums
 
 
