@@ -29,7 +29,8 @@ in a cycle; tests/test_layers.py reads every import (lazy ones too) and holds th
        align (align/)        the formulas of preference learning: reward model, DPO, PPO/GRPO arithmetic
     7  train                 the engine, in its own order: fields -> methods (the registry) -> tasks
                              -> preference_tasks -> rl_tasks -> run_config -> batches -> preference_data
-                             -> rl_data -> checkpoint -> guards -> distributed -> compiled -> loop -> train/__init__
+                             -> rl_data -> checkpoint -> guards -> distributed -> compiled -> optimizer_in_backward
+                             -> loop -> train/__init__
     8  icl, export, plan     techniques and tools built on the engine (plan: bytes per GPU of a run, on paper)
     9  demo                  the main job, a composition of the layers below
    10  cli, __main__         the `minift` command

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, float]] = [
     ("minift.train.preference_tasks", 7.25), ("minift.train.rl_tasks", 7.26), ("minift.train.run_config", 7.3),
     ("minift.train.batches", 7.4), ("minift.train.preference_data", 7.45), ("minift.train.rl_data", 7.46),
     ("minift.train.checkpoint", 7.5),
-    ("minift.train.guards", 7.55), ("minift.train.distributed", 7.57), ("minift.train.compiled", 7.58), ("minift.train.loop", 7.6), ("minift.train", 7.7),
+    ("minift.train.guards", 7.55), ("minift.train.distributed", 7.57), ("minift.train.compiled", 7.58), ("minift.train.optimizer_in_backward", 7.59), ("minift.train.loop", 7.6), ("minift.train", 7.7),
     ("minift.icl", 8), ("minift.export", 8), ("minift.plan", 8),
     ("minift.demo", 9),
     ("minift.cli", 10), ("minift.__main__", 10),

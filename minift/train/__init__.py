@@ -13,6 +13,7 @@
     guards.py       stopping safely: one run per folder (run.lock), Ctrl-C, divergence
     distributed.py  several processes: torchrun, DDP, FSDP2, sharded checkpoints (torch.distributed.checkpoint)
     compiled.py     train.compile: torch.compile per transformer block, compile seconds logged apart
+    optimizer_in_backward.py   each weight's AdamW step inside backward, its gradient freed at once
     loop.py         setup -> fit -> evaluate
 
     from minift.train import setup, fit

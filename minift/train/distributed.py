@@ -348,6 +348,10 @@ def check_config(config) -> None:
     train, where, mode = config.train, "train.distributed", resolve_mode(config.train.distributed)
     if mode == "none":
         return
+    if train.optimizer_in_backward:  # minift/train/optimizer_in_backward.py
+        raise ValueError(f"{where} = {mode!r} with train.optimizer_in_backward = true: each rank's gradients are "
+                         "averaged with the others' after backward, and these weights would be updated during "
+                         "backward from this rank's alone; train in one process (train.distributed = \"none\")")
     if config.task.kind in ("grpo", "ppo"):
         raise ValueError(f"{where} = {mode!r} with [task] kind = {config.task.kind!r}: rollouts are not "
                          "distributed here; train RL tasks in one process (train.distributed = \"none\")")

@@ -12,6 +12,8 @@ Fine-tuning is a short loop; what makes it right is in the details this file spe
                       take k = grad_accum_steps micro-batches, count their targets N (all k together)
                       for each micro-batch: forward (autocast) -> loss_sum / N -> backward
                       clip the gradient norm -> AdamW step -> next learning rate
+                      (train.optimizer_in_backward: each weight's AdamW step runs inside backward, as soon
+                      as its gradient is complete, and frees it: minift/train/optimizer_in_backward.py)
                       every eval_every steps: evaluate, early stopping; every save_every: checkpoint
 
     evaluate(...)   mean loss, perplexity (LM tasks) or accuracy (classification, reward), and a task's own
@@ -76,6 +78,7 @@ from minift.train.compiled import CompileClock, compile_blocks
 from minift.train.guards import (DivergenceError, DivergenceMonitor, RunLock, StopOnInterrupt, TrainingInterrupted,
                                  weight_norm)
 from minift.train.methods import MethodPlan, prepare_method
+from minift.train.optimizer_in_backward import OptimizerInBackward
 from minift.train.preference_tasks import export_task
 from minift.train.rl_data import ALIGN_KINDS, check_align_run, load_align_datasets, prepare_align_run
 from minift.train.rl_tasks import build_align_task_model
@@ -449,6 +452,7 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
         run.model.load_task_state(state.task)  # resumed: e.g. PPO's rollout in use
     saved_step = state.step  # the step of the newest checkpoint (a fresh run: 0, nothing to save)
     run.model.train()
+    in_backward = OptimizerInBackward(run.optimizer) if train.optimizer_in_backward else None  # off at the end
     try:
         while state.step < run.total_steps and not state.stopped_early and not interrupt.requested:
             step = state.step + 1
@@ -466,7 +470,13 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
             lr = run.optimizer.param_groups[-1]["lr"]
             stats = accumulate_gradients(run.model, micro_batches, train.precision, run.scaler, step,
                                          **({"world": run.world} if run.world.active else {}))
-            grad_norm = optimizer_step(run.optimizer, train.max_grad_norm, run.scaler, step)
+            if in_backward is None:
+                grad_norm = optimizer_step(run.optimizer, train.max_grad_norm, run.scaler, step)
+            else:  # every weight was updated during backward (minift/train/optimizer_in_backward.py)
+                grad_norm = in_backward.finish_step()
+                if not math.isfinite(grad_norm):
+                    raise NonFiniteLossError(f"step {step}: the gradient norm is {grad_norm}; lower train.lr or "
+                                             f"check the data")
             run.scheduler.step()
             if hasattr(run.model, "task_state"):
                 state.task = run.model.task_state()  # saved with the loop's counters in every checkpoint
@@ -498,6 +508,8 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
             save(run)  # Ctrl-C: the step in progress has finished; this is where the resumed run starts
     finally:
         bar.close()
+        if in_backward is not None:
+            in_backward.remove()  # a later fit(), or the caller's own backward, gets plain gradients again
     return last
 
 

@@ -217,6 +217,9 @@ class TrainConfig:
     gradual_unfreezing: int = 0  # ULMFiT: unfreeze one more layer group (top down) every N steps; 0 = off
     max_grad_norm: float | None = 1.0  # clip the global gradient norm to this (> 0); None = no clipping
     gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
+    optimizer_in_backward: bool = False  # AdamW-update each weight in backward as soon as its gradient is
+    #   complete, then free that gradient (minift/train/optimizer_in_backward.py): less memory in full fine-tuning;
+    #   needs max_grad_norm = none, grad_accum_steps = 1, no fp16, one process
     compile: bool = False  # torch.compile each transformer block (minift/train/compiled.py); the first steps compile,
     #                      their seconds are logged apart as compile_s and left out of tokens_per_s
     fused_loss: bool = True  # LM losses: lm_head + cross-entropy fused, chunk by chunk (minift/fused_loss.py): the
@@ -337,6 +340,7 @@ def validate_run_config(config: RunConfig, where: str = "config", given_by: dict
                     hint = f" ({value!r} is called {ours!r} here)" if ours else suggest(value, rule.choices)
                 raise ValueError(f"{origin}: {key} = {value!r}; must be {rule.text}{hint}")
             setattr(target, name, value)
+    check_optimizer_in_backward(config.train, where, given_by)
     kind, metric = config.task.kind, config.train.early_stopping_metric
     # the metrics evaluate() reports that early stopping can compare (tasks.summarize, or a task's metric sums);
     # preference (DPO's accuracy is logged as eval_rewards/accuracies), grpo and ppo offer eval_loss alone
@@ -350,6 +354,26 @@ def validate_run_config(config: RunConfig, where: str = "config", given_by: dict
             "eval_loss only; use eval_loss"
         raise ValueError(f"{origin}: train.early_stopping_metric = {metric!r}, but a {kind} task reports {offered}")
     return validate_method(config.method, where=given_by.get("method.name", where))
+
+
+def check_optimizer_in_backward(train: TrainConfig, where: str, given_by: dict[str, str]) -> None:
+    """train.optimizer_in_backward updates each weight during backward (minift/train/optimizer_in_backward.py):
+    refuse what needs every gradient before the first update. (DDP/FSDP: minift/train/distributed.py.)"""
+    if not train.optimizer_in_backward:
+        return
+    conflicts = [
+        ("max_grad_norm", train.max_grad_norm is not None, "clipping needs the norm of all the gradients before "
+         "any weight changes, and these weights change during backward; set train.max_grad_norm = none"),
+        ("grad_accum_steps", train.grad_accum_steps > 1, "the gradients of every micro-batch would have to be "
+         "kept until the update; set train.grad_accum_steps = 1 (and a larger train.batch_size)"),
+        ("precision", train.precision == "fp16", "the fp16 grad scaler skips a step only after seeing every "
+         "gradient; use bf16 or fp32"),
+    ]
+    for name, conflicting, reason in conflicts:
+        if conflicting:
+            origin = given_by.get(f"train.{name}", given_by.get("train.optimizer_in_backward", where))
+            raise ValueError(f"{origin}: train.optimizer_in_backward = true with train.{name} = "
+                             f"{getattr(train, name)!r}: {reason}")
 
 
 def validate_method(method: MethodSection, where: str = "[method]"):
