@@ -20,6 +20,7 @@ from minift.quant import (
     nf4_nbytes,
     quantize_nf4,
 )
+import minift.quant.nf4 as nf4
 from minift.quant.nf4 import VALID_BLOCKSIZES, dequantize_cpu, nearest_code, unpack_nibbles
 
 
@@ -180,7 +181,7 @@ def test_dequantize_dtypes_and_device_moves():
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 def test_cpu_chunked_dequantize_is_the_plain_formula(bnbf, dtype):
-    """dequantize_cpu (uint16 words, 4 codes per lookup, chunked) against the formula done naively:
+    """dequantize_cpu (one byte, 2 codes per lookup, chunked) against the formula done naively:
     unpack each nibble, look it up, multiply by its block's float32 scale, cast. Several chunks, chunks that
     end mid-tensor, partial last blocks, odd element and byte counts, packed data at an odd address."""
     generator = torch.Generator().manual_seed(16)
@@ -193,16 +194,23 @@ def test_cpu_chunked_dequantize_is_the_plain_formula(bnbf, dtype):
             scales = q.block_scales().repeat_interleave(blocksize)[: x.numel()]
             expected = (NF4_CODE[codes] * scales).to(dtype).view(shape)
             odd_address = torch.cat([q.packed.new_zeros(1, 1), q.packed])[1:]  # same bytes, data_ptr odd
-            for chunk in (32, 4096, 1 << 15):
+            for chunk in (32, 4096, 1 << 15, 1 << 18, None):  # None: the default for this thread count
                 where = f"{shape} blocksize {blocksize} double_quant {double_quant} chunk {chunk}"
                 assert torch.equal(dequantize_cpu(q, dtype, chunk), expected), where
                 moved = NF4Tensor(odd_address, q.absmax, q.shape, q.dtype, blocksize, q.nested_absmax, q.offset)
                 assert torch.equal(dequantize_cpu(moved, dtype, chunk), expected), where
-    # and, on a tensor of several default chunks, bitsandbytes' own dequantize of the same state
-    x = (torch.randn(300, 256, generator=generator) * 0.02).to(dtype if dtype != torch.float64 else torch.float32)
-    packed, state = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=False, quant_type="nf4")
-    ours = NF4Tensor(packed, state.absmax, x.shape, x.dtype, 64).dequantize()
-    assert torch.equal(ours, bnb_dequantize(bnbf, packed, state))
+    # and, on tensors of several chunks, bitsandbytes' own dequantize of the same state; 2048 x 1024 values
+    # (>= 4 MiB in every dtype) put the output on huge pages (minift/quant/huge_pages.py)
+    source_dtype = dtype if dtype != torch.float64 else torch.float32
+    for shape, double_quant in [((300, 256), False), ((2048, 1024), True)]:
+        x = (torch.randn(shape, generator=generator) * 0.02).to(source_dtype)
+        packed, state = bnbf.quantize_4bit(x, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        q = quantize_nf4(x, double_quant=double_quant)
+        assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+        expected = bnb_dequantize(bnbf, packed, state)
+        assert torch.equal(q.dequantize(), expected), shape
+        for chunk in (nf4.CPU_CHUNK_VALUES, nf4.CPU_CHUNK_VALUES_THREADED):
+            assert torch.equal(dequantize_cpu(q, source_dtype, chunk), expected), (shape, chunk)
 
 
 @pytest.mark.parametrize("blocksize", [16, 48, 8192, 0])

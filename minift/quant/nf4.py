@@ -81,12 +81,12 @@ how much and why: it keeps the 16 codes in one AVX-512 register, and torch has n
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 
 import torch
 
 from minift.kernels.nf4_codes import DYNAMIC_MAP, NF4_CODE
+from minift.quant.huge_pages import empty_on_huge_pages
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes 0.50 accepts for 4-bit
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -316,35 +316,23 @@ def quantize_nf4(tensor: torch.Tensor, blocksize: int = 64, double_quant: bool =
 BYTE_TO_VALUES = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
 # The same table with each row's two float32 values seen as one 8-byte integer: gathering 8-byte scalars is
 # about 4x faster on a CPU than gathering 2-element rows (index_select over dim 0 of a (256, 2) tensor), and
-# viewing the result back as float32 gives the identical bits.
+# viewing the result back as float32 gives the identical bits. 256 x 8 bytes = 2 KiB: it stays in the L1 cache.
 BYTE_TO_PAIR_BITS = BYTE_TO_VALUES.view(torch.int64).reshape(256)  # (256,) int64
 
-
-def word_to_values_table() -> torch.Tensor:
-    """(65536,) complex128: entry w holds the 4 float32 codes of the two bytes of the 16-bit word w.
-
-    The CPU path reads the packed bytes two at a time as uint16 words, so one gather decodes 4 weights
-    instead of 2 (about 1.4x faster per weight than the byte table, measured). A little-endian word w is
-    (first byte) | (second byte) << 8, so its values are the first byte's pair then the second byte's.
-    complex128 is used only as a 16-byte scalar: index_select copies its bits, and viewing the gathered
-    entries as float32 gives the 4 codes, exactly as stored. 65,536 x 16 bytes = 1 MiB, built once.
-    """
-    words = torch.arange(65536)
-    values = torch.cat([BYTE_TO_VALUES[words & 255], BYTE_TO_VALUES[words >> 8]], dim=1)  # (65536, 4) f32
-    return values.contiguous().view(torch.complex128).reshape(65536)
-
-
-WORD_TABLE: list[torch.Tensor] = []  # built on first use (1 MiB)
-# Weights per step of the CPU loop. Its buffers (160 KiB) stay in the L2 cache, and each op in the loop is
-# at or under torch's parallel grain (32,768 elements), so it runs on the calling thread: with 2^17 and 2
-# threads, every op opened an OpenMP region, and on a loaded machine the wake-ups cost 4-10x the work.
-CPU_CHUNK_VALUES = 1 << 15
+# Weights per step of the CPU loop, with one torch thread: each step costs a dozen torch calls (~1 us each) of
+# fixed overhead, so fewer, larger steps win until the step's buffers leave the caches (2^15: 12.1 ms, 2^18:
+# 9.6 ms, 2^20: 8.4 ms for 4096 x 4096 float32 into mapped memory; benchmarks/results/nf4_cpu.md).
+CPU_CHUNK_VALUES = 1 << 18
+# With more threads, every op over more than torch's parallel grain (32,768 elements) opens an OpenMP region
+# (index_select over one dimension never does: it is a serial loop); on a loaded machine the wake-ups cost more
+# than the work, so steps then stay at the grain and each op runs on the calling thread.
+CPU_CHUNK_VALUES_THREADED = 1 << 15
 
 
 def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """NF4Tensor -> dense tensor of q.shape: NF4_CODE[index] * block_scale in float32, then cast to dtype."""
     dtype = dtype or q.dtype
-    if q.device.type == "cpu" and sys.byteorder == "little":
+    if q.device.type == "cpu":
         return dequantize_cpu(q, dtype)
     n, blocksize = q.numel(), q.blocksize
     table = BYTE_TO_PAIR_BITS.to(q.device)
@@ -362,54 +350,53 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out[:n].view(q.shape)
 
 
-def dequantize_cpu(q: NF4Tensor, dtype: torch.dtype, chunk_values: int = CPU_CHUNK_VALUES) -> torch.Tensor:
-    """The same values as `dequantize`, computed on the CPU in cache-sized chunks.
+def dequantize_cpu(q: NF4Tensor, dtype: torch.dtype, chunk_values: int | None = None) -> torch.Tensor:
+    """The same values as `dequantize`, computed on the CPU in chunks, into an output on huge pages.
 
-    On a CPU, dequantizing is bound by memory traffic, not arithmetic. Done in whole-tensor passes
-    (int32 indices, int64 pairs, float32 product, cast), every pass writes a fresh tensor several times
-    the size of the weight, and the kernel must map and zero its pages first. Here each chunk of
-    `chunk_values` weights (a multiple of the blocksize) goes through the same steps in small buffers that
-    stay in the cache, and the weight's own memory is written once:
+    On a CPU, dequantizing is bound by memory traffic and fixed costs, not arithmetic. Done in whole-tensor
+    passes (int32 indices, int64 pairs, float32 product, cast), every pass writes a fresh tensor several
+    times the size of the weight. Here each chunk of `chunk_values` weights (whole blocks) goes through
+    the steps in small reused buffers, and the output is written once:
 
-        uint16 words --copy--> int32 indices --index_select--> 4 float32 codes per word
+        packed bytes --copy--> int32 indices --index_select in BYTE_TO_PAIR_BITS--> 2 float32 codes per byte
                      --mul_ by the block scales (float32)--> [copy_ into a 16-bit output, which rounds]
 
-    For float32 the codes are gathered straight into the output and scaled there. The products are the
-    float32 products of `dequantize`, so the result is bit-identical to it (and to bitsandbytes).
+    For float32 the code pairs are gathered straight into the output and scaled there; for other dtypes
+    into a float32 staging buffer, scaled, then copied (rounding each product once, as bitsandbytes does
+    with its float32 product; a table of 16-bit codes would round twice). The products are the float32
+    products of `dequantize`, so the result is bit-identical to it (and to bitsandbytes).
+
+    The output comes from `empty_on_huge_pages`: writing a fresh 64 MiB tensor on 4 KiB pages costs
+    16,384 page faults, more than the decoding itself (see minift/quant/huge_pages.py).
     """
     n, blocksize = q.numel(), q.blocksize
-    chunk = max(chunk_values // blocksize, 1) * blocksize  # whole blocks, a multiple of 4 values
+    if chunk_values is None:
+        chunk_values = CPU_CHUNK_VALUES if torch.get_num_threads() == 1 else CPU_CHUNK_VALUES_THREADED
+    chunk = max(chunk_values // blocksize, 1) * blocksize  # whole blocks; every blocksize is even: whole bytes
     flat = q.packed.reshape(-1)  # (n_bytes,) uint8
-    n_bytes = flat.numel()
-    if flat.data_ptr() % 2:  # a uint16 view needs an even address; a fresh copy has one
-        flat = flat.clone()
-    scales = q.block_scales()  # (n_blocks,) float32
-    n_full = n // blocksize
-    out = torch.empty(2 * n_bytes, dtype=dtype)  # (n,) plus one padding value when n is odd
-    if not WORD_TABLE:
-        WORD_TABLE.append(word_to_values_table())
-    table = WORD_TABLE[0]
-    n_words = n_bytes // 2
-    words = flat[: 2 * n_words].view(torch.uint16)  # (n_words,)
-    indices = torch.empty(min(chunk, 4 * n_words) // 4, dtype=torch.int32)  # reused by every chunk
-    staging = None if dtype == torch.float32 else torch.empty(indices.numel(), dtype=torch.complex128)
-    for start in range(0, 4 * n_words, chunk):  # value offsets, block-aligned
-        stop = min(start + chunk, 4 * n_words)
-        count = (stop - start) // 4  # words in this chunk
+    n_values = 2 * flat.numel()  # n, plus one padding value (code 0.0) when n is odd
+    scales = q.block_scales()[:, None]  # (n_blocks, 1) float32
+    full_values = n // blocksize * blocksize  # the values in full blocks
+    out = empty_on_huge_pages(n_values, dtype)  # (n_values,)
+    indices = torch.empty(min(chunk, n_values) // 2, dtype=torch.int32)  # reused by every chunk
+    staging = None if dtype == torch.float32 else torch.empty(indices.numel(), dtype=torch.int64)
+
+    def decode(start: int, stop: int, block_scales: torch.Tensor) -> None:
+        """out[start:stop] (an even count, whole blocks but for the last) from its bytes and (rows, 1) scales."""
+        count = (stop - start) // 2  # bytes
         target = out[start:stop]
-        gathered = target.view(torch.complex128) if staging is None else staging[:count]
-        torch.index_select(table, 0, indices[:count].copy_(words[start // 4: start // 4 + count]), out=gathered)
-        values = gathered.view(torch.float32)  # (stop - start,) codes
-        first, last = start // blocksize, min(stop // blocksize, n_full)  # the full blocks in this chunk
-        in_full = (last - first) * blocksize
-        values[:in_full].view(-1, blocksize).mul_(scales[first:last, None])
-        if in_full < stop - start:  # only the final chunk: the partial last block (and padding)
-            values[in_full:].mul_(scales[n_full])
+        pairs = target.view(torch.int64) if staging is None else staging[:count]  # (count,) 8-byte pairs
+        torch.index_select(BYTE_TO_PAIR_BITS, 0, indices[:count].copy_(flat[start // 2: stop // 2]), out=pairs)
+        values = pairs.view(torch.float32)  # (stop - start,) codes
+        values.view(block_scales.shape[0], -1).mul_(block_scales)  # each row (a block) times its scale
         if staging is not None:
             target.copy_(values)  # float32 -> dtype, rounding each product once
-    if 2 * n_words < n_bytes:  # an odd byte count: the last byte's two values, in the partial last block
-        last_pair = BYTE_TO_VALUES[flat[-1].long()] * scales[n_full]  # (2,) float32
-        out[4 * n_words:].copy_(last_pair)
+
+    for start in range(0, full_values, chunk):
+        stop = min(start + chunk, full_values)
+        decode(start, stop, scales[start // blocksize: stop // blocksize])
+    if full_values < n_values:  # the partial last block, and the padding value when n is odd
+        decode(full_values, n_values, scales[-1:])
     return out[:n].view(q.shape)
 
 
