@@ -527,3 +527,16 @@ def test_policy_logprobs_keep_the_final_soft_cap():
         uncapped = policy_outputs(backbone, batch, temperature=0.7)["logps"]
     assert torch.allclose(ours, expected, atol=1e-5)
     assert (ours - uncapped).abs().max() > 1e-2  # the cap matters here
+
+
+def test_rl_policy_loss_growing_from_zero_is_not_called_divergence(files, prompts, tmp_path):
+    """A GRPO/PPO policy loss starts near 0 (zero-mean advantages; GRPO's first step is beta x KL = 0) and grows
+    with the KL term while training goes well, so the divergence guard's loss-ratio rules do not apply to it
+    (found on SmolLM2: GRPO stopped at step 12 with "the loss diverged" after rising from 1e-5). The tightest
+    allowed factor, 1.01, would stop any other task whose running loss rises like this one's."""
+    run = rl_run(files, prompts, tmp_path / "run", "grpo", "task.beta=1.0", "method.name=lora",
+                 "train.divergence_factor=1.01", "train.max_steps=12", "train.save_checkpoints=false")
+    fit(run)  # raised DivergenceError before the task model declared loss_has_scale = False
+    assert run.state.step == 12
+    start = run.state.start_loss
+    assert start is not None and 0 < start and run.state.loss_ema > 1.01 * start  # the rule would have fired

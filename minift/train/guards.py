@@ -38,7 +38,6 @@ checkpoint to resume from) and must never export a broken model to final/:
                          the gradient norm is NaN or infinite                  -> stop before the step (optimizer_step)
                          the trainable weights are NaN or infinite             -> stop
                          loss_ema > f x start_loss, when start_loss > 0        -> stop: the loss blew up
-                           (GRPO / PPO policy losses may be negative: no scale)
                          |theta| > 10 f x |theta_0|  and  loss_ema > 0.9 x loss_1
                                                                                -> stop: the weights blew up, and the
                                                                                   loss is no better than at step 1
@@ -56,6 +55,14 @@ checkpoint to resume from) and must never export a broken model to final/:
                        parameters that start at or near zero (a prompt, an adapter, a new head) legitimately grow
                        10-20 fold in the test suite's runs, and a long run may grow them much more, but then its
                        loss goes down. divergence_factor = 0 turns both ratio rules off; the non-finite checks stay.
+
+                       Losses without a scale. Both ratio rules compare the loss with its start, which assumes a
+                       loss that starts at its typical size and should go down. The policy losses of GRPO and PPO
+                       are not such losses: their advantages average to zero, so they start near 0 (GRPO's first
+                       step is exactly beta x KL = 0, the policy being the reference) and then grow with the KL
+                       term, or go negative, while training goes well (a 30-block GRPO run's loss rose 15-fold from
+                       1e-5 in 12 healthy steps). A task model says so with `loss_has_scale = False`
+                       (minift/train/rl_tasks.py); its runs keep the non-finite checks only.
 """
 
 from __future__ import annotations
@@ -287,7 +294,6 @@ class DivergenceMonitor:
         if not self.factor or state.loss_ema is None:
             return
         off = "or set train.divergence_factor = 0 to turn this check off"
-        # a loss that may be negative or start near 0 (the policy losses of GRPO and PPO) has no scale to compare with
         if state.start_loss and state.start_loss > 0 and state.loss_ema > self.factor * state.start_loss:
             raise DivergenceError(
                 f"step {step}: the loss diverged: its running mean {state.loss_ema:.4g} is more than "

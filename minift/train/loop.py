@@ -446,7 +446,8 @@ def train_steps(run: Run, interrupt: StopOnInterrupt) -> dict:
     start, start_tokens, last = time.perf_counter(), state.tokens, {"step": state.step}
     compile_clock = CompileClock() if train.compile else None  # compiling time is logged apart, not in tokens/s
     trainable = [p for group in run.optimizer.param_groups for p in group["params"]]
-    monitor = DivergenceMonitor(train.divergence_factor, state)
+    factor = train.divergence_factor if getattr(run.model, "loss_has_scale", True) else 0.0  # see guards.py
+    monitor = DivergenceMonitor(factor, state)
     monitor.start(trainable)
     if state.task is not None and hasattr(run.model, "load_task_state"):
         run.model.load_task_state(state.task)  # resumed: e.g. PPO's rollout in use

@@ -206,6 +206,9 @@ class RLTaskModel(AlignTaskModel):
     """Policy (+ value head for PPO) and the reference; the rollout code the stream calls."""
 
     KINDS = RL_KINDS
+    # the policy losses start near 0 and need not go down (zero-mean advantages, a growing KL term): the loop's
+    # divergence rules that compare the loss with its start do not apply (minift/train/guards.py)
+    loss_has_scale = False
 
     def __init__(self, backbone: nn.Module, task, head: nn.Module | None = None) -> None:
         if not (backbone.config.causal and backbone.config.lm_head):
