@@ -7,7 +7,8 @@
 
 nf4.py holds the format (blockwise absmax, double quantization, packing; its two code tables sit one layer
 down in kernels/nf4_codes.py, where the kernels' references read them too); linear.py the frozen
-NF4Linear layer with bitsandbytes' Linear4bit state-dict layout, and quantize_model. QLoRA (LoRA on an NF4
+NF4Linear layer with bitsandbytes' Linear4bit state-dict layout, and quantize_model; huge_pages.py the
+fresh-output allocation the CPU dequantize writes into (2 MiB pages: fewer page faults). QLoRA (LoRA on an NF4
 base, merging back into 16/32 bits) is an adapter technique and lives in minift/peft/qlora.py; the 4-bit
 directory format lives with the other checkpoint formats in minift/io/nf4dir.py.
 """

@@ -28,7 +28,9 @@ output in full can have it without changing how the rest of the process allocate
 It is advice, nothing more. With transparent huge pages set to "never", on a system without madvise,
 when no free 2 MiB page is at hand, or when the C library handed back memory that was already mapped
 (a reused heap block, which then has no faults to save), the kernel keeps 4 KiB pages: the tensor and
-everything computed into it are the same either way; only the time to first write it differs.
+everything computed into it are the same either way; only the time to first write it differs. The price
+of asking: under the usual defrag setting ("madvise") a fault in an advised range may first compact memory
+to free a 2 MiB page, which can stall when memory is fragmented.
 """
 
 from __future__ import annotations

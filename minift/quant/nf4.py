@@ -74,9 +74,11 @@ Three ideas make 4 bits enough:
 
 `quantize_nf4` returns an NF4Tensor; `dequantize` (or `NF4Tensor.dequantize`) undoes it:
     value = NF4_CODE[index] * block_scale       (float32 product, then cast to the requested dtype)
-On the CPU it decodes two packed bytes (four weights) per table lookup, in cache-sized chunks
-(`dequantize_cpu`). bitsandbytes' C++ loop is still faster there (benchmarks/results/nf4_cpu.md says by
-how much and why: it keeps the 16 codes in one AVX-512 register, and torch has no such lookup).
+On the CPU it decodes one packed byte (two weights) per lookup in a 2 KiB table, chunk by chunk, into
+an output on 2 MiB pages (`dequantize_cpu`, minift/quant/huge_pages.py). Where the output's pages come
+from decides most of the time: benchmarks/results/nf4_cpu.md compares it with bitsandbytes' C++ loop as
+shipped and like with like, and says what bounds each (bitsandbytes keeps the 16 codes in one AVX-512
+register; torch has no such lookup, so its decode takes several passes).
 """
 
 from __future__ import annotations
