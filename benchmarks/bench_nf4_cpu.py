@@ -179,6 +179,9 @@ def step_costs(shape: tuple[int, int], dtype, repeats: int) -> list:
         "write mapped memory (fill_)": lambda: mapped.fill_(1),
         "bitsandbytes: scales + C++ kernel into mapped memory": lambda: bnb_kernel_into(packed, state, mapped),
     })
+    q = nf4.quantize_nf4(weight)
+    for power in range(15, 21):  # the whole dequantize (output on 2 MiB pages) at each chunk size
+        steps[f"dequantize_cpu, chunks of 2^{power} values"] = lambda power=power: nf4.dequantize_cpu(q, dtype, 1 << power)
     rows = []
     for name, function in steps.items():
         function()

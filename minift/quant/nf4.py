@@ -322,8 +322,8 @@ BYTE_TO_VALUES = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16
 BYTE_TO_PAIR_BITS = BYTE_TO_VALUES.view(torch.int64).reshape(256)  # (256,) int64
 
 # Weights per step of the CPU loop, with one torch thread: each step costs a dozen torch calls (~1 us each) of
-# fixed overhead, so fewer, larger steps win until the step's buffers leave the caches (2^15: 12.1 ms, 2^18:
-# 9.6 ms, 2^20: 8.4 ms for 4096 x 4096 float32 into mapped memory; benchmarks/results/nf4_cpu.md).
+# fixed overhead, so fewer, larger steps win, up to about 2^18 (the chunk sizes' row in
+# benchmarks/results/nf4_cpu.md); past it the buffers (1 MiB of indices, 2 MiB of staging) leave L2 for little gain.
 CPU_CHUNK_VALUES = 1 << 18
 # With more threads, every op over more than torch's parallel grain (32,768 elements) opens an OpenMP region
 # (index_select over one dimension never does: it is a serial loop); on a loaded machine the wake-ups cost more
