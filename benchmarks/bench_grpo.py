@@ -14,6 +14,8 @@ The settings are matched field by field:
     sampling: temperature 1, no top-k,  task.temperature / top_k /      temperature 1.0, top_k 0, top_p 1.0,
       no top-p, KV cache                  top_p (None)                    min_p None, do_sample (transformers)
     KL weight beta, k3 estimator        task.beta                       beta
+    k3's own gradient (the GRPO paper)  (always)                        use_bias_correction_kl = False
+                                                                          (TRL's default True: k3 x ratio)
     clip epsilon                        task.clip_range                 epsilon
     advantages (r - mean) / (std + eps) within the group                scale_rewards = "group"
     loss: mean over completions of the mean over each one's tokens       loss_type = "grpo"
@@ -74,6 +76,63 @@ def prompt_records(n: int, words: list[str], length: int, seed: int = 0) -> list
             for k in range(n)]  # lengths differ by one word each, so the prompts are left-padded
 
 
+def build_sides(folder: Path, data: list[dict], hf_tokenizer, P: int, G: int, C: int, beta: float, seed: int = 0,
+                bias_correction: bool = False, lr: float = 1e-4):
+    """TRL's GRPOTrainer + PEFT and minift's GRPO task on the model folder/model and the prompts folder/prompts.jsonl,
+    each with its AdamW. `seed`: TRL's (its LoRA A and its samples) and minift's train.seed (its samples); minift's
+    LoRA A is drawn from torch's global generator as it stands. `bias_correction`: TRL's use_bias_correction_kl
+    (its default True multiplies k3 by the ratio, which changes the KL gradient; minift's GRPO is False)."""
+    from types import SimpleNamespace
+
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    import minift
+    from minift.train.loop import build_optimizer, build_trainable_model
+    from minift.train.rl_data import load_rl_datasets, prepare_align_run
+    from minift.train.run_config import RunConfig, apply_override
+
+    # TRL + PEFT
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder / "model")
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM")
+    trl_args = trl.GRPOConfig(output_dir=str(folder / "trl"), report_to="none", use_cpu=True, save_strategy="no",
+                              per_device_train_batch_size=P * G, gradient_accumulation_steps=1, num_generations=G,
+                              max_completion_length=C, num_iterations=1, beta=beta, epsilon=0.2,
+                              loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
+                              use_vllm=False, bf16=False, learning_rate=lr, weight_decay=0.0, seed=seed,
+                              use_bias_correction_kl=bias_correction)
+    trainer = trl.GRPOTrainer(model=hf_model, reward_funcs=[reward], args=trl_args, peft_config=lora,
+                              train_dataset=datasets.Dataset.from_list(data), processing_class=hf_tokenizer)
+    trl_model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before its first step
+    trl_rows = [row for row in data for _ in range(G)]  # what TRL's RepeatSampler feeds one generation
+    trl_optimizer = torch.optim.AdamW([p for p in trl_model.parameters() if p.requires_grad], lr=lr,
+                                      weight_decay=0.0)  # as minift's train.weight_decay = 0
+
+    # minift, through the engine's own pieces
+    run_config = RunConfig()
+    for item in ("task.kind=grpo", f"task.beta={beta}", f"task.group_size={G}", f"task.max_new_tokens={C}",
+                 "task.temperature=1.0", "task.clip_range=0.2", "task.reward_function=bench_grpo:reward",
+                 f"data.train={folder / 'prompts.jsonl'}", "data.validation_fraction=0", "data.max_length=512",
+                 "method.name=lora", "method.r=8", "method.alpha=16", f"train.lr={lr}", "train.device=cpu",
+                 f"train.batch_size={P}", f"train.seed={seed}"):
+        apply_override(run_config, item)
+    backbone, tokenizer = minift.load(folder / "model")
+    task_model, _, _ = build_trainable_model(run_config, backbone, None)
+    task_model.train()
+    stream, _, _ = load_rl_datasets(run_config, tokenizer)
+    prepare_align_run(task_model, stream, None, run_config, tokenizer)
+    ours_prompts = stream.collate(stream.prompts)  # the P prompts in file order, left-padded
+    ours_optimizer = build_optimizer([[p for p in task_model.parameters() if p.requires_grad]], run_config.train,
+                                     torch.device("cpu"))
+    return SimpleNamespace(trainer=trainer, trl_model=trl_model, trl_rows=trl_rows, trl_optimizer=trl_optimizer,
+                           task_model=task_model, stream=stream, ours_prompts=ours_prompts,
+                           ours_optimizer=ours_optimizer, tokenizer=tokenizer)
+
+
 def ppo_note(trl) -> str:
     """Whether this TRL has a PPO trainer to compare minift's `kind = "ppo"` with (checked, not assumed)."""
     import importlib.util
@@ -103,15 +162,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    import datasets
     import peft
     import transformers
     import trl
-
-    import minift
-    from minift.train.loop import build_optimizer, build_trainable_model
-    from minift.train.rl_data import load_rl_datasets, prepare_align_run
-    from minift.train.run_config import RunConfig, apply_override
 
     P, G, C = args.prompts, args.group, args.new_tokens
     folder = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
@@ -119,39 +172,10 @@ def main() -> None:
     data = prompt_records(P, words, args.prompt_words)
     (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
 
-    # TRL + PEFT
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder / "model")
-    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           task_type="CAUSAL_LM")
-    trl_args = trl.GRPOConfig(output_dir=str(folder / "trl"), report_to="none", use_cpu=True, save_strategy="no",
-                              per_device_train_batch_size=P * G, gradient_accumulation_steps=1, num_generations=G,
-                              max_completion_length=C, num_iterations=1, beta=args.beta, epsilon=0.2,
-                              loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0, top_k=0,
-                              use_vllm=False, bf16=False, learning_rate=1e-4, weight_decay=0.0, seed=0)
-    trainer = trl.GRPOTrainer(model=hf_model, reward_funcs=[reward], args=trl_args, peft_config=lora,
-                              train_dataset=datasets.Dataset.from_list(data), processing_class=hf_tokenizer)
-    trl_model = trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before its first step
-    trl_rows = [row for row in data for _ in range(G)]  # what TRL's RepeatSampler feeds one generation
-    trl_optimizer = torch.optim.AdamW([p for p in trl_model.parameters() if p.requires_grad], lr=1e-4,
-                                      weight_decay=0.0)  # as minift's train.weight_decay = 0
-
-    # minift, through the engine's own pieces
-    run_config = RunConfig()
-    for item in ("task.kind=grpo", f"task.beta={args.beta}", f"task.group_size={G}", f"task.max_new_tokens={C}",
-                 "task.temperature=1.0", "task.clip_range=0.2", "task.reward_function=bench_grpo:reward",
-                 f"data.train={folder / 'prompts.jsonl'}", "data.validation_fraction=0", "data.max_length=512",
-                 "method.name=lora", "method.r=8", "method.alpha=16", "train.lr=1e-4", "train.device=cpu",
-                 f"train.batch_size={P}"):
-        apply_override(run_config, item)
-    backbone, tokenizer = minift.load(folder / "model")
-    task_model, _, _ = build_trainable_model(run_config, backbone, None)
-    task_model.train()
-    stream, _, _ = load_rl_datasets(run_config, tokenizer)
-    prepare_align_run(task_model, stream, None, run_config, tokenizer)
-    ours_prompts = stream.collate(stream.prompts)  # the P prompts in file order, left-padded
-    ours_optimizer = build_optimizer([[p for p in task_model.parameters() if p.requires_grad]], run_config.train,
-                                     torch.device("cpu"))
+    built = build_sides(folder, data, hf_tokenizer, P, G, C, args.beta)
+    trainer, trl_model, trl_rows, trl_optimizer = built.trainer, built.trl_model, built.trl_rows, built.trl_optimizer
+    task_model, stream, ours_optimizer = built.task_model, built.stream, built.ours_optimizer
+    ours_prompts = built.ours_prompts  # the P prompts in file order, left-padded
 
     def ours_generate(i):
         return stream.rollout(*ours_prompts, i)
@@ -162,7 +186,7 @@ def main() -> None:
         loss.backward()
         ours_optimizer.step()
         ours_optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), out.metric_sums["kl"] / out.n_targets  # mean KL per token (full lengths)
+        return float(loss.detach()), out.metric_sums["kl"] / out.n_targets  # k3 per completion token, as TRL
 
     def trl_generate(i):
         return trainer._generate_and_score_completions(trl_rows)
@@ -256,9 +280,13 @@ def main() -> None:
         "reward that both scored with the same function. The loss of iteration 1 is 0 on both sides (printed: "
         f"minift {first['minift'][1]:.1e}, TRL {first['TRL + PEFT'][1]:.1e}): LoRA B = 0 makes the policy the "
         "reference, and group-centred advantages average to 0. With num_iterations 1 the loss stays about beta x KL, "
-        "so the KL to the reference after the last step is shown instead: the same order on the two sides, not "
-        "equal (each library draws its own LoRA A and its own samples, and Adam's first steps move every weight by "
-        "about lr whatever the gradient's size). Not the same work: TRL's loss forward also computes each "
+        "so the KL to the reference after the last step is shown instead (each side's own \"kl\" metric: k3 "
+        "averaged over the completion tokens, in the last iteration's loss forward). The two KL figures are not "
+        "expected to be equal: each library draws its own LoRA A and its own samples, and the KL a few steps reach "
+        "depends on those draws (minift's was 2x TRL's in one run of this benchmark, 3.1e-5 vs 1.55e-5). "
+        "benchmarks/bench_grpo_kl.py (results/grpo_kl_cpu.md) shows why: on the same LoRA A and the same samples "
+        "the two sides' KL agree at every iteration, while over independent seeds each library's own KL varies "
+        "as much as the two sides differ. Not the same work: TRL's loss forward also computes each "
         "completion token's entropy over the whole vocabulary (compute_entropy=True, for its metrics); minift's "
         "GRPO forward computes only the sampled tokens' log-probs. Both sides train the same "
         f"{trainable['minift']:,} LoRA parameters, and the prompts are the same token ids (both checked).", "",

@@ -1,14 +1,16 @@
 """minift's GRPO step against TRL 1.16's GRPOTrainer + PEFT on the same weights and the same completions.
 
 The benchmark (benchmarks/bench_grpo.py) lets each library draw its own LoRA A and its own samples, so its KL
-figures differ by chance; here nothing is left to chance. A tiny random Llama folder is loaded by transformers
-(TRL, with a PEFT LoRA on q_proj / v_proj) and by minift (`[task] kind = "grpo"`, method lora). minift's LoRA A
-is set to PEFT's, and B to the same random values on both sides, so the policy is not the reference and the KL
-term is not zero. TRL samples the completions (`_generate_and_score_completions`, at temperature 0.7, so the
-division of the logits by the temperature is exercised); minift is handed the very same token ids. Then, number
-for number: the completion mask (cut after the first EOS), the reference's per-token log-probs (adapters off),
-the policy's, the advantages, the loss, the gradient of every LoRA tensor, TRL's "kl" metric; and after one AdamW
-step on each side, the loss and the KL again.
+figures differ by chance (benchmarks/bench_grpo_kl.py measures by how much); here nothing is left to chance. A tiny
+random Llama folder is loaded by transformers (TRL, with a PEFT LoRA on q_proj / v_proj) and by minift
+(`[task] kind = "grpo"`, method lora). minift's LoRA A is set to PEFT's, and B to the same random values on both
+sides, so the policy is not the reference and the KL term is not zero. TRL samples the completions
+(`_generate_and_score_completions`, at temperature 0.7, so the division of the logits by the temperature is
+exercised); minift is handed the very same token ids (GRPOTaskModel.rollout_of). Then, number for number: the
+completion mask (cut after the first EOS), the reference's per-token log-probs (adapters off), the policy's, the
+advantages, the loss, the gradient of every LoRA tensor, TRL's kl, reward and reward_std metrics; and the same again
+after an AdamW step on each side. That holds with TRL's use_bias_correction_kl = False; its default, True, is
+checked to be the gradient of k3 x ratio, written out.
 """
 
 import json
