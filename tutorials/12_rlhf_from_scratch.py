@@ -46,14 +46,20 @@ from _results import fast_mode, results_header, scratch_dir, write_results
 FAST = fast_mode()
 SHORT = os.environ.get("MINIFT_RLHF_SHORT") == "1"  # a short recorded run, for a shared CPU
 BLOCKS = 2 if FAST else int(os.environ.get("MINIFT_RLHF_BLOCKS", "0"))  # 0 = all 30
-S = dict(reward_steps=60, rl_steps=20, dpo_steps=20, batch_size=8, max_length=48, new_tokens=20, held_out=32,
-         pair_prompts=96, fortunes=32)
+S = dict(reward_steps=60, batch_size=8, max_length=48, new_tokens=20, held_out=64, samples=2, pair_prompts=256,
+         fortunes=32)
+# Per method: optimizer steps, prompts (DPO: pairs) per step, learning rate. The configs' learning rates suit
+# their 100-step runs; these few steps need larger ones. A PPO step is one epoch over a rollout of `batch`
+# prompts (2 epochs per rollout); a GRPO step samples 4 completions for each of its `batch` prompts.
+M = dict(ppo=dict(steps=80, batch=16, lr=5e-4), grpo=dict(steps=30, batch=8, lr=5e-4),
+         dpo=dict(steps=40, batch=8, lr=5e-4))
 if SHORT:
-    S.update(reward_steps=30, rl_steps=8, dpo_steps=8, max_length=32, new_tokens=12, held_out=24, pair_prompts=32,
-             fortunes=16)
+    S.update(reward_steps=30, max_length=32, new_tokens=12, held_out=24, samples=1, pair_prompts=32, fortunes=16)
+    M = {name: dict(m, steps=8) for name, m in M.items()}
 if FAST:
-    S = dict(reward_steps=2, rl_steps=2, dpo_steps=2, batch_size=2, max_length=16, new_tokens=4, held_out=4,
-             pair_prompts=4, fortunes=4)
+    S = dict(reward_steps=2, batch_size=2, max_length=16, new_tokens=4, held_out=4, samples=2, pair_prompts=4,
+             fortunes=4)
+    M = {name: dict(steps=2, batch=2, lr=m["lr"]) for name, m in M.items()}
 torch.manual_seed(0)
 started = time.perf_counter()
 scratch = scratch_dir(__file__)
@@ -119,10 +125,13 @@ scorer = RewardModelScorer(reward_dir, "cpu")
 
 # %% [markdown]
 # ## 2. What we measure on held-out prompts
-# The first 4 words of tweets from the test split. Every policy samples one completion per prompt with the same
-# seed. Mean reward: the reward model's score of prompt + completion. KL: for each sample, the sum over its
-# tokens of log pi - log pi_ref (an unbiased estimate of KL(pi || pi_ref) per sequence), averaged. Perplexity:
-# on general English (fortune quotes), what the model may have forgotten.
+# The first 4 words of tweets from the test split. Every policy samples `samples` completions per prompt with
+# the same seed. Mean reward: the reward model's score of prompt + completion. Because every policy answers the
+# same prompts, the change from the start is measured per prompt (the policy's mean reward on a prompt minus the
+# start's on that prompt), which removes the prompts' own spread from the comparison; its standard error is
+# that of those per-prompt differences. KL: for each sample, the sum over its tokens of log pi - log pi_ref (an
+# unbiased estimate of KL(pi || pi_ref) per sequence), averaged. Perplexity: on general English (fortune
+# quotes), what the model may have forgotten.
 
 # %%
 prompts = [r["prompt"] for r in load_tweet_prompts("test")[: S["held_out"]]]
@@ -132,7 +141,8 @@ fortunes = [r["text"] for r in load_fortunes("validation")[: S["fortunes"]]]
 @torch.no_grad()
 def measure(policy, name: str) -> dict:
     policy.eval()
-    rows = [tokenizer.encode(p) for p in prompts]
+    repeated = [p for p in prompts for _ in range(S["samples"])]  # each prompt `samples` times, side by side
+    rows = [tokenizer.encode(p) for p in repeated]
     T = max(map(len, rows))
     ids = torch.tensor([[tokenizer.eos_token_id] * (T - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
@@ -141,7 +151,7 @@ def measure(policy, name: str) -> dict:
     completions = out[:, T:]
     cmask = completion_mask_of(completions, tokenizer.eos_token_id)
     texts = [tokenizer.decode(c[m.bool()].tolist()) for c, m in zip(completions, cmask)]
-    rewards = torch.tensor(scorer(prompts, texts))
+    rewards = torch.tensor(scorer(repeated, texts))
     batch = sequences(ids, mask, completions, cmask)
     kl = (policy_outputs(policy, batch)["logps"] - policy_outputs(base, batch)["logps"]).sum(1)
     nll, count = 0.0, 0
@@ -150,13 +160,24 @@ def measure(policy, name: str) -> dict:
         logits = policy(quote)[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, quote[0, 1:], reduction="sum"))
         count += quote.size(1) - 1
-    return {"name": name, "reward": float(rewards.mean()), "reward_sem": float(rewards.std() / len(rewards) ** 0.5),
-            "kl": float(kl.mean()), "perplexity": float(torch.exp(torch.tensor(nll / count))),
-            "samples": [p + t for p, t in zip(prompts[:3], texts[:3])]}
+    return {"name": name, "reward": float(rewards.mean()), "per_prompt": rewards.view(len(prompts), -1).mean(1),
+            "kl": float(kl.mean()), "kl_sem": float(kl.std() / len(kl) ** 0.5),
+            "perplexity": float(torch.exp(torch.tensor(nll / count))),
+            "samples": [repeated[i] + texts[i] for i in range(0, 3 * S["samples"], S["samples"])]}
+
+
+def change(result: dict) -> tuple[float, float]:
+    """The mean over held-out prompts of (this policy's mean reward - the start's), and its standard error."""
+    diff = result["per_prompt"] - before["per_prompt"]
+    return float(diff.mean()), float(diff.std() / len(diff) ** 0.5)
+
+
+def show(result: dict) -> str:
+    return json.dumps({k: v for k, v in result.items() if k not in ("samples", "per_prompt")})
 
 
 before = measure(base, "SmolLM2 (start)")
-print(json.dumps({k: v for k, v in before.items() if k != "samples"}))
+print(show(before))
 
 # %% [markdown]
 # ## 3. PPO and GRPO
@@ -168,13 +189,20 @@ print(json.dumps({k: v for k, v in before.items() if k != "samples"}))
 
 # %%
 results, timings = [before], {}
-rl_sets = [f"task.reward_model={reward_dir}", f"task.max_new_tokens={S['new_tokens']}",
-           f"train.max_steps={S['rl_steps']}", f"train.eval_every={S['rl_steps']}", "data.max_length=16"]
+
+
+def method_sets(name: str) -> list[str]:
+    m = M[name]
+    return [f"train.max_steps={m['steps']}", f"train.eval_every={m['steps']}", f"train.batch_size={m['batch']}",
+            f"train.lr={m['lr']}"]
+
+
 for name in ("ppo", "grpo"):
-    run, seconds, mb = train(f"{name}_tweets.toml", *rl_sets)
+    run, seconds, mb = train(f"{name}_tweets.toml", f"task.reward_model={reward_dir}",
+                             f"task.max_new_tokens={S['new_tokens']}", "data.max_length=16", *method_sets(name))
     timings[name] = (seconds, mb)
     results.append(measure(run.model.backbone, name.upper()))
-    print(json.dumps({k: v for k, v in results[-1].items() if k != "samples"}), f"{seconds:.0f} s, {mb:.0f} MB")
+    print(show(results[-1]), f"change {change(results[-1])[0]:+.3f} ± {change(results[-1])[1]:.3f}", f"{seconds:.0f} s, {mb:.0f} MB")
 
 # %% [markdown]
 # ## 4. DPO on the policy's own samples
@@ -189,12 +217,11 @@ pairs = sample_preference_pairs(base, tokenizer, scorer.model, scorer.tokenizer,
 pair_file = write_pairs(pairs, scratch / "tweet_pairs.jsonl")
 pair_seconds = time.perf_counter() - began
 print(f"{len(pairs)} pairs from {len(pair_prompts)} prompts in {pair_seconds:.0f} s")
-run, seconds, mb = train("dpo_tweets.toml", f"data.train={pair_file}", f"train.max_steps={S['dpo_steps']}",
-                         f"train.eval_every={S['dpo_steps']}", f"data.max_length={S['max_length']}",
-                         "data.validation_fraction=0.25")
+run, seconds, mb = train("dpo_tweets.toml", f"data.train={pair_file}", f"data.max_length={S['max_length']}",
+                         "data.validation_fraction=0.25", "train.warmup_steps=3", *method_sets("dpo"))
 timings["dpo"] = (seconds + pair_seconds, mb)
 results.append(measure(run.model.backbone, "DPO"))
-print(json.dumps({k: v for k, v in results[-1].items() if k != "samples"}), f"{seconds:.0f} s, {mb:.0f} MB")
+print(show(results[-1]), f"change {change(results[-1])[0]:+.3f} ± {change(results[-1])[1]:.3f}", f"{seconds:.0f} s, {mb:.0f} MB")
 
 # %% [markdown]
 # ## 5. The report
@@ -205,21 +232,29 @@ lines = [results_header(__file__, "RLHF from scratch on SmolLM2-135M", started),
          f"SmolLM2-135M-Instruct ({scope}); LoRA r=16 on q/k/v/o for every method; reward model trained "
          f"{S['reward_steps']} steps x {S['batch_size']} pairs, held-out pair accuracy "
          f"{reward_eval['eval_accuracy']:.3f} on {reward_eval['eval_targets']} pairs. Policies measured on "
-         f"{len(prompts)} held-out prompts (first 4 words of test-split tweets), one sample each, "
-         f"{S['new_tokens']} new tokens, temperature 1, the same seed. KL = mean over samples of the summed "
-         f"log pi - log pi_ref; perplexity on {len(fortunes)} fortune quotes. Peak memory: the largest resident set "
-         "of the process during the run (the base model copy included).", "",
-         "| policy | mean reward (± s.e.) | KL to start (nats/seq) | perplexity (fortunes) | train wall time | peak RSS |",
-         "|---|---|---|---|---|---|"]
+         f"{len(prompts)} held-out prompts (first 4 words of test-split tweets), {S['samples']} samples each, "
+         f"{S['new_tokens']} new tokens, temperature 1, the same seed. Change: per prompt, the policy's mean reward "
+         "minus the start's, averaged over the prompts (± its standard error); 'raised' means the change is more "
+         "than twice its standard error. KL = mean over samples of the summed log pi - log pi_ref (± s.e.); "
+         f"perplexity on {len(fortunes)} fortune quotes. Peak memory: the largest resident set of the process "
+         "during the run (the base model copy included).", "",
+         "| policy | mean reward | change vs start (± s.e.) | raised | KL to start (nats/seq) | perplexity (fortunes) "
+         "| train wall time | peak RSS |",
+         "|---|---|---|---|---|---|---|---|"]
 for r in results:
     key = r["name"].lower().split()[0]
     seconds, mb = timings.get(key, (None, None))
-    lines.append(f"| {r['name']} | {r['reward']:.3f} ± {r['reward_sem']:.3f} | {r['kl']:.3f} | {r['perplexity']:.2f} | "
+    delta, sem = change(r)
+    lines.append(f"| {r['name']} | {r['reward']:.3f} | " + ("- | - | " if r is before else
+                 f"{delta:+.3f} ± {sem:.3f} | {'yes' if delta > 2 * sem else 'no'} | ")
+                 + f"{r['kl']:.2f} ± {r['kl_sem']:.2f} | {r['perplexity']:.2f} | "
                  + (f"{seconds:.0f} s | {mb:.0f} MB |" if seconds is not None else "- | - |"))
-lines += ["", f"Settings: {json.dumps(S)}; MINIFT_RLHF_BLOCKS={BLOCKS or 'all'}, MINIFT_RLHF_SHORT={int(SHORT)}.",
-          "", f"Steps: PPO and GRPO {S['rl_steps']} each (PPO: 2 epochs per rollout of {S['batch_size']} prompts; "
-          f"GRPO: {S['batch_size']} prompts x 4 samples), DPO {S['dpo_steps']} on {len(pairs)} sampled pairs "
-          f"(DPO's time includes sampling the pairs, {pair_seconds:.0f} s).", "", "Samples (first 3 held-out prompts):", ""]
+lines += ["", f"Settings: {json.dumps(S)}; per method (steps, prompts or pairs per step, lr): {json.dumps(M)}; "
+          f"MINIFT_RLHF_BLOCKS={BLOCKS or 'all'}, MINIFT_RLHF_SHORT={int(SHORT)}.",
+          "", f"PPO: {M['ppo']['steps']} steps, 2 epochs per rollout of {M['ppo']['batch']} prompts; GRPO: "
+          f"{M['grpo']['steps']} steps of {M['grpo']['batch']} prompts x 4 samples; DPO: {M['dpo']['steps']} steps on "
+          f"{len(pairs)} pairs sampled from {len(pair_prompts)} prompts (DPO's time includes sampling the pairs, "
+          f"{pair_seconds:.0f} s).", "", "Samples (first 3 held-out prompts):", ""]
 for r in results:
     lines.append(f"**{r['name']}**")
     lines += [f"- {json.dumps(s, ensure_ascii=False)}" for s in r["samples"]]
