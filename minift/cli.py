@@ -515,8 +515,18 @@ def add_plan_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (argparse prints the whole usage block
+    first): `minift: error: generate: the following arguments are required: --prompt (see minift generate --help)`.
+    Subcommand parsers are made with the same class, so they inherit it."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("minift").strip()
+        self.exit(EXIT_USAGE, f"minift: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minift", description="minift: fine-tuning you can read.")
+    parser = OneLineParser(prog="minift", description="minift: fine-tuning you can read.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt, streaming to stdout",

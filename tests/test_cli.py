@@ -65,3 +65,19 @@ def test_closed_pipe_ends_quietly():
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141
     assert stderr == ""
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["nosuch"], "minift: error: argument command: invalid choice: 'nosuch'"),
+    (["generate", "--model", "x"], "minift: error: generate: the following arguments are required: --prompt"),
+    (["generate", "--model", "x", "--prompt", "y", "--max-new-tokens", "many"],
+     "minift: error: generate: argument --max-new-tokens: invalid int value: 'many'"),
+    ([], "minift: error: the following arguments are required: command"),
+])
+def test_argparse_errors_are_one_line_too(argv, expected, capsys):
+    """Usage errors caught by argparse itself print one `minift: error:` line (not the usage block), exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    assert err.rstrip().endswith("--help)")
