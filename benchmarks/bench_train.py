@@ -12,9 +12,11 @@ torch.optim.AdamW, as a user's hand-written loop would. Each provider runs in a 
 is its own. Target (issue "Training engine"): minift tokens/s >= transformers tokens/s; issue 16: >= 1.3x, and
 peak memory <= 0.7x.
 
-Trainer options run as extra minift providers (`--variants ckpt,compile,compile+ckpt`): gradient checkpointing
-per block (train.gradient_checkpointing) and torch.compile per block (train.compile; its compile seconds, all
-spent in the warm-up step, are reported apart). "train extra" is peak RSS minus RSS once the model is loaded:
+Trainer options run as extra minift providers (`--variants ckpt,compile,compile+ckpt,inbwd,inbwd+ckpt`): gradient
+checkpointing per block (train.gradient_checkpointing), torch.compile per block (train.compile; its compile
+seconds, all spent in the warm-up step, are reported apart) and AdamW inside backward (train.optimizer_in_backward:
+each weight is updated as soon as its gradient is complete and the gradient freed; such a step cannot clip, so
+those rows skip the clipping the others do). "train extra" is peak RSS minus RSS once the model is loaded:
 the memory the training itself adds (gradients, AdamW moments, activations), without the Python runtime.
 
     python benchmarks/bench_train.py [--layers 6] [--batch 4] [--seq 128] [--steps 4] [--rounds 2] [--variants ...]
@@ -46,7 +48,8 @@ def make_checkpoint(directory: str, layers: int) -> None:
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
 
 
-VARIANTS = {"ckpt": "gradient checkpointing per block", "compile": "torch.compile per block", "compile+ckpt": "both"}
+VARIANTS = {"ckpt": "gradient checkpointing per block", "compile": "torch.compile per block", "compile+ckpt": "both",
+            "inbwd": "AdamW inside backward, no clipping", "inbwd+ckpt": "AdamW inside backward + checkpointing"}
 
 
 def minift_step_function(directory: str, options: tuple[str, ...] = ()):
@@ -66,6 +69,16 @@ def minift_step_function(directory: str, options: tuple[str, ...] = ()):
         compile_blocks(backbone)
     model = build_task_model(backbone, "causal_lm").train()
     optimizer = build_optimizer(layer_groups(backbone), TrainConfig(lr=LR), torch.device("cpu"))
+    if "inbwd" in options:  # what fit() does with train.optimizer_in_backward = true (and max_grad_norm = none)
+        from minift.train.optimizer_in_backward import OptimizerInBackward
+
+        in_backward = OptimizerInBackward(optimizer)
+
+        def step(batch):
+            accumulate_gradients(model, [batch])  # every weight is updated in here
+            in_backward.finish_step()
+
+        return step
 
     def step(batch):
         accumulate_gradients(model, [batch])
@@ -194,6 +207,11 @@ def main() -> None:
             f"minift's step uses torch's fused AdamW kernel (`build_optimizer`) and its own loss (`TaskModel`: only "
             f"target rows meet the vocabulary matrix); the hand-written loop uses `torch.optim.AdamW` defaults and "
             f"`model(..., labels=...).loss`, as most user code does. Both models are float32 with SDPA attention.\n")
+    if any("inbwd" in v for v in variants):
+        text += ("\nThe +inbwd rows run `train.optimizer_in_backward = true`: each weight's AdamW update runs in a "
+                 "post-accumulate-grad hook as soon as its gradient is complete, and the gradient is freed there "
+                 "(minift/train/optimizer_in_backward.py). Such a step cannot clip the global norm, so those rows do "
+                 "not clip; every other row does.\n")
     if profile is not None:
         share, table_text = profile
         limit = cpu["minift"] / cpu["transformers"] / share
