@@ -50,8 +50,9 @@ S = dict(reward_steps=60, batch_size=8, max_length=48, new_tokens=20, held_out=6
          fortunes=32)
 # Per method: optimizer steps, prompts (DPO: pairs) per step, learning rate. The configs' learning rates are
 # set for their longer 100-step runs; these shorter runs take larger ones, chosen from short pilots (GRPO at
-# 3e-4 had moved the reward little in 12 steps; at 1e-3 it drifted to ~2 nats of KL per token in 30). A PPO step is one epoch over a
-# rollout of `batch` prompts (2 epochs per rollout); a GRPO step samples 4 completions per `batch` prompt.
+# 3e-4 had moved the reward little in 12 steps; at 1e-3 it drifted to ~2 nats of KL per token in 30). A PPO
+# step is one epoch over a rollout of `batch` prompts (2 epochs per rollout); a GRPO step samples 4
+# completions per `batch` prompt.
 M = dict(ppo=dict(steps=80, batch=16, lr=5e-4), grpo=dict(steps=30, batch=8, lr=5e-4),
          dpo=dict(steps=40, batch=8, lr=5e-4))
 if SHORT:
