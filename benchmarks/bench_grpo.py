@@ -265,7 +265,8 @@ def main() -> None:
         f"SmolLM2-shaped Llama with {args.layers} blocks (d 576, vocab 49152, tied), random weights; LoRA r 8 on "
         f"q_proj, v_proj; {P} prompts of {args.prompt_words - P + 1}-{args.prompt_words} tokens, G = {G} "
         f"completions each ({P * G} sequences), at most {C} new tokens, temperature 1, no top-k / top-p; reward = a "
-        f"Python function; group-scaled advantages; beta {args.beta} (k3 KL to the adapters-off reference), "
+        f"Python function; group-scaled advantages; beta {args.beta} (k3 KL to the adapters-off reference; TRL's "
+        "use_bias_correction_kl = False, the k3 gradient minift takes), "
         "epsilon 0.2, loss normalised per completion then averaged (TRL loss_type \"grpo\"), num_iterations 1; "
         "AdamW lr 1e-4, no weight decay, no gradient clipping. Iterations interleaved, medians of the "
         f"{args.iterations} timed iterations after one warm-up.", "",
