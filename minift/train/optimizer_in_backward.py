@@ -40,6 +40,13 @@ What cannot coexist with it, refused before anything loads (minift/train/run_con
     DDP / FSDP              gradients are averaged across processes after they accumulate; an update from
                             the local gradient alone would be wrong (minift/train/distributed.py refuses it).
 
+What it cannot free early: a gradient that is complete only at the end of backward. A tied embedding / lm_head
+matrix gets its first part from the loss (the first node of backward) and its last from the embedding lookup
+(the last node), so its whole gradient lives through backward; in a small model with a large vocabulary
+(SmolLM2-135M: 28 M of 135 M weights) that one matrix bounds what this saves. And the saving shows in the peak
+only where gradients pile up: without gradient checkpointing the peak is usually at the start of backward,
+when every activation is still alive and no block has a gradient yet (benchmarks/results/cpu_training.md).
+
 Gradual unfreezing just works: a frozen weight gets no gradient, so its hook does not run — exactly as
 torch's AdamW skips a parameter whose .grad is None. The gradient norm is still reported: each hook adds
 its tensor's float32 norm, and the step's norm is the norm of those norms (what the loop logs when it does
