@@ -6,7 +6,8 @@ learning rates, a slanted triangular schedule and weight decay (with and without
 gradient checkpointing), and of LoRA. The rates themselves are checked by their effect: after one AdamW step
 every weight moves by at most its group's rate (by almost exactly it where the gradient is not tiny), the tied
 embedding / lm_head matrix by the top group's. A run stopped by Ctrl-C and resumed ends where the straight run
-ends; the hooks are gone after fit; and what cannot work with it is refused in one line before any model loads.
+ends; a NaN gradient stops the run before anything is saved; the hooks are gone after fit; and what cannot work
+with it is refused in one line before any model loads.
 """
 
 from __future__ import annotations
@@ -168,3 +169,15 @@ def test_what_cannot_work_is_refused_in_one_line(tmp_path, capsys, sets, field):
     assert len(err) == 1 and err[0].startswith("minift: error: "), err
     assert "train.optimizer_in_backward" in err[0] and field in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_nan_gradient_stops_the_run_unsaved(files, tmp_path):
+    """The update is already applied when the step's norm is known, so the run stops before anything is saved."""
+    from minift.train import NonFiniteLossError
+
+    run = setup(run_config(files["model"], files["data"], tmp_path / "run", *ULMFIT, "train.save_every=1",
+                           "train.optimizer_in_backward=true"))
+    run.model.backbone.blocks[0].mlp.down_proj.weight.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="step 1: the gradient norm is nan"):
+        fit(run)
+    assert ckpt.latest_checkpoint(tmp_path / "run") is None
