@@ -16,7 +16,8 @@ an output from empty_on_huge_pages, after its own scale decoding). The third spl
 steps, and times writing a fresh output alone, so the gap that is left can be read off.
 
 --threads takes a comma-separated list; each count runs in its own process, with torch's threads and
-OMP_NUM_THREADS (which bitsandbytes' OpenMP loop reads when its library loads) set alike.
+OMP_NUM_THREADS (which bitsandbytes' OpenMP loop reads when its library loads) set alike, and, above one
+thread, OMP_WAIT_POLICY=PASSIVE (see `measure`).
 
     python benchmarks/bench_nf4_cpu.py [--sizes 1024x1024,4096x4096] [--repeats 5] [--threads 1,2] [--profile]
 """
@@ -135,7 +136,7 @@ def step_costs(shape: tuple[int, int], dtype, repeats: int) -> list:
     weight = (torch.randn(shape) * 0.02).to(dtype)
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
     n = weight.numel()
-    chunk = min(nf4.CPU_CHUNK_VALUES if torch.get_num_threads() == 1 else nf4.CPU_CHUNK_VALUES_THREADED, n)
+    chunk = min(nf4.CPU_CHUNK_VALUES, n)
     flat = packed.reshape(-1)[: chunk // 2]
     indices = torch.empty(chunk // 2, dtype=torch.int32).copy_(flat)
     pairs = torch.empty(chunk // 2, dtype=torch.int64)
@@ -215,6 +216,12 @@ def profile(shape: tuple[int, int], threads: int) -> str:
 def measure(threads: int, sizes: str, repeats: int, with_profile: bool = False) -> dict:
     """Every table for one thread count (call it in a fresh process: OMP_NUM_THREADS is read at load)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)  # before bitsandbytes' OpenMP runtime starts
+    if threads > 1:
+        # Two OpenMP runtimes share this process (torch's bundled libgomp, and the system one bitsandbytes links);
+        # by default each one's idle workers spin after every parallel region, so on a machine with as many cores
+        # as threads each side's spinning steals the other's cores (one such run gave 9.6 ms and 14.2 ms for a
+        # 1024x1024 dequantize that takes under 2 ms). PASSIVE makes idle workers sleep, for both alike.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch
 
     torch.set_num_threads(threads)
@@ -237,31 +244,40 @@ WHY = """\
 ## What bounds the CPU dequantize
 
 minift decodes one packed byte (two weights) per lookup in a 256-entry table of float32 pairs, each pair
-stored as one 8-byte integer (2 KiB, so the table stays in the L1 cache), and works through the weight
-in chunks of 2^18 values (2^15 with several threads, where larger ops would wake OpenMP workers for each
-step; see `dequantize_cpu`): per chunk a uint8 -> int32 index copy, one `index_select` (a serial loop in
-torch, one 8-byte load and store per byte), one in-place float32 multiply by the block scales and, for
-16-bit outputs, one rounding copy into the output. The output is allocated on 2 MiB pages
-(minift/quant/huge_pages.py). bitsandbytes' C++ loop does all of it in one pass over the bytes: its
-AVX-512 build (objdump of libbitsandbytes_cpu.so) widens 16 nibbles to int32, looks them up in the 16 codes
-held in one register (vpermps), multiplies by the broadcast block scale and rounds to bfloat16
-(vcvtneps2bf16) without leaving registers; torch has no such in-register lookup. Its loop runs under OpenMP
-(the `._omp_fn` clones in the same objdump), so it uses every thread it is given; torch's one-dimensional
-`index_select` does not.
+stored as one 8-byte integer (2 KiB, so the table stays in the L1 cache), and works through the weight in
+chunks of 2^18 values (`dequantize_cpu`; the chunk sizes' rows): per chunk a uint8 -> int32 index copy,
+one `index_select` (in torch a serial loop: one 8-byte load and store per byte, with a bounds check), one
+in-place float32 multiply by the block scales and, for 16-bit outputs, one rounding copy into
+the output. The output is allocated on 2 MiB pages (minift/quant/huge_pages.py). bitsandbytes' C++ loop
+does all of it in one pass over the bytes: its AVX-512 build (objdump of libbitsandbytes_cpu.so) widens 16
+nibbles to int32, looks them up in the 16 codes held in one register (vpermps), multiplies by the broadcast
+block scale and rounds to bfloat16 (vcvtneps2bf16) without leaving registers, and it runs under OpenMP (the
+`._omp_fn` clones in the same objdump), so it uses every thread it is given; torch has no in-register
+lookup, and its one-dimensional `index_select` runs on one thread whatever the thread count.
 
-The "steps" table reads the rest: the decode steps alone add up to more than bitsandbytes' whole kernel, so
-on equal pages (either size) bitsandbytes stays ahead; what makes minift faster as shipped is the output's
-pages. Writing a fresh 4 KiB-page output costs several times bitsandbytes' kernel, and both pay it when
-both use torch.empty. bitsandbytes would gain the same from huge pages (its row "both on 2 MiB pages"; torch
-itself advises them for every large allocation when THP_MEM_ALLOC_ENABLE=1 is set before it starts).
-Tried and dropped: a 65,536-entry table decoding two bytes (4 weights) per lookup (1 MiB: as fast per weight
-at 2^15-value chunks, slower at larger ones, as it fills L2); `torch.mul(values, scales, out=bfloat16)` to
-fuse the multiply with the cast (torch computes into a float32 temporary and copies: 2.3x slower than mul_
-then copy_); `torch.take`, `embedding` and advanced indexing (3-5x slower than index_select; none takes
-uint8 or int16 indices, index_select takes int32 or int64 only); a table of 16-bit codes (rounding the code
-before the multiply rounds twice, which changes values). `torch.compile` of the plain formula was tried
-earlier: on this machine, with one thread, it compiled in 16-22 s and ran slower than the chunked loop (its
-indirect load is not vectorized)."""
+Read the steps table for the bound. On one thread, `index_select` alone costs at least as much as
+bitsandbytes' whole kernel (scale decoding included), up to about twice it, and the decode steps together
+cost more still: with output pages of the same kind on both sides, bitsandbytes
+stays ahead (the like-with-like table). What decides the as-shipped ratio at 4096 x 4096 is the output's
+pages: a fresh 64 MiB (float32) or 32 MiB (bfloat16) tensor from torch.empty is mapped anew on each call,
+and writing it on 4 KiB pages costs several times bitsandbytes' kernel; on 2 MiB pages about a quarter
+of that.
+bitsandbytes writes into torch.empty's pages, so as shipped minift pays less for its output than
+bitsandbytes does. Both would pay the same, and bitsandbytes would be ahead again, if the process set
+THP_MEM_ALLOC_ENABLE=1 (torch then advises huge pages for every large allocation) - the "both on 2 MiB
+pages" rows. At 1024 x 1024 the outputs (4 MiB and less) come back already mapped from the C library's
+heap (its mmap threshold rises to at most 32 MiB after large blocks are freed: mallopt(3)); there the 4 KiB
+and 2 MiB rows are equal, no side faults, and the decode alone counts.
+
+Tried and not used (the "not used" rows): a 65,536-entry table decoding two bytes (4 weights) per lookup
+(1 MiB, about the size of L2; its gather alone is about as fast per weight as the byte table's, so the
+smaller table is kept); `torch.mul(values, scales,
+out=bfloat16)` to fuse the multiply with the cast (torch computes into a float32 temporary and copies it:
+slower than mul_ then copy_); `torch.take` and `embedding` (several times slower than index_select; none of
+these takes uint8 or int16 indices, index_select takes int32 or int64 only). A table of 16-bit codes is not
+an option: rounding the code before the float32 multiply rounds twice, which changes values.
+`torch.compile` of the plain formula was tried earlier: on this machine, with one thread, it compiled in
+16-22 s and ran slower than the chunked loop (its indirect load is not vectorized)."""
 
 
 def main() -> None:
@@ -280,6 +296,11 @@ def main() -> None:
     shipped = sum((r["shipped"] for r in results), [])
     like = sum((r["like"] for r in results), [])
     loads = ", ".join(f"{r['threads']} thread(s): {r['load'][0]:.1f} before, {r['load'][1]:.1f} after" for r in results)
+    # How many cores bitsandbytes' parallel loop really got: its CPU time over its wall time, per dequantize row
+    cores = "; ".join(
+        f"{r['threads']} threads: " + ", ".join(f"{row[1]} {row[2]} {float(row[7]) / float(row[4]):.1f}"
+                                                for row in r["shipped"] if row[0].startswith("dequantize"))
+        for r in results if r["threads"] > 1)
     steps = "\n\n".join(f"{r['threads']} thread(s):\n\n" + markdown_table(["step", "weight", "dtype", "CPU ms"], r["steps"])
                         for r in results)
     report = (
@@ -289,7 +310,9 @@ def main() -> None:
         f"blocksize 64, double quantization on; best of {args.repeats} runs after a warm-up, providers "
         "alternating in one process, one process per thread count (compare ratios, not times, where the machine "
         "was shared: see the load). Outputs checked equal before timing. bitsandbytes quantizes in pure torch "
-        "and dequantizes with its C++ kernel.\n\n"
+        "and dequantizes with its C++ kernel."
+        + (f" Cores bitsandbytes' dequantize ran on (its CPU time / wall time; near 1.0 means other jobs held the "
+           f"other cores): {cores}." if cores else "") + "\n\n"
         "## As shipped (minift's output on 2 MiB pages, bitsandbytes' from torch.empty)\n\n"
         + markdown_table(HEADERS, shipped) + "\n\n"
         "## Dequantize, like with like (same kind of output pages on both sides)\n\n"

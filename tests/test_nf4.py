@@ -20,7 +20,6 @@ from minift.quant import (
     nf4_nbytes,
     quantize_nf4,
 )
-import minift.quant.nf4 as nf4
 from minift.quant.nf4 import VALID_BLOCKSIZES, dequantize_cpu, nearest_code, unpack_nibbles
 
 
@@ -194,7 +193,7 @@ def test_cpu_chunked_dequantize_is_the_plain_formula(bnbf, dtype):
             scales = q.block_scales().repeat_interleave(blocksize)[: x.numel()]
             expected = (NF4_CODE[codes] * scales).to(dtype).view(shape)
             odd_address = torch.cat([q.packed.new_zeros(1, 1), q.packed])[1:]  # same bytes, data_ptr odd
-            for chunk in (32, 4096, 1 << 15, 1 << 18, None):  # None: the default for this thread count
+            for chunk in (32, 4096, 1 << 15, 1 << 18):
                 where = f"{shape} blocksize {blocksize} double_quant {double_quant} chunk {chunk}"
                 assert torch.equal(dequantize_cpu(q, dtype, chunk), expected), where
                 moved = NF4Tensor(odd_address, q.absmax, q.shape, q.dtype, blocksize, q.nested_absmax, q.offset)
@@ -209,7 +208,7 @@ def test_cpu_chunked_dequantize_is_the_plain_formula(bnbf, dtype):
         assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
         expected = bnb_dequantize(bnbf, packed, state)
         assert torch.equal(q.dequantize(), expected), shape
-        for chunk in (nf4.CPU_CHUNK_VALUES, nf4.CPU_CHUNK_VALUES_THREADED):
+        for chunk in (1 << 15, 1 << 20):
             assert torch.equal(dequantize_cpu(q, source_dtype, chunk), expected), (shape, chunk)
 
 

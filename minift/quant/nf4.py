@@ -321,14 +321,12 @@ BYTE_TO_VALUES = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16
 # viewing the result back as float32 gives the identical bits. 256 x 8 bytes = 2 KiB: it stays in the L1 cache.
 BYTE_TO_PAIR_BITS = BYTE_TO_VALUES.view(torch.int64).reshape(256)  # (256,) int64
 
-# Weights per step of the CPU loop, with one torch thread: each step costs a dozen torch calls (~1 us each) of
-# fixed overhead, so fewer, larger steps win, up to about 2^18 (the chunk sizes' row in
-# benchmarks/results/nf4_cpu.md); past it the buffers (1 MiB of indices, 2 MiB of staging) leave L2 for little gain.
+# Weights per step of the CPU loop: each step costs a dozen torch calls (~1 us each) of fixed overhead, so fewer,
+# larger steps win: 2^18 takes about 20-30% less time than 2^15, and larger steps gain only a little more (the chunk
+# sizes' rows in benchmarks/results/nf4_cpu.md, one thread and two) while their buffers (at 2^18: 512 KiB of int32
+# indices, 1 MiB of float32 staging) already exceed L2. With several threads, mul_ and copy_ over a step this size
+# run under OpenMP; index_select over one dimension is a serial loop whatever the thread count.
 CPU_CHUNK_VALUES = 1 << 18
-# With more threads, every op over more than torch's parallel grain (32,768 elements) opens an OpenMP region
-# (index_select over one dimension never does: it is a serial loop); on a loaded machine the wake-ups cost more
-# than the work, so steps then stay at the grain and each op runs on the calling thread.
-CPU_CHUNK_VALUES_THREADED = 1 << 15
 
 
 def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -352,13 +350,13 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return out[:n].view(q.shape)
 
 
-def dequantize_cpu(q: NF4Tensor, dtype: torch.dtype, chunk_values: int | None = None) -> torch.Tensor:
+def dequantize_cpu(q: NF4Tensor, dtype: torch.dtype, chunk_values: int = CPU_CHUNK_VALUES) -> torch.Tensor:
     """The same values as `dequantize`, computed on the CPU in chunks, into an output on huge pages.
 
     On a CPU, dequantizing is bound by memory traffic and fixed costs, not arithmetic. Done in whole-tensor
     passes (int32 indices, int64 pairs, float32 product, cast), every pass writes a fresh tensor several
     times the size of the weight. Here each chunk of `chunk_values` weights (whole blocks) goes through
-    the steps in small reused buffers, and the output is written once:
+    the steps in reused buffers, and the output is written once:
 
         packed bytes --copy--> int32 indices --index_select in BYTE_TO_PAIR_BITS--> 2 float32 codes per byte
                      --mul_ by the block scales (float32)--> [copy_ into a 16-bit output, which rounds]
@@ -372,8 +370,6 @@ def dequantize_cpu(q: NF4Tensor, dtype: torch.dtype, chunk_values: int | None = 
     16,384 page faults, more than the decoding itself (see minift/quant/huge_pages.py).
     """
     n, blocksize = q.numel(), q.blocksize
-    if chunk_values is None:
-        chunk_values = CPU_CHUNK_VALUES if torch.get_num_threads() == 1 else CPU_CHUNK_VALUES_THREADED
     chunk = max(chunk_values // blocksize, 1) * blocksize  # whole blocks; every blocksize is even: whole bytes
     flat = q.packed.reshape(-1)  # (n_bytes,) uint8
     n_values = 2 * flat.numel()  # n, plus one padding value (code 0.0) when n is odd
