@@ -175,7 +175,12 @@ def change(result: dict) -> tuple[float, float]:
 
 
 def show(result: dict) -> str:
-    return json.dumps({k: v for k, v in result.items() if k not in ("samples", "per_prompt")})
+    """One printed line: the figures, and (after training) the change from the start with its standard error."""
+    shown = json.dumps({k: v for k, v in result.items() if k not in ("samples", "per_prompt")})
+    if result is before:
+        return shown
+    delta, sem = change(result)
+    return f"{shown} change {delta:+.3f} ± {sem:.3f}"
 
 
 before = measure(base, "SmolLM2 (start)")
@@ -204,7 +209,7 @@ for name in ("ppo", "grpo"):
                              f"task.max_new_tokens={S['new_tokens']}", "data.max_length=16", *method_sets(name))
     timings[name] = (seconds, mb)
     results.append(measure(run.model.backbone, name.upper()))
-    print(show(results[-1]), f"change {change(results[-1])[0]:+.3f} ± {change(results[-1])[1]:.3f}", f"{seconds:.0f} s, {mb:.0f} MB")
+    print(show(results[-1]), f"{seconds:.0f} s, {mb:.0f} MB")
 
 # %% [markdown]
 # ## 4. DPO on the policy's own samples
@@ -223,7 +228,7 @@ run, seconds, mb = train("dpo_tweets.toml", f"data.train={pair_file}", f"data.ma
                          "data.validation_fraction=0.25", "train.warmup_steps=3", *method_sets("dpo"))
 timings["dpo"] = (seconds + pair_seconds, mb)
 results.append(measure(run.model.backbone, "DPO"))
-print(show(results[-1]), f"change {change(results[-1])[0]:+.3f} ± {change(results[-1])[1]:.3f}", f"{seconds:.0f} s, {mb:.0f} MB")
+print(show(results[-1]), f"{seconds:.0f} s, {mb:.0f} MB")
 
 # %% [markdown]
 # ## 5. The report

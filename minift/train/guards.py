@@ -35,7 +35,9 @@ checkpoint to resume from) and must never export a broken model to final/:
 
     DivergenceMonitor  Training that blows up must stop with a clear error, not export a broken model. After each
                        optimizer step (f = divergence_factor, 10 by default):
-                         the gradient norm is NaN or infinite                  -> stop before the step (optimizer_step)
+                         the gradient norm is NaN or infinite                  -> stop before the step (optimizer_step;
+                                                                                  with train.optimizer_in_backward the
+                                                                                  step ran in backward: stop unsaved)
                          the trainable weights are NaN or infinite             -> stop
                          loss_ema > f x start_loss, when start_loss > 0        -> stop: the loss blew up
                          |theta| > 10 f x |theta_0|  and  loss_ema > 0.9 x loss_1
