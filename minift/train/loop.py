@@ -44,8 +44,9 @@ A run stops at total_steps, or earlier (minift/train/guards.py explains the last
     Ctrl-C             the step in progress finishes -> checkpoint -> TrainingInterrupted (a KeyboardInterrupt);
                        `minift finetune` prints the resume command and exits 130; a second Ctrl-C stops at once
     divergence         NaN/inf loss, gradients or weights; loss > divergence_factor x its start; or weights
-                       10 x divergence_factor x their start with no better loss -> NonFiniteLossError /
-                       DivergenceError, the step not saved, nothing exported, exit 2
+                       10 x divergence_factor x their start with no better loss (the two ratio rules only for
+                       losses with a scale: not GRPO/PPO's) -> NonFiniteLossError / DivergenceError, the step
+                       not saved, nothing exported, exit 2
 """
 
 from __future__ import annotations
