@@ -322,9 +322,10 @@ BYTE_TO_VALUES = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16
 BYTE_TO_PAIR_BITS = BYTE_TO_VALUES.view(torch.int64).reshape(256)  # (256,) int64
 
 # Weights per step of the CPU loop: each step costs a dozen torch calls (~1 us each) of fixed overhead, so fewer,
-# larger steps win: 2^18 takes about 20-30% less time than 2^15, and larger steps gain only a little more (the chunk
-# sizes' rows in benchmarks/results/nf4_cpu.md, one thread and two) while their buffers (at 2^18: 512 KiB of int32
-# indices, 1 MiB of float32 staging) already exceed L2. With several threads, mul_ and copy_ over a step this size
+# larger steps win. The chunk sizes' rows in benchmarks/results/nf4_cpu.md (4096x4096): with one thread 2^18 takes
+# 18% (float32) to 29% (bfloat16) less time than 2^15; with two threads the rows are noisy and 2^18 is within 10% of
+# 2^15 either way. 2^19 and 2^20 gain another 5-20% in some rows, but their buffers grow past L2 (at 2^18 already
+# 512 KiB of int32 indices and 1 MiB of float32 staging). With several threads, mul_ and copy_ over a step this size
 # run under OpenMP; index_select over one dimension is a serial loop whatever the thread count.
 CPU_CHUNK_VALUES = 1 << 18
 
