@@ -21,7 +21,8 @@
 #
 # Run it as a script (`python tutorials/12_rlhf_from_scratch.py`) or cell by cell. `MINIFT_FAST=1` keeps 2
 # of the 30 blocks and runs 2 steps of everything (the numbers mean nothing; every code path runs) and writes
-# its report under `$MINIFT_TUTORIAL_OUT`. A full run records `tutorials/results/12_rlhf_from_scratch.md`;
+# its report under `$MINIFT_TUTORIAL_OUT`. A full run (about 32 minutes on an otherwise idle 2-core CPU) records
+# `tutorials/results/12_rlhf_from_scratch.md`;
 # `MINIFT_RLHF_BLOCKS=N` keeps N blocks and `MINIFT_RLHF_SHORT=1` takes fewer steps (for a shared CPU), and the
 # report says which.
 
