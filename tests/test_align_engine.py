@@ -386,11 +386,12 @@ def test_ppo_losses_advantages_and_adaptive_kl_equal_plain_references():
     assert adaptive_kl_coef(0.1, 5.4, 6.0, 64, 10000) == pytest.approx(0.1 * (1 - 0.1 * 64 / 10000))
 
 
-@pytest.mark.parametrize("kind", ["grpo", "ppo"])
-def test_rl_run_killed_between_steps_resumes_exactly(files, prompts, tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize("kind,iterations", [("grpo", 1), ("ppo", 1), ("grpo", 2)])
+def test_rl_run_killed_between_steps_resumes_exactly(files, prompts, tmp_path, monkeypatch, kind, iterations):
     """PPO: 2 epochs x 2 minibatches per rollout, killed inside step 4 with the checkpoint at step 3: the resumed
-    run must reuse the saved rollout (and kl_coef) to match."""
-    sets = ["train.max_steps=6", "train.save_every=1", "train.keep_checkpoints=8", "task.ppo_epochs=2",
+    run must reuse the saved rollout (and kl_coef) to match. GRPO with num_iterations = 2: step 4 is the second
+    step on the rollout of steps 3-4, which the resumed run must take from the checkpoint (old_logps included)."""
+    sets = [f"task.num_iterations={iterations}", "train.max_steps=6", "train.save_every=1", "train.keep_checkpoints=8", "task.ppo_epochs=2",
             "task.num_minibatches=2", "task.target_kl=0.01", "task.kl_horizon=10", "data.validation_fraction=0.25",
             "train.eval_every=3", "method.name=lora", "task.group_size=2"]
     config = lambda out: run_config(files["model"], prompts, out, *RL, f"task.kind={kind}",  # noqa: E731
@@ -405,6 +406,10 @@ def test_rl_run_killed_between_steps_resumes_exactly(files, prompts, tmp_path, m
     assert any("eval_reward" in r for r in metrics)
     if kind == "ppo":  # the adaptive coefficient moved, and was restored
         assert len({r["kl_coef"] for r in metrics if "loss" in r}) > 1
+    if iterations == 2:  # steps 2k+1 and 2k+2 share a rollout (the same rewards); the next one is sampled anew
+        rewards = [r["reward"] for r in metrics if "loss" in r]
+        assert rewards[0] == rewards[1] and rewards[2] == rewards[3] and rewards[4] == rewards[5]
+        assert len(set(rewards[::2])) > 1
 
 
 def test_grpo_with_a_reward_model_directory(files, prompts, tmp_path):
@@ -442,6 +447,7 @@ def reward_export_tokenizer(tokenizer):
     ("task.reward_model=x", "needs exactly one of task.reward_model"),
     ("task.reward_function=nocolon", "expected \"module:function\""),
     ("task.group_size=1", "needs at least 2"),
+    ("task.num_iterations=0", "task.num_iterations"),
 ])
 def test_bad_rl_option_is_refused_before_any_model_loads(tmp_path, capsys, setting, expected):
     sets = ["model.source=no/such/model", "data.train=no.jsonl", "task.kind=grpo",

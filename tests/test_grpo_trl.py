@@ -132,13 +132,19 @@ def backward(loss, params) -> list[torch.Tensor]:
 
 def one_iteration(s):
     """Rollout (TRL's samples), logps, loss, metrics and gradients on both sides, then one AdamW step each."""
-    from minift.train.rl_tasks import policy_outputs
-
-    trainer, ours, pairs = s["trainer"], s["ours"], s["pairs"]
     batch, theirs = rollout_pair(s)
     mask = batch["completion_mask"].bool()
     torch.testing.assert_close(batch["reference_logps"][mask], theirs["ref_per_token_logps"][mask], rtol=0, atol=2e-6)
     torch.testing.assert_close(batch["advantages"], theirs["advantages"], rtol=0, atol=1e-6)
+    return batch, one_step(s, batch, theirs)
+
+
+def one_step(s, batch, theirs):
+    """One optimizer step on each side on the given rollout: logps, loss, metrics, gradients, then AdamW."""
+    from minift.train.rl_tasks import policy_outputs
+
+    trainer, ours, pairs = s["trainer"], s["ours"], s["pairs"]
+    mask = batch["completion_mask"].bool()
     with torch.no_grad():  # the policy's log-probs: both divide the logits by the temperature
         ids = torch.cat([theirs["prompt_ids"], theirs["completion_ids"]], 1)
         attention = torch.cat([theirs["prompt_mask"], theirs["completion_mask"]], 1)
@@ -158,7 +164,7 @@ def one_iteration(s):
     for optimizer in s["optimizers"]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return batch, out
+    return out
 
 
 def test_grpo_iterations_equal_trl_without_the_kl_bias_correction(sides):
@@ -170,6 +176,31 @@ def test_grpo_iterations_equal_trl_without_the_kl_bias_correction(sides):
         lengths.append(batch["completion_mask"].sum(1).tolist())
     assert len(set(lengths[0])) > 1  # some completions ended early: kl's token mean is not the sequence mean
     assert out.metric_sums["kl"] > 0
+
+
+def test_num_iterations_2_equals_trl(sides):
+    """num_iterations = 2 (GRPO's mu): TRL keeps the sampling policy's log-probs (old_per_token_logps) and takes two
+    steps on one rollout; minift's rollout holds the same old_logps, and both steps (loss, gradients, weights) equal
+    TRL's. At the second step the policy has moved, so the ratio is no longer 1."""
+    from minift.train.rl_tasks import policy_outputs
+
+    trainer, ours, pairs = sides["trainer"], sides["ours"], sides["pairs"]
+    trainer.num_iterations, ours.options.num_iterations = 2, 2  # what GRPOConfig(num_iterations=2) sets
+    try:
+        torch.manual_seed(5)
+        batch, theirs = rollout_pair(sides)
+    finally:
+        trainer.num_iterations, ours.options.num_iterations = 1, 1
+    mask = batch["completion_mask"].bool()
+    assert "old_per_token_logps" in theirs
+    torch.testing.assert_close(batch["old_logps"][mask], theirs["old_per_token_logps"][mask], rtol=0, atol=2e-6)
+    one_step(sides, batch, theirs)
+    with torch.no_grad():
+        ratio = torch.exp(policy_outputs(ours.backbone, batch, TEMPERATURE)["logps"] - batch["old_logps"])[mask]
+    assert float((ratio - 1).abs().max()) > 1e-3  # the second step's ratio is not 1
+    one_step(sides, batch, theirs)
+    for p, q in pairs:  # the weights after both steps
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
 
 def test_trl_default_kl_bias_correction_is_k3_times_the_ratio(sides):

@@ -9,7 +9,9 @@ it from prompts plus the current policy:
     prompt batches in a seeded order (LengthGroupedSampler, as every stream), left-padded for `generate`
 
     GRPO   micro-batch p = the rollout of prompt batch p: G samples per prompt, sampled with a generator
-           seeded by (seed, p); each rollout serves one optimizer step (k of them per step), never reused
+           seeded by (seed, p); k rollouts serve one optimizer step. With num_iterations = mu > 1, step s uses
+           the k rollouts of prompt batches (s // mu) k ... (s // mu) k + k - 1, the same ones mu steps in a row,
+           kept and saved as PPO's are (below), with the sampling policy's log-probs (old_logps) for the ratio
     PPO    a rollout covers num_minibatches x k prompt batches; optimizer step s belongs to rollout
            i = s // (ppo_epochs x num_minibatches), epoch e and minibatch m within it. The rollout's micro-batches
            are shuffled per epoch by a seeded permutation (whole micro-batches of B sequences move together, and
@@ -77,11 +79,13 @@ class RolloutStream:
 
     @property
     def steps_per_rollout(self) -> int:
-        return self.options.ppo_epochs * self.options.num_minibatches if self.kind == "ppo" else 1
+        if self.kind == "ppo":
+            return self.options.ppo_epochs * self.options.num_minibatches
+        return self.options.num_iterations
 
     def __len__(self) -> int:
-        """Micro-batches per pass over the prompts (PPO visits each rollout ppo_epochs times)."""
-        return len(self.sampler) * (self.options.ppo_epochs if self.kind == "ppo" else 1)
+        """Micro-batches per pass over the prompts (PPO visits each rollout ppo_epochs times, GRPO num_iterations)."""
+        return len(self.sampler) * (self.options.ppo_epochs if self.kind == "ppo" else self.options.num_iterations)
 
     @property
     def n_examples(self) -> int:
@@ -116,11 +120,20 @@ class RolloutStream:
         return batch
 
     def take(self, position: int, count: int) -> list[dict]:
-        if self.kind == "grpo":
+        if self.kind == "grpo" and self.steps_per_rollout == 1:
             return [self.rollout(*self.prompt_batch(p), p) for p in range(position, position + count)]
         if position % count:
-            raise ValueError(f"PPO stream: position {position} is not a multiple of grad_accum_steps {count}")
+            raise ValueError(f"{self.kind.upper()} stream: position {position} is not a multiple of grad_accum_steps "
+                             f"{count}")
         step = position // count
+        if self.kind == "grpo":  # num_iterations steps on the same k rollouts, kept (and saved) as PPO's
+            index = step // self.steps_per_rollout
+            parts = self.model.rollouts.get(index)
+            if parts is None:
+                first = index * count
+                parts = [self.rollout(*self.prompt_batch(first + q), first + q) for q in range(count)]
+                self.model.rollouts = {index: parts}
+            return parts
         M, per = self.options.num_minibatches, self.steps_per_rollout
         index, within = divmod(step, per)
         epoch, minibatch = divmod(within, M)

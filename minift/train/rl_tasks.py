@@ -14,9 +14,13 @@ Sampling is seeded by (train.seed, rollout index), not by a running generator, s
 completions the interrupted one drew.
 
 GRPO (Shao et al. 2024, §4.1). G completions per prompt (`group_size`); each completion's reward, standardized
-within its group, is the advantage of all its tokens (no value model). One gradient step per rollout (TRL's
-num_iterations = 1), so the sampling policy is the policy itself: ratio = exp(log pi - sg(log pi)) = 1, whose
-gradient is the policy gradient. Per token, with the k3 estimate of KL to the reference (`beta`, GRPO Eq. 3-4):
+within its group, is the advantage of all its tokens (no value model). Each rollout serves `num_iterations` (the
+paper's mu, TRL's name) optimizer steps in a row (Algorithm 1). The ratio is pi / pi_old, pi_old the policy that
+sampled the rollout: its log-probs are computed once, without gradients, when the rollout is made (old_logps). At
+the first step pi = pi_old, so ratio = 1 with the policy gradient as its gradient; from the second on the policy
+has moved and the clip bounds how far a step can push it. With num_iterations = 1 (the default) no old log-probs
+are stored: the ratio is exp(log pi - sg(log pi)), the same value and gradient. Per token, with the k3 estimate of
+KL to the reference (`beta`, GRPO Eq. 3-4):
 
     l_t = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) + beta * k3(log pi_t, log pi_ref_t)
     loss = mean over completions of (mean over the completion's tokens of l_t)        ("grpo" normalisation)
@@ -79,6 +83,9 @@ def check_rl_options(task, where: str = "config") -> None:
         module, _, name = task.reward_function.partition(":")
         if not module or not name:
             raise ValueError(f"{where}: task.reward_function = {task.reward_function!r}; expected \"module:function\"")
+    if task.kind != "grpo" and task.num_iterations != 1:
+        raise ValueError(f"{where}: task.num_iterations = {task.num_iterations} is GRPO's; task.kind = {task.kind!r} "
+                         "reuses a rollout with task.ppo_epochs")
     if task.kind == "grpo" and task.group_size < 2:
         raise ValueError(f"{where}: task.group_size = {task.group_size}; GRPO compares completions within a group, "
                          "so it needs at least 2")
@@ -276,8 +283,9 @@ class GRPOTaskModel(RLTaskModel):
     def rollout_of(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: torch.Tensor,
                    texts: list[str], tokenizer) -> dict:
         """The rollout batch of given completions (N = prompts x G rows, group by group): mask (cut after the first
-        EOS), rewards, the reference's log-probs, advantages. `rollout` samples them; a parity test hands in another
-        library's samples (tests/test_grpo_trl.py)."""
+        EOS), rewards, the reference's log-probs, advantages, and with num_iterations > 1 the sampling policy's
+        log-probs (old_logps). `rollout` samples them; a parity test hands in another library's samples
+        (tests/test_grpo_trl.py)."""
         G = self.options.group_size
         mask = completion_mask_of(completions, tokenizer.eos_token_id)
         batch = sequences(prompt_ids, prompt_mask, completions, mask)
@@ -285,12 +293,15 @@ class GRPOTaskModel(RLTaskModel):
         batch.update(reference_logps=self.reference_logps(batch), rewards=rewards.to(prompt_ids.device),
                      advantages=grpo_advantages(rewards, G).to(prompt_ids.device), n_targets=completions.size(0),
                      group_size=G)
+        if self.options.num_iterations > 1:  # the ratio's denominator for every step on this rollout
+            batch["old_logps"] = policy_outputs(self.backbone, batch, self.options.temperature)["logps"]
         return batch
 
     def forward(self, batch: dict) -> TaskOutput:
         out = policy_outputs(self.backbone, batch, self.options.temperature)
         loss_sum, sums = grpo_loss_sum(out["logps"], batch["reference_logps"], batch["advantages"],
-                                       batch["completion_mask"], self.options.beta, self.options.clip_range)
+                                       batch["completion_mask"], self.options.beta, self.options.clip_range,
+                                       batch.get("old_logps"))
         rewards = batch["rewards"]  # TRL's reward_std: the std of all the rollout's rewards, not within groups
         sums.update(reward=float(rewards.sum()), reward_std=float(rewards.std()) * rewards.numel())
         return TaskOutput(loss_sum, rewards.numel(), None, sums)
@@ -301,7 +312,7 @@ def grpo_loss_sum(logps, reference_logps, advantages, mask, beta: float, clip_ra
     """Sum over completions of the mean GRPO token loss (see the lesson); old_logps None = the policy itself."""
     mask = mask.float()
     old = logps.detach() if old_logps is None else old_logps
-    ratio = torch.exp(logps - old)  # (N, C): 1, with the gradient of log pi
+    ratio = torch.exp(logps - old)  # (N, C): 1 at a rollout's first step, with the gradient of log pi
     A = advantages[:, None]  # (N, 1): one advantage for every token of a completion
     per_token = -torch.min(ratio * A, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * A)
     kl = kl_k3(logps, reference_logps)  # (N, C)

@@ -145,6 +145,7 @@ class TaskSection:
     top_k: int | None = None  # grpo/ppo: sample among the k likeliest tokens; None = all
     top_p: float | None = None  # grpo/ppo: nucleus sampling, in (0, 1]; None = off
     clip_range: float = 0.2  # grpo/ppo: the ratio pi / pi_old is clipped to [1 - clip_range, 1 + clip_range]
+    num_iterations: int = 1  # grpo: optimizer steps on each rollout (GRPO's mu, TRL's num_iterations)
     ppo_epochs: int = 4  # ppo: passes over each rollout
     num_minibatches: int = 1  # ppo: optimizer steps per pass (each of grad_accum_steps x batch_size sequences)
     gamma: float = 1.0  # ppo: discount of GAE, in [0, 1]
@@ -164,6 +165,7 @@ TASK_RULES = {"kind": one_of(TASK_KINDS + PAIR_KINDS + RL_KINDS, TASK_ALIASES), 
               "center_rewards_coefficient": at_least(0), "reward_model": NOT_EMPTY, "reward_function": NOT_EMPTY,
               "group_size": at_least(1), "max_new_tokens": at_least(1), "temperature": above(0), "top_k": at_least(1),
               "top_p": interval(0, 1, "(]"), "clip_range": above(0), "ppo_epochs": at_least(1),
+              "num_iterations": at_least(1),
               "num_minibatches": at_least(1), "gamma": interval(0, 1, "[]"), "lam": interval(0, 1, "[]"),
               "vf_coef": at_least(0), "clip_range_value": above(0), "target_kl": above(0), "kl_horizon": at_least(1)}
 
