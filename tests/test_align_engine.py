@@ -535,6 +535,43 @@ def test_policy_logprobs_keep_the_final_soft_cap():
     assert (ours - uncapped).abs().max() > 1e-2  # the cap matters here
 
 
+@pytest.mark.parametrize("softcap, bias", [(None, False), (0.5, False), (0.5, True)])
+def test_fused_policy_logprobs_and_gradients_equal_the_full_logits(softcap, bias):
+    """train.fused_loss: GRPO/PPO log-probs through linear_token_logprobs (temperature folded into rows, bias and cap)
+    equal log_softmax(cap(logits) / T) from the full logits, values and gradients; PPO's entropy metric too."""
+    from minift.train.rl_tasks import policy_outputs
+    from tests.train_helpers import tiny_decoder
+
+    backbone = tiny_decoder(40, seed=4)
+    backbone.config.final_softcap = softcap
+    if bias:  # an untied head with a bias: the bias must be divided by T as well
+        backbone.lm_head = torch.nn.Linear(32, 40, bias=True)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 40, (3, 8))
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    attention_mask = torch.cat([torch.ones(3, 3, dtype=torch.long), completion_mask], dim=1)
+    batch = {"input_ids": ids, "attention_mask": attention_mask, "position_ids": torch.arange(8).expand(3, 8),
+             "completion_mask": completion_mask, "prompt_length": 3}
+    weights = torch.randn(3, 5)
+    results = []
+    for fused in (False, True):
+        backbone.zero_grad()
+        out = policy_outputs(backbone, batch, temperature=0.7, entropy=True, fused=fused)
+        (out["logps"] * weights).sum().backward()
+        grads = {name: p.grad.clone() for name, p in backbone.named_parameters() if p.grad is not None}
+        results.append((out["logps"].detach(), out["entropy"], grads))
+    (plain, plain_entropy, plain_grads), (ours, our_entropy, our_grads) = results
+    assert torch.allclose(ours, plain, atol=1e-6, rtol=0) and torch.allclose(our_entropy, plain_entropy, atol=1e-6)
+    assert plain_grads.keys() == our_grads.keys() and ("lm_head.bias" in our_grads) == bias
+    for name, grad in plain_grads.items():
+        assert (our_grads[name] - grad).abs().max() <= 2e-6 * grad.abs().max(), name  # float32, normwise
+    with torch.no_grad():
+        expected = plain_token_logps(backbone, batch, temperature=0.7)
+        assert torch.allclose(ours, expected, atol=1e-5)
+        backbone.logits = None  # the fused path never makes the (M, V) logits (entropy, a metric, does, in chunks)
+        policy_outputs(backbone, batch, temperature=0.7, fused=True)
+
+
 def test_rl_policy_loss_growing_from_zero_is_not_called_divergence(files, prompts, tmp_path):
     """A GRPO/PPO policy loss starts near 0 (zero-mean advantages; GRPO's first step is beta x KL = 0) and grows
     with the KL term while training goes well, so the divergence guard's loss-ratio rules do not apply to it

@@ -45,6 +45,11 @@ kl_coef is fixed (`beta`), or adaptive when `target_kl` is set (Ziegler et al. Â
 e = clip(KL / target - 1, -0.2, 0.2) and kl_coef *= 1 + e * N / kl_horizon. The rollout in use and kl_coef are
 part of the checkpoint (task_state), so a run killed between two PPO epochs resumes exactly.
 
+Memory: with `[train] fused_loss = true` (the default) and a plain linear lm_head, the completion tokens'
+log-probs (policy, old policy and reference) never hold the (tokens x vocabulary) logits: policy_outputs hands
+the rows to minift.fused_loss.linear_token_logprobs with the temperature folded in exactly (its docstring says
+how). PPO's entropy, only a metric, is computed without gradients, a chunk of rows at a time.
+
 Rewards: `[task] reward_model` (a sequence-classification directory, e.g. a `kind = "reward"` run's final/) scores
 prompt + completion + EOS as it was trained; or `reward_function = "module:function"`, a Python function
 f(prompts: list[str], completions: list[str]) -> list[float] (TRL's signature).
@@ -66,6 +71,7 @@ import torch
 import torch.nn as nn
 
 from minift.align.rl import gae, grpo_advantages, kl_k1, kl_k3, ppo_policy_loss, ppo_value_loss, whiten
+from minift.fused_loss import default_chunk_size, final_softcap, fusable_head, linear_token_logprobs
 from minift.train.preference_tasks import AlignTaskModel, build_pair_task_model
 from minift.train.tasks import TaskOutput
 
@@ -181,27 +187,53 @@ def sequences(prompt_ids, prompt_mask, completions, completion_mask) -> dict:
 
 
 def policy_outputs(backbone: nn.Module, batch: dict, temperature: float = 1.0, value_head: nn.Module | None = None,
-                   entropy: bool = False) -> dict:
+                   entropy: bool = False, fused: bool = True) -> dict:
     """Per completion token (N, C): log pi of the sampled token (logits / temperature), and V from `value_head`.
 
     The token at sequence position P + j is predicted by the hidden state at P + j - 1; that state is also where
-    the value of emitting it is read. Only real completion tokens meet the vocabulary matrix.
+    the value of emitting it is read. Only real completion tokens meet the vocabulary matrix, and with `fused`
+    (train.fused_loss) and a plain linear lm_head not even their (M, V) logits are made: linear_token_logprobs
+    scores a chunk of rows at a time. The temperature folds into it exactly: with z = h W^T + b and cap c,
+    c tanh(z / c) / T = (c / T) tanh((z / T) / (c / T)), so rows h / T, bias b / T and cap c / T give the capped,
+    then tempered logits (cap first, as model.logits() and TRL do). PPO's entropy is a metric: it is computed
+    without gradients, a chunk of rows at a time.
     """
     P, mask = batch["prompt_length"], batch["completion_mask"].bool()  # (N, C)
     hidden = backbone(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                       return_hidden=True)  # (N, P + C, d)
     states = hidden[:, P - 1 : -1]  # (N, C, d)
     targets = batch["input_ids"][:, P:]  # (N, C)
-    logits = backbone.logits(states[mask]).float() / temperature  # (M, V); logits(): lm_head + Gemma's final cap
-    logps_rows = logits.log_softmax(-1)
-    out = {"logps": torch.zeros(mask.shape, device=logits.device).masked_scatter(
-        mask, logps_rows.gather(-1, targets[mask][:, None]).squeeze(-1))}
+    rows = states[mask]  # (M, d)
+    parts = fusable_head(backbone.lm_head) if fused else None
+    if parts is not None:
+        weight, bias = parts
+        cap = final_softcap(backbone.config)
+        token_logps = linear_token_logprobs(rows / temperature, weight, targets[mask],
+                                            None if bias is None else bias / temperature,
+                                            softcap=None if cap is None else cap / temperature)  # (M,)
+        entropy_rows = _chunked_entropy(backbone, rows, temperature) if entropy else None
+    else:
+        logits = backbone.logits(rows).float() / temperature  # (M, V); logits(): lm_head + Gemma's final cap
+        logps_rows = logits.log_softmax(-1)
+        token_logps = logps_rows.gather(-1, targets[mask][:, None]).squeeze(-1)
+        entropy_rows = -(logps_rows.exp() * logps_rows).sum(-1).detach() if entropy else None
+    out = {"logps": torch.zeros(mask.shape, device=hidden.device).masked_scatter(mask, token_logps)}
     if entropy:
-        rows = -(logps_rows.exp() * logps_rows).sum(-1)
-        out["entropy"] = torch.zeros(mask.shape, device=logits.device).masked_scatter(mask, rows.detach())
+        out["entropy"] = torch.zeros(mask.shape, device=hidden.device).masked_scatter(mask, entropy_rows)
     if value_head is not None:
         out["values"] = value_head(states).squeeze(-1).float() * mask  # (N, C)
     return out
+
+
+@torch.no_grad()
+def _chunked_entropy(backbone: nn.Module, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per row (M,), one chunk of rows' logits in memory at a time (a metric)."""
+    size = default_chunk_size(backbone.config.vocab_size)
+    parts = []
+    for start in range(0, rows.size(0), size):
+        logps = (backbone.logits(rows[start : start + size]).float() / temperature).log_softmax(-1)
+        parts.append(-(logps.exp() * logps).sum(-1))
+    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,7 +263,9 @@ class RLTaskModel(AlignTaskModel):
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
         T = self.options.temperature
-        return self.reference.call(self.backbone, lambda model: policy_outputs(model, batch, T)["logps"])
+        fused = self.fused_loss
+        return self.reference.call(self.backbone,
+                                   lambda model: policy_outputs(model, batch, T, fused=fused)["logps"])
 
     def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         """The reward of each completion: one finite number each, or one line naming the reward that broke it."""
@@ -294,11 +328,12 @@ class GRPOTaskModel(RLTaskModel):
                      advantages=grpo_advantages(rewards, G).to(prompt_ids.device), n_targets=completions.size(0),
                      group_size=G)
         if self.options.num_iterations > 1:  # the ratio's denominator for every step on this rollout
-            batch["old_logps"] = policy_outputs(self.backbone, batch, self.options.temperature)["logps"]
+            batch["old_logps"] = policy_outputs(self.backbone, batch, self.options.temperature,
+                                               fused=self.fused_loss)["logps"]
         return batch
 
     def forward(self, batch: dict) -> TaskOutput:
-        out = policy_outputs(self.backbone, batch, self.options.temperature)
+        out = policy_outputs(self.backbone, batch, self.options.temperature, fused=self.fused_loss)
         loss_sum, sums = grpo_loss_sum(out["logps"], batch["reference_logps"], batch["advantages"],
                                        batch["completion_mask"], self.options.beta, self.options.clip_range,
                                        batch.get("old_logps"))
@@ -343,7 +378,7 @@ class PPOTaskModel(RLTaskModel):
         batch = sequences(prompt_batch["input_ids"], prompt_batch["attention_mask"], completions, mask)
         was_training = self.training
         self.eval()
-        old = policy_outputs(self.backbone, batch, self.options.temperature, self.head)
+        old = policy_outputs(self.backbone, batch, self.options.temperature, self.head, fused=self.fused_loss)
         self.train(was_training)
         reference = self.reference_logps(batch)
         scores = self.score(texts, decode(tokenizer, completions, mask)).to(completions.device)
@@ -358,7 +393,7 @@ class PPOTaskModel(RLTaskModel):
 
     def forward(self, batch: dict) -> TaskOutput:
         o = self.options
-        out = policy_outputs(self.backbone, batch, o.temperature, self.head, entropy=True)
+        out = policy_outputs(self.backbone, batch, o.temperature, self.head, entropy=True, fused=self.fused_loss)
         mask = batch["completion_mask"]
         loss_sum, sums = ppo_loss_sum(out["logps"], out["values"], batch, mask, o.clip_range, o.clip_range_value,
                                       o.vf_coef)
