@@ -19,7 +19,7 @@ from minift.io import hf
 from minift.peft import LoRAConfig, LoRALinear, add_lora, save_adapter
 from minift.quant import NF4Linear
 from minift.train.methods import prepare_method
-from tests.train_helpers import assert_bad_config_json_is_one_line
+from tests.train_helpers import assert_bad_config_json_is_one_line, save_random_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,13 +46,7 @@ def gemma3_config(**overrides):
 def reference(tmp_path, config, name="ref"):
     """A random transformers model with random (not all-zero) Gemma norm offsets, saved as tmp_path / name."""
     torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.3)
-    ref.save_pretrained(tmp_path / name)
-    return ref
+    return save_random_reference(transformers.AutoModelForCausalLM.from_config(config), tmp_path / name)
 
 
 def test_config_json_keys_set_the_switches(tmp_path):

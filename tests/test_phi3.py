@@ -18,6 +18,7 @@ from minift.io import hf
 from minift.peft import LoRAConfig, LoRALinear, add_lora, load_adapter, lora_layers, save_adapter
 from minift.quant import NF4Linear
 from minift.train.methods import prepare_method
+from tests.train_helpers import save_random_reference
 from tests.train_helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from tests.train_helpers import assert_bad_config_json_is_one_line
 
@@ -46,13 +47,7 @@ def longrope_config(**overrides):
 
 def reference(tmp_path, config=None, name="ref"):
     torch.manual_seed(0)
-    ref = transformers.Phi3ForCausalLM(config or phi3_config()).eval()
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.3)
-    ref.save_pretrained(tmp_path / name)
-    return ref
+    return save_random_reference(transformers.Phi3ForCausalLM(config or phi3_config()), tmp_path / name)
 
 
 def test_config_json_sets_the_switches_and_fused_names(tmp_path):

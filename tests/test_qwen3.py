@@ -17,6 +17,7 @@ from minift.io import hf
 from minift.peft import LoRAConfig, LoRALinear, add_lora, lora_layers, save_adapter
 from minift.quant import NF4Linear
 from minift.train.methods import prepare_method
+from tests.train_helpers import save_random_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,13 +36,8 @@ def qwen3_config(**overrides):
 def reference(tmp_path, **overrides):
     """A random transformers Qwen3 with random (not all-ones) norm weights, saved as tmp_path / "ref"."""
     torch.manual_seed(0)
-    ref = transformers.Qwen3ForCausalLM(qwen3_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.3)
-    ref.save_pretrained(tmp_path / "ref")
-    return ref
+    return save_random_reference(transformers.Qwen3ForCausalLM(qwen3_config(**overrides)), tmp_path / "ref",
+                                 also_biases=True)
 
 
 def test_config_and_q_k_norm_weights(tmp_path):

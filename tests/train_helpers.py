@@ -146,3 +146,16 @@ def assert_bad_config_json_is_one_line(folder: Path, raw: dict, message: str, ca
     assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minift: error: ") and "config.json" in err[0], err
+
+
+def save_random_reference(model: torch.nn.Module, directory: Path, also_biases: bool = False) -> torch.nn.Module:
+    """A freshly built transformers model with its norm weights (and biases, if asked) moved off their constant
+    initial values by N(0, 0.3) noise, so a missing or misread norm offset cannot pass a parity test; saved to
+    `directory` and returned in eval mode. Seeded by the caller (torch.manual_seed before building the model)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or (also_biases and name.endswith("bias")):
+                p.add_(torch.randn_like(p) * 0.3)
+    model.eval().save_pretrained(directory)
+    return model
+
